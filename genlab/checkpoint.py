@@ -1,0 +1,81 @@
+"""Checkpoints: one file with everything needed to rebuild a model and go on training.
+
+A checkpoint is a dict of plain data and tensors, read back with ``weights_only=True``:
+``format``, ``version``, ``config`` (the resolved run config as plain containers),
+``model`` (state dict), ``optimizers`` ({name: state dict}), ``scaler``, ``step``, ``epoch``,
+``wall_time`` and ``rng`` (torch's CPU and CUDA generator states).
+"""
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from genlab.errors import GenlabError
+
+FORMAT = "genlab-checkpoint"
+VERSION = 1
+
+
+def save(state: dict, path: Path) -> None:
+    """Write atomically: a temporary file, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve(path) -> Path:
+    """A checkpoint file, or a run directory (its checkpoints/last.pt)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "checkpoints" / "last.pt", p / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise GenlabError(f"no checkpoint in {p}: expected {p / 'checkpoints' / 'last.pt'}.")
+    if not p.is_file():
+        raise GenlabError(f"checkpoint not found: {p} (give a run directory or a .pt file).")
+    return p
+
+
+def load(path, map_location="cpu") -> dict:
+    """Read a genlab checkpoint safely (no code runs), or raise a GenlabError that says why not."""
+    p = resolve(path)
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise GenlabError(
+            f"{p} is refused: it holds objects other than tensors and plain data, which genlab "
+            f"never unpickles (weights_only=True). It is not a genlab checkpoint. ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise GenlabError(f"{p} cannot be read as a checkpoint (truncated or damaged?): {str(e).splitlines()[0]}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise GenlabError(f"{p} is not a genlab checkpoint (no '{FORMAT}' marker).")
+    if state.get("version", 0) > VERSION:
+        raise GenlabError(
+            f"{p} is a version {state['version']} checkpoint; this genlab reads up to version {VERSION}. Upgrade genlab."
+        )
+    return state
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

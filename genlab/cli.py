@@ -1,0 +1,102 @@
+"""``genlab VERB [hydra overrides]``: each verb is a Hydra app with its own primary config."""
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from genlab import __version__
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# verb -> (module with run(cfg, run_dir, overrides), one-line description); config: configs/<verb>.yaml
+VERBS = {
+    "train": ("genlab.train", "train a model; writes checkpoints, sample grids, metrics.csv, loss curves"),
+}
+
+USAGE = f"""usage: genlab COMMAND [OVERRIDES...] [--help] [-m/--multirun] [--cfg job]
+
+genlab {__version__}: a config-driven experiment runner for generative image models.
+
+commands:
+{chr(10).join(f"  {verb:<10}{desc}" for verb, (_, desc) in VERBS.items())}
+
+Each command is a Hydra app: pick configs and set values with overrides, e.g.
+  genlab train model=dcgan dataset=mnist dataset.root=~/data trainer.epochs=5
+  genlab train -m optimizer.lr=1e-4,2e-4,5e-4        (a sweep)
+  genlab train --help                                 (its config groups and options)
+
+options:
+  -h, --help     show this message
+  -V, --version  print the version
+"""
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] in (["-sc"], ["--shell-completion"]):
+        verb = _completion_verb(args)
+        if verb is None:
+            return 0
+    elif not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    elif args[0] in ("-V", "--version"):
+        print(f"genlab {__version__}")
+        return 0
+    else:
+        verb, args = args[0], args[1:]
+    if verb not in VERBS:
+        print(f"genlab: unknown command '{verb}'; commands: {', '.join(VERBS)} (genlab --help)", file=sys.stderr)
+        return 2
+    if not (CONFIG_DIR / f"{verb}.yaml").is_file():
+        print(f"genlab: configs not found at {CONFIG_DIR}; install genlab from its checkout with "
+              "'pip install -e .'", file=sys.stderr)
+        return 2
+    sys.argv = [sys.argv[0], *args]
+    _hydra_app(verb)()
+    return 0
+
+
+def _hydra_app(verb: str):
+    import hydra
+
+    def task(cfg):
+        from hydra.core.hydra_config import HydraConfig
+
+        from genlab.errors import GenlabError
+
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        try:
+            importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, list(hc.overrides.task))
+        except GenlabError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"genlab {verb}: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print(f"genlab {verb}: interrupted; the run directory is {run_dir}", file=sys.stderr)
+            sys.exit(130)
+        print(f"genlab {verb}: run directory {run_dir}")
+
+    task.__module__ = f"genlab.{verb}"
+    return hydra.main(config_path=str(CONFIG_DIR), config_name=verb, version_base="1.3")(task)
+
+
+def _completion_verb(args):
+    """Shell completion calls ``genlab -sc query=bash`` with the whole line in COMP_LINE."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if len(words) >= 2 and words[1] in VERBS and (len(words) > 2 or line.endswith(" ")):
+        os.environ["COMP_LINE"] = line.replace(f" {words[1]}", "", 1)
+        return words[1]
+    if any(a.startswith("query=") for a in args):
+        prefix = words[1] if len(words) > 1 else ""
+        print(" ".join(v for v in VERBS if v.startswith(prefix)))
+        return None
+    return "train"  # -sc install=bash / uninstall: the script is the same for every verb
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Datasets as tensors: each is decoded once into uint8 images [N, C, H, W] and int64 labels [N].
+
+Every loader here is named by a ``dataset/*.yaml`` config (its ``_target_``) and takes
+``train`` (which split) plus the config's plain arguments. Normalisation to floats happens
+later, on the training device, a whole batch at a time.
+"""
+
+import hashlib
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from genlab.errors import GenlabError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+    name: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+
+# --- the datasets ---------------------------------------------------------------------------
+
+
+def digits(train: bool = True, image_size: int = 28, channels: int = 1, classes=None) -> ImageData:
+    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16): 80% train, 20% test."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images).float().div(16).unsqueeze(1)  # [1797, 1, 8, 8] in [0, 1]
+    labels = torch.from_numpy(bunch.target).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_train = int(0.8 * len(labels))
+    keep = order[:n_train] if train else order[n_train:]
+    images = _resize_float(images[keep], image_size)
+    images = images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    return _finish(images, labels[keep], "digits", train, image_size, channels, classes)
+
+
+def mnist(root="data", train=True, download=True, image_size=28, channels=1, classes=None) -> ImageData:
+    return _torchvision("MNIST", "mnist", root, train, download, image_size, channels, classes)
+
+
+def fashion_mnist(root="data", train=True, download=True, image_size=28, channels=1, classes=None) -> ImageData:
+    return _torchvision("FashionMNIST", "fashion_mnist", root, train, download, image_size, channels, classes)
+
+
+def cifar10(root="data", train=True, download=True, image_size=32, channels=3, classes=None) -> ImageData:
+    """CIFAR-10 from its python batches in ``root/cifar-10-batches-py`` (torchvision's layout)."""
+    folder = Path(root).expanduser() / "cifar-10-batches-py"
+    files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    if download and not all((folder / f).exists() for f in files):
+        _download("cifar10", folder, files, lambda: _tv_class("CIFAR10")(root, train=train, download=True))
+    missing = [f for f in files if not (folder / f).exists()]
+    if missing:
+        raise _missing_error("cifar10", folder, files, "cifar-10-batches-py", "the files are not there")
+
+    def decode():
+        images, labels = [], []
+        for f in files:
+            with open(folder / f, "rb") as fh:
+                batch = pickle.load(fh, encoding="latin1")  # the dataset's own format
+            images.append(torch.as_tensor(batch["data"], dtype=torch.uint8).view(-1, 3, 32, 32))
+            labels.append(torch.as_tensor(batch["labels"], dtype=torch.long))
+        return torch.cat(images), torch.cat(labels)
+
+    images, labels = _cached("cifar10", train, [folder / f for f in files], decode)
+    return _finish(images, labels, "cifar10", train, image_size, channels, classes)
+
+
+def folder(root, train=True, image_size=64, channels=3, classes=None, test_fraction=0.1) -> ImageData:
+    """Images under ``root``; the first level of sub-folders, if any, names the classes."""
+    from PIL import Image, UnidentifiedImageError
+
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise GenlabError(f"dataset=folder: {base} is not a directory. Set dataset.root to a folder of images.")
+    paths = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise GenlabError(
+            f"dataset=folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {base}. "
+            "Set dataset.root to a folder that holds them (sub-folders are read as classes)."
+        )
+    class_names = sorted({p.relative_to(base).parts[0] for p in paths if len(p.relative_to(base).parts) > 1})
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
+    n_test = int(round(test_fraction * len(paths))) if len(paths) > 1 else 0
+    chosen = order[n_test:] if train else order[:n_test]
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise GenlabError(f"dataset=folder reads 1 (grey) or 3 (RGB) channels; got dataset.channels={channels}.")
+    images, labels, bad = [], [], []
+    for i in sorted(chosen):
+        p = paths[i]
+        try:
+            with Image.open(p) as im:
+                im = _square_resize(im.convert(mode), image_size)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            bad.append((p, e))
+            continue
+        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, channels)
+        images.append(t.permute(2, 0, 1))
+        parts = p.relative_to(base).parts
+        labels.append(class_names.index(parts[0]) if len(parts) > 1 else 0)
+    if bad:
+        log.warning("dataset=folder: skipped %d unreadable file(s) of %d, e.g. %s (%s)", len(bad), len(chosen), bad[0][0], bad[0][1])
+    if not images:
+        raise GenlabError(f"dataset=folder: none of the {len(chosen)} image files under {base} could be read.")
+    return _finish(torch.stack(images), torch.tensor(labels), "folder", train, image_size, channels, classes)
+
+
+def synthetic(train=True, n=512, image_size=28, channels=1, n_classes=10, classes=None, seed=0) -> ImageData:
+    """Blobs: class k is a bright Gaussian spot at the k-th of n_classes places on a circle."""
+    g = torch.Generator().manual_seed(seed + (0 if train else 1))
+    labels = torch.randint(0, n_classes, (n,), generator=g)
+    angle = 2 * torch.pi * labels.float() / n_classes
+    centre = 0.5 + 0.3 * torch.stack([angle.cos(), angle.sin()], dim=1)  # [n, 2] in (0, 1)
+    centre = centre + 0.03 * torch.randn(n, 2, generator=g)
+    grid = (torch.arange(image_size).float() + 0.5) / image_size
+    dy = grid.view(1, -1, 1) - centre[:, 0].view(-1, 1, 1)
+    dx = grid.view(1, 1, -1) - centre[:, 1].view(-1, 1, 1)
+    blob = torch.exp(-(dx**2 + dy**2) / (2 * 0.08**2))  # [n, H, W]
+    images = blob.unsqueeze(1).expand(-1, channels, -1, -1)
+    images = images.mul(255).round().clamp(0, 255).to(torch.uint8).contiguous()
+    return _finish(images, labels, "synthetic", train, image_size, channels, classes)
+
+
+# --- shared steps ---------------------------------------------------------------------------
+
+
+def _finish(images, labels, name, train, image_size, channels, classes) -> ImageData:
+    """Resize, convert channels and keep only ``classes``: the same for every dataset."""
+    images = _to_channels(_resize_uint8(images, image_size), channels, name)
+    if classes is not None:
+        wanted = torch.as_tensor(list(classes), dtype=torch.long)
+        keep = torch.isin(labels, wanted)
+        if not keep.any():
+            present = sorted(labels.unique().tolist())
+            raise GenlabError(
+                f"dataset.classes={list(classes)} selects no {'training' if train else 'test'} image "
+                f"of {name}; its labels are {present}."
+            )
+        images, labels = images[keep], labels[keep]
+    return ImageData(images.contiguous(), labels, name)
+
+
+def _resize_float(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    if size < 1:
+        raise GenlabError(f"dataset.image_size must be a positive number of pixels; got {size}.")
+    if images.shape[-2:] == (size, size):
+        return images
+    out = [_resize_float(chunk.float(), size).round_().clamp_(0, 255).to(torch.uint8) for chunk in images.split(4096)]
+    return torch.cat(out)
+
+
+def _to_channels(images: torch.Tensor, channels: int, name: str) -> torch.Tensor:
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if have == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    raise GenlabError(f"{name} has {have} channel(s); dataset.channels={channels} cannot be made from them (use 1 or 3).")
+
+
+def _square_resize(im, size: int):
+    from PIL import Image
+
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return im.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _tv_class(name: str):
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, name)
+
+
+def _torchvision(cls_name, name, root, train, download, image_size, channels, classes) -> ImageData:
+    """MNIST-style torchvision sets: idx files in ``root/<cls_name>/raw``."""
+    cls = _tv_class(cls_name)
+    folder = Path(root).expanduser() / cls_name / "raw"
+    prefix = "train" if train else "t10k"
+    files = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    if download and not all((folder / f).exists() for f in files):
+        _download(name, folder, files, lambda: cls(root, train=train, download=True))
+    if not all((folder / f).exists() for f in files):
+        raise _missing_error(name, folder, files, f"{cls_name}/raw", "the files are not there")
+
+    def decode():
+        ds = cls(str(Path(root).expanduser()), train=train, download=False)
+        return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+
+    images, labels = _cached(name, train, [folder / f for f in files], decode)
+    return _finish(images, labels, name, train, image_size, channels, classes)
+
+
+def _download(name, folder, files, fetch) -> None:
+    log.info("%s: not found in %s; downloading it there", name, folder)
+    try:
+        fetch()
+    except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
+        raise _missing_error(name, folder, files, folder.name, f"download failed: {e}") from e
+
+
+def _missing_error(name, folder, files, layout, reason) -> GenlabError:
+    return GenlabError(
+        f"Dataset '{name}' was not found and could not be loaded ({reason}). "
+        f"genlab looked in {folder.resolve()} for the files {', '.join(files)} "
+        f"(torchvision's layout: <root>/{layout}/). If the data is on disk elsewhere, point genlab "
+        f"at the folder that holds {layout.split('/')[0]}/ with dataset.root=PATH on the command line "
+        f"or the GENLAB_DATA environment variable. With network access, dataset.download=true "
+        f"fetches it into dataset.root. The offline default, dataset=digits, needs no files."
+    )
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("GENLAB_CACHE", Path.home() / ".cache" / "genlab")).expanduser()
+
+
+def _cached(name, train, sources, decode):
+    """Decode once and keep the uint8 tensors in genlab's cache, keyed by the source files."""
+    stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)
+    key = hashlib.sha1(stamp.encode()).hexdigest()[:16]
+    path = _cache_dir() / "datasets" / f"{name}-{'train' if train else 'test'}-{key}.pt"
+    if path.exists():
+        try:
+            blob = torch.load(path, weights_only=True)
+            return blob["images"], blob["labels"]
+        except Exception as e:  # a damaged cache is rebuilt, never fatal
+            log.warning("ignoring unreadable dataset cache %s (%s)", path, e)
+    images, labels = decode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"images": images, "labels": labels}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not write the dataset cache %s (%s); decoding each time", path, e)
+    return images, labels

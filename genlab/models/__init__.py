@@ -1,0 +1,7 @@
+"""GenerativeModel subclasses: how each model trains, samples and scores."""
+
+from genlab.models.base import GenerativeModel
+from genlab.models.gan import GAN
+from genlab.models.vae import VAE
+
+__all__ = ["GenerativeModel", "GAN", "VAE"]

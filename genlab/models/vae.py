@@ -1,0 +1,53 @@
+"""A variational autoencoder trained on the negative ELBO."""
+
+import torch
+from torch import Tensor, nn
+
+from genlab.errors import GenlabError
+from genlab.losses import kl_normal, reconstruction_error
+from genlab.models.base import GenerativeModel
+
+
+class VAE(GenerativeModel):
+    """``encoder(x) -> (mu, logvar)``; ``decoder(z) -> pixel logits``; Bernoulli or Gaussian likelihood."""
+
+    losses = ("elbo",)
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, loss: str = "elbo",
+                 recon: str = "bce", beta: float = 1.0):
+        super().__init__()
+        if loss != "elbo":
+            raise GenlabError(f"a VAE trains with loss=elbo; got loss={loss}.")
+        if recon not in ("bce", "mse"):
+            raise GenlabError(f"loss.recon must be bce or mse; got {recon}.")
+        self.encoder, self.decoder = encoder, decoder
+        self.recon, self.beta = recon, beta
+
+    def optimizer_groups(self):
+        return {"vae": self.parameters()}
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(x)
+        return mu.float(), logvar.float()
+
+    def training_step(self, x: Tensor, ctx) -> dict[str, Tensor]:
+        with ctx.autocast():
+            mu, logvar = self.encode(x)
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
+            logits = self.decoder(z)
+        recon = reconstruction_error(x, logits, self.recon).mean()
+        kl = kl_normal(mu, logvar).mean()
+        loss = recon + self.beta * kl
+        ctx.step("vae", loss)
+        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+
+    def latent(self, n, generator=None):
+        return torch.randn(n, self.decoder.latent_dim, generator=generator)
+
+    def generate(self, z):
+        return torch.sigmoid(self.decoder(z).float())
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decoded posterior means, in [0, 1]."""
+        mu, _ = self.encode(x)
+        return self.generate(mu)

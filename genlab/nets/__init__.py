@@ -1,0 +1,14 @@
+"""Plain nn.Modules: generators, discriminators, encoders. They take plain arguments, no config."""
+
+from genlab.nets.dcgan import DCGANDiscriminator, DCGANGenerator
+from genlab.nets.mlp import MLPDiscriminator, MLPGenerator
+from genlab.nets.vae import ConvDecoder, ConvEncoder
+
+__all__ = [
+    "MLPGenerator",
+    "MLPDiscriminator",
+    "DCGANGenerator",
+    "DCGANDiscriminator",
+    "ConvEncoder",
+    "ConvDecoder",
+]

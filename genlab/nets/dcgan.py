@@ -1,0 +1,51 @@
+"""The DCGAN of the WiDS report, sized from the image: s/4 -> s/2 -> s with 5x5 kernels."""
+
+from torch import Tensor, nn
+
+from genlab.nets.shapes import check_divisible
+
+
+class DCGANGenerator(nn.Module):
+    """z -> Linear to (4w x s/4 x s/4) + BN + LeakyReLU -> ConvT 5x5 to 2w, w, then C with Tanh."""
+
+    def __init__(self, channels: int = 1, image_size: int = 28, z_dim: int = 100, width: int = 64):
+        super().__init__()
+        check_divisible("DCGANGenerator", channels, image_size, 4)
+        self.z_dim = z_dim
+        self.start = (4 * width, image_size // 4, image_size // 4)
+        n = self.start[0] * self.start[1] * self.start[2]
+        self.project = nn.Sequential(nn.Linear(z_dim, n, bias=False), nn.BatchNorm1d(n), nn.LeakyReLU(0.2))
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(4 * width, 2 * width, 5, stride=1, padding=2, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(2 * width, width, 5, stride=2, padding=2, output_padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(width, channels, 5, stride=2, padding=2, output_padding=1),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(self.project(z).view(-1, *self.start))  # [B, C, s, s]
+
+
+class DCGANDiscriminator(nn.Module):
+    """Conv 5x5 stride 2 to w, 2w (LeakyReLU, Dropout) -> Linear to one logit."""
+
+    def __init__(self, channels: int = 1, image_size: int = 28, width: int = 64, dropout: float = 0.3):
+        super().__init__()
+        check_divisible("DCGANDiscriminator", channels, image_size, 4)
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 5, stride=2, padding=2),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(dropout),
+            nn.Conv2d(width, 2 * width, 5, stride=2, padding=2),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(dropout),
+            nn.Flatten(),
+            nn.Linear(2 * width * (image_size // 4) ** 2, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(1)  # [B] logits

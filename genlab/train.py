@@ -1,0 +1,77 @@
+"""genlab train: build the parts named by the config and run the shared loop."""
+
+import csv
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from genlab import checkpoint
+from genlab.build import build_dataset, build_model, build_optimizers
+from genlab.errors import GenlabError
+from genlab.trainer import Trainer, resolve_device
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("model", "dataset", "loss", "optimizer", "experiment")
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
+    state = None
+    if cfg.get("resume"):
+        state = checkpoint.load(cfg.resume)
+        cfg = resumed_config(state["config"], cfg, overrides)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = build_dataset(cfg.dataset, train=True)
+    model = build_model(cfg)
+    optimizers = build_optimizers(cfg.optimizer, model)
+    t = cfg.trainer
+    title = f"{type(model).__name__} on {data.name}, loss {cfg.loss.name}"
+    trainer = Trainer(
+        model, optimizers, data.images, run_dir, device=device, precision=t.precision, epochs=t.epochs,
+        max_steps=t.max_steps, batch_size=t.batch_size, log_every=t.log_every, n_samples=t.n_samples,
+        checkpoint_every=t.checkpoint_every, keep_every=t.keep_every, progress=t.progress, seed=cfg.seed,
+        config=OmegaConf.to_container(cfg, resolve=True), title=title,
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "%s (%.2fM parameters) on %s: %d images %s, device %s, precision %s, %d steps (%d epochs of %d, batch %d)",
+        title, n_params / 1e6, data.name, len(data), "x".join(map(str, data.image_shape)), trainer.device,
+        trainer.precision, trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, trainer.batch_size,
+    )
+    if state is not None:
+        trainer.rows = previous_metrics(checkpoint.resolve(cfg.resume), state["step"])
+        log.info("resuming from %s at step %d", checkpoint.resolve(cfg.resume), state["step"])
+    trainer.fit(state)
+    log.info("done: %d steps; checkpoint %s", trainer.step_index, run_dir / "checkpoints" / "last.pt")
+
+
+def resumed_config(stored: dict, cfg: DictConfig, overrides) -> DictConfig:
+    """The stored run's config, with this command's plain overrides (trainer.epochs=..., device=...)."""
+    merged = OmegaConf.create(stored)
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if key in GROUPS:
+            raise GenlabError(
+                f"resume= continues a run with its stored config; '{o}' would change its {key}. "
+                "Start a new run for that, or drop the override."
+            )
+        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
+    merged.resume = cfg.resume
+    return merged
+
+
+def previous_metrics(ckpt_path: Path, step: int) -> list[dict]:
+    """The resumed run's metrics.csv rows up to its checkpoint, so the curves continue."""
+    path = ckpt_path.parent.parent / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        rows = [{k: float(v) if v not in ("", None) else None for k, v in r.items()} for r in csv.DictReader(fh)]
+    for r in rows:
+        r["step"], r["epoch"] = int(r["step"]), int(r["epoch"])
+    return [r for r in rows if r["step"] <= step]
