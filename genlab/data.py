@@ -67,7 +67,8 @@ def cifar10(root="data", train=True, download=True, image_size=32, channels=3, c
     folder = Path(root).expanduser() / "cifar-10-batches-py"
     files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     if download and not all((folder / f).exists() for f in files):
-        _download("cifar10", folder, files, lambda: _tv_class("CIFAR10")(root, train=train, download=True))
+        _download("cifar10", folder, files, "cifar-10-batches-py",
+                  lambda: _tv_class("CIFAR10")(root, train=train, download=True))
     missing = [f for f in files if not (folder / f).exists()]
     if missing:
         raise _missing_error("cifar10", folder, files, "cifar-10-batches-py", "the files are not there")
@@ -209,24 +210,26 @@ def _torchvision(cls_name, name, root, train, download, image_size, channels, cl
     prefix = "train" if train else "t10k"
     files = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     if download and not all((folder / f).exists() for f in files):
-        _download(name, folder, files, lambda: cls(root, train=train, download=True))
+        _download(name, folder, files, f"{cls_name}/raw", lambda: cls(root, train=train, download=True))
     if not all((folder / f).exists() for f in files):
         raise _missing_error(name, folder, files, f"{cls_name}/raw", "the files are not there")
 
     def decode():
-        ds = cls(str(Path(root).expanduser()), train=train, download=False)
-        return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+        from torchvision.datasets.mnist import read_image_file, read_label_file
+
+        return read_image_file(str(folder / files[0])).unsqueeze(1).contiguous(), read_label_file(str(folder / files[1])).long()
 
     images, labels = _cached(name, train, [folder / f for f in files], decode)
     return _finish(images, labels, name, train, image_size, channels, classes)
 
 
-def _download(name, folder, files, fetch) -> None:
+def _download(name, folder, files, layout, fetch) -> None:
     log.info("%s: not found in %s; downloading it there", name, folder)
     try:
         fetch()
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
-        raise _missing_error(name, folder, files, folder.name, f"download failed: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _missing_error(name, folder, files, layout, f"download failed: {first.rstrip(':')}") from e
 
 
 def _missing_error(name, folder, files, layout, reason) -> GenlabError:

@@ -24,9 +24,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
         cfg = resumed_config(state["config"], cfg, overrides)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    data = build_dataset(cfg.dataset, train=True)
-    model = build_model(cfg)
+    model = build_model(cfg)  # first: config mistakes show before any data is read
     optimizers = build_optimizers(cfg.optimizer, model)
+    data = build_dataset(cfg.dataset, train=True)
     t = cfg.trainer
     title = f"{type(model).__name__} on {data.name}, loss {cfg.loss.name}"
     trainer = Trainer(

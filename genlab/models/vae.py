@@ -21,7 +21,7 @@ class VAE(GenerativeModel):
         if recon not in ("bce", "mse"):
             raise GenlabError(f"loss.recon must be bce or mse; got {recon}.")
         self.encoder, self.decoder = encoder, decoder
-        self.recon, self.beta = recon, beta
+        self.loss, self.recon, self.beta = loss, recon, beta
 
     def optimizer_groups(self):
         return {"vae": self.parameters()}

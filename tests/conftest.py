@@ -1,0 +1,70 @@
+"""Shared fixtures: the real configs composed with tiny CPU-only overrides, and small on-disk datasets."""
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from genlab.cli import CONFIG_DIR
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = ["device=cpu", "trainer.progress=false", "trainer.precision=fp32"]
+
+
+def options(group: str) -> list[str]:
+    """The names a config group offers on the command line (its YAML files)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_train(overrides=()):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[*TINY, *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """MNIST's idx format: big-endian magic, dimensions, then uint8 data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, h, w) + images.tobytes())
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
+
+
+def fake_images(n, h, w, c=None, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (n, h, w) if c is None else (n, c * h * w)
+    return rng.integers(0, 256, size=shape, dtype=np.uint8), rng.integers(0, 10, size=n, dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def fake_root(tmp_path_factory) -> Path:
+    """A dataset root with tiny MNIST, Fashion-MNIST and CIFAR-10 files in torchvision's layout."""
+    root = tmp_path_factory.mktemp("data")
+    for name in ("MNIST", "FashionMNIST"):
+        for prefix, n in (("train", 96), ("t10k", 40)):
+            write_idx(root / name / "raw", prefix, *fake_images(n, 28, 28, seed=n))
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    for i, f in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        data, labels = fake_images(20, 32, 32, c=3, seed=100 + i)
+        with open(folder / f, "wb") as fh:
+            pickle.dump({"data": data, "labels": labels.tolist()}, fh)
+    return root
+
+
+def genlab(*args, cwd, env=None, timeout=600):
+    """Run the real `genlab` command in a subprocess."""
+    exe = Path(sys.executable).parent / "genlab"
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update(env or {})
+    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

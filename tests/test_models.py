@@ -1,0 +1,95 @@
+"""One concern per test, across every model: a training step on CPU changes every trainable part."""
+
+import math
+
+import pytest
+import torch
+
+from genlab.build import build_dataset, build_model, build_optimizers
+from genlab.errors import GenlabError
+from genlab.trainer import Trainer
+
+from conftest import compose_train
+
+CASES = [
+    ("gan", "bce"), ("gan", "minimax"), ("gan", "wasserstein"), ("gan", "hinge"), ("gan", "lsgan"),
+    ("dcgan", "bce"), ("dcgan", "wasserstein"), ("dcgan", "hinge"),
+    ("vae", "elbo"), ("vae", "elbo mse"),
+]
+SHAPES = [(1, 28), (3, 32)]
+
+
+def setup(model, loss, channels, size, tmp_path, precision="fp32"):
+    loss_name, *recon = loss.split()
+    overrides = [f"model={model}", f"loss={loss_name}", "dataset=synthetic", "dataset.n=16",
+                 f"dataset.channels={channels}", f"dataset.image_size={size}", f"trainer.precision={precision}"]
+    if recon:
+        overrides.append(f"loss.recon={recon[0]}")
+    cfg = compose_train(overrides)
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    data = build_dataset(cfg.dataset)
+    trainer = Trainer(m, build_optimizers(cfg.optimizer, m), data.images, tmp_path, device="cpu",
+                      precision=precision, batch_size=8, progress=False)
+    return m, trainer, data.images[:8].float() / 255
+
+
+@pytest.mark.parametrize("channels,size", SHAPES)
+@pytest.mark.parametrize("model,loss", CASES)
+def test_training_step_changes_every_part(model, loss, channels, size, tmp_path):
+    m, trainer, x = setup(model, loss, channels, size, tmp_path)
+    before = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
+    out = m.training_step(x, trainer)
+    assert out and all(v.dim() == 0 and math.isfinite(v.item()) for v in out.values())
+    unchanged = [k for k, p in m.named_parameters() if torch.equal(p, before[k])]
+    if loss in ("wasserstein", "hinge"):
+        # E[D(fake)] - E[D(real)] does not depend on the critic's last bias; hinge reduces to it
+        # while every logit is inside the margin, as at initialisation
+        last_bias = [k for k, _ in m.d.named_parameters()][-1]
+        assert unchanged == [f"d.{last_bias}"]
+    else:
+        assert not unchanged, f"not updated by one step: {unchanged}"
+    assert all(p.grad is None or p.requires_grad for p in m.parameters())
+
+
+@pytest.mark.parametrize("model,loss", [("gan", "bce"), ("dcgan", "wasserstein"), ("vae", "elbo")])
+def test_bf16_step_is_finite(model, loss, tmp_path):
+    m, trainer, x = setup(model, loss, 1, 28, tmp_path, precision="bf16")
+    for _ in range(3):
+        out = m.training_step(x, trainer)
+    assert all(math.isfinite(v.item()) for v in out.values())
+
+
+@pytest.mark.parametrize("model", ["gan", "dcgan", "vae"])
+def test_sample_shape_and_range(model, tmp_path):
+    m, _, _ = setup(model, "elbo" if model == "vae" else "bce", 3, 32, tmp_path)
+    m.eval()
+    g = torch.Generator().manual_seed(1)
+    x = m.sample(5, generator=g)
+    assert x.shape == (5, 3, 32, 32)
+    assert x.min() >= 0 and x.max() <= 1
+    assert torch.equal(x, m.sample(5, generator=torch.Generator().manual_seed(1)))  # reproducible
+
+
+def test_generator_step_only_every_n_critic(tmp_path):
+    m, trainer, x = setup("gan", "wasserstein", 1, 28, tmp_path)
+    m.n_critic = 3
+    keys = []
+    for i in range(4):
+        trainer.step_index = i
+        keys.append(sorted(m.training_step(x, trainer)))
+    assert keys == [["loss_d", "loss_g"], ["loss_d"], ["loss_d"], ["loss_d", "loss_g"]]
+
+
+@pytest.mark.parametrize("model,size", [("dcgan", 30), ("vae", 26)])
+def test_image_size_a_network_cannot_take(model, size):
+    cfg = compose_train([f"model={model}", f"dataset.image_size={size}"])
+    with pytest.raises(GenlabError, match="multiple of 4"):
+        build_model(cfg)
+
+
+def test_loss_that_does_not_fit_the_model():
+    with pytest.raises(GenlabError, match="loss=hinge does not fit"):
+        build_model(compose_train(["model=vae", "loss=hinge"]))
+    with pytest.raises(GenlabError, match="loss=elbo does not fit"):
+        build_model(compose_train(["model=dcgan", "loss=elbo"]))
