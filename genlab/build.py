@@ -63,3 +63,26 @@ def build_optimizers(cfg: DictConfig, model: GenerativeModel) -> dict:
 
 def build_dataset(cfg: DictConfig, train: bool = True) -> ImageData:
     return _instantiate(cfg, train=train)
+
+
+def load_model(ckpt, device="cpu") -> tuple[GenerativeModel, DictConfig, dict]:
+    """Rebuild a model from a checkpoint alone: its stored config, then its weights (eval mode)."""
+    from genlab import checkpoint
+
+    state = checkpoint.load(ckpt)
+    cfg = OmegaConf.create(state["config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise GenlabError(f"the weights in {ckpt} do not fit the model its config describes: {str(e).splitlines()[0]}") from e
+    return model.to(device).eval(), cfg, state
+
+
+def test_split(cfg: DictConfig, root=None, classes=None) -> ImageData:
+    """The test split of a run's dataset (all classes unless ``classes``), optionally from another root."""
+    node = OmegaConf.create(OmegaConf.to_container(cfg.dataset))
+    node.classes = list(classes) if classes is not None else None
+    if root is not None:
+        node.root = root
+    return build_dataset(node, train=False)

@@ -8,7 +8,6 @@ A checkpoint is a dict of plain data and tensors, read back with ``weights_only=
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -57,7 +56,7 @@ def load(path, map_location="cpu") -> dict:
             f"{p} is refused: it holds objects other than tensors and plain data, which genlab "
             f"never unpickles (weights_only=True). It is not a genlab checkpoint. ({str(e).splitlines()[0]})"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # truncated zip, foreign bytes, legacy pickles: all unreadable here
         raise GenlabError(f"{p} cannot be read as a checkpoint (truncated or damaged?): {str(e).splitlines()[0]}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise GenlabError(f"{p} is not a genlab checkpoint (no '{FORMAT}' marker).")

@@ -12,6 +12,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # verb -> (module with run(cfg, run_dir, overrides), one-line description); config: configs/<verb>.yaml
 VERBS = {
     "train": ("genlab.train", "train a model; writes checkpoints, sample grids, metrics.csv, loss curves"),
+    "sample": ("genlab.sample", "pictures from a checkpoint: sample grid, interpolations, reconstructions, latent map"),
+    "evaluate": ("genlab.evaluate", "reports on a checkpoint: anomaly-detection ROC/AUC (one run or a whole sweep)"),
 }
 
 USAGE = f"""usage: genlab COMMAND [OVERRIDES...] [--help] [-m/--multirun] [--cfg job]

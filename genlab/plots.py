@@ -29,3 +29,49 @@ def loss_curves(rows: list[dict], path: Path, title: str = "") -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def latent_map(points, labels, path: Path, method: str = "pca", title: str = "") -> None:
+    """A 2-D map of latent vectors [N, D] (PCA or t-SNE), one colour per class label."""
+    import numpy as np
+
+    from genlab.errors import GenlabError
+
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        xy = PCA(n_components=2, random_state=0).fit_transform(points) if points.shape[1] > 2 else points
+    elif method == "tsne":
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(n_components=2, init="pca", random_state=0, perplexity=min(30, len(points) - 1)).fit_transform(points)
+    else:
+        raise GenlabError(f"method={method} is not a latent-map method: use pca or tsne.")
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=110)
+    cmap = plt.get_cmap("tab10")
+    for i, c in enumerate(np.unique(labels)):
+        m = labels == c
+        ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, color=cmap(i % 10), label=str(c))
+    ax.legend(title="class", markerscale=3, fontsize=8, loc="best")
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def roc(fpr, tpr, auroc: float, path: Path, title: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+    ax.plot(fpr, tpr, linewidth=1.6, label=f"AUROC = {auroc:.4f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8, label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

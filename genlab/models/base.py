@@ -24,6 +24,7 @@ class GenerativeModel(nn.Module):
     """
 
     losses: tuple[str, ...] = ()  # the loss configs (loss=NAME) this model trains with
+    scores: tuple[str, ...] = ()  # anomaly scores it offers (evaluate score=NAME); the first is the default
 
     def optimizer_groups(self) -> dict[str, Iterable[nn.Parameter]]:
         """The parameters each named optimizer steps, e.g. {"g": ..., "d": ...}."""
@@ -39,6 +40,10 @@ class GenerativeModel(nn.Module):
 
     def generate(self, z: Tensor) -> Tensor:
         """Images in [0, 1] from latents ``z``."""
+        raise NotImplementedError
+
+    def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
+        """How unusual each image of ``x`` is (higher: more anomalous): [B]."""
         raise NotImplementedError
 
     @torch.inference_mode()

@@ -15,6 +15,7 @@ class GAN(GenerativeModel):
     """
 
     losses = tuple(GAN_LOSSES)
+    scores = ("critic",)
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, loss: str = "bce",
                  gp_weight: float = 0.0, n_critic: int = 1):
@@ -58,6 +59,6 @@ class GAN(GenerativeModel):
     def generate(self, z):
         return (self.g(z).float() + 1) / 2
 
-    def critic(self, x: Tensor) -> Tensor:
-        """The discriminator's logits [B] for images ``x`` in [0, 1]."""
-        return self.d(x * 2 - 1).float()
+    def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
+        """``critic``: minus the discriminator's logit, so images it finds unreal score high."""
+        return -self.d(x * 2 - 1).float()

@@ -12,6 +12,7 @@ class VAE(GenerativeModel):
     """``encoder(x) -> (mu, logvar)``; ``decoder(z) -> pixel logits``; Bernoulli or Gaussian likelihood."""
 
     losses = ("elbo",)
+    scores = ("elbo", "recon", "mse")
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, loss: str = "elbo",
                  recon: str = "bce", beta: float = 1.0):
@@ -51,3 +52,14 @@ class VAE(GenerativeModel):
         """Decoded posterior means, in [0, 1]."""
         mu, _ = self.encode(x)
         return self.generate(mu)
+
+    def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
+        """``elbo``: the negative ELBO, decoded at the posterior mean; ``recon``: its reconstruction
+        term alone (the training likelihood); ``mse``: squared reconstruction error."""
+        mu, logvar = self.encode(x)
+        logits = self.decoder(mu)
+        if score in (None, "elbo"):
+            return reconstruction_error(x, logits, self.recon) + kl_normal(mu, logvar)
+        if score == "recon":
+            return reconstruction_error(x, logits, self.recon)
+        return reconstruction_error(x, logits, "mse")

@@ -27,14 +27,15 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """C*H*W pixels -> hidden layers (LeakyReLU 0.2) -> one logit."""
+    """C*H*W pixels -> hidden layers (LeakyReLU 0.2, then Dropout) -> one logit."""
 
-    def __init__(self, channels: int = 1, image_size: int = 28, hidden=(256, 128)):
+    def __init__(self, channels: int = 1, image_size: int = 28, hidden=(256, 128), dropout: float = 0.0):
         super().__init__()
         check_divisible("MLPDiscriminator", channels, image_size, 1)
         layers, width = [nn.Flatten()], channels * image_size * image_size
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [nn.Dropout(dropout)] if dropout else []
             width = h
         layers += [nn.Linear(width, 1)]
         self.net = nn.Sequential(*layers)

@@ -1,0 +1,102 @@
+"""train -> sample -> evaluate through the real command, on the offline default dataset."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from genlab import checkpoint
+
+from conftest import genlab
+
+VAE_ON_ZERO = ["model=vae", "dataset.classes=[0]", "trainer.batch_size=32", "trainer.max_steps=150",
+               "trainer.log_every=50", "trainer.n_samples=16", "device=cpu", "trainer.precision=fp32",
+               "optimizer.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("rt")
+    r = genlab("train", *VAE_ON_ZERO, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return cwd / "run"
+
+
+def test_sample_writes_every_picture(vae_run, tmp_path):
+    out = tmp_path / "s"
+    r = genlab("sample", f"ckpt={vae_run}", "n=16", "seed=3", "n_latent=200", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for f in ("grid.png", "interpolation.png", "reconstructions.png", "latent.png", "samples.pt"):
+        assert (out / f).is_file(), f
+    x = torch.load(out / "samples.pt", weights_only=True)
+    assert x.shape == (16, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    again = tmp_path / "s2"
+    genlab("sample", f"ckpt={vae_run / 'checkpoints' / 'last.pt'}", "n=16", "seed=3", "n_latent=200",
+           f"hydra.run.dir={again}", cwd=tmp_path)
+    assert torch.equal(x, torch.load(again / "samples.pt", weights_only=True))  # same seed, same samples
+
+
+@pytest.mark.parametrize("score", ["elbo", "recon", "mse"])
+def test_evaluate_scores_the_trained_digit_lowest(vae_run, tmp_path, score):
+    out = tmp_path / "e"
+    r = genlab("evaluate", f"ckpt={vae_run}", f"score={score}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["auroc"] <= 1.0 and report["score"] == score
+    assert report["normal_classes"] == [0] and report["n_normal"] + report["n_anomalous"] == 360
+    assert report["step"] == 150
+    means = {int(c): v["mean_score"] for c, v in report["per_class"].items()}
+    assert means[0] < min(v for c, v in means.items() if c != 0)
+    assert report["auroc"] > 0.8
+    with open(out / "scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 360 and set(rows[0]) == {"index", "label", "anomalous", "score"}
+    assert (out / "roc.png").is_file() and "AUROC" in (out / "report.md").read_text()
+
+
+def test_evaluate_a_gan_by_its_critic(tmp_path):
+    r = genlab("train", "model=gan", "dataset.classes=[1]", "trainer.max_steps=20", "device=cpu",
+               f"hydra.run.dir={tmp_path / 'gan'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = genlab("evaluate", f"ckpt={tmp_path / 'gan'}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["score"] == "critic"
+
+
+def test_evaluate_a_whole_sweep(tmp_path):
+    r = genlab("train", "-m", *VAE_ON_ZERO[:2], "dataset.classes=[0],[1]", *VAE_ON_ZERO[2:],
+               "trainer.max_steps=20", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = genlab("evaluate", f"ckpt={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "e" / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["run"] for r in rows] == ["0", "1", "mean", "std"]
+    assert rows[0]["overrides"].count("dataset.classes=[0]") == 1 and rows[1]["normal_classes"] == "1"
+    aurocs = [float(r["auroc"]) for r in rows[:2]]
+    assert float(rows[2]["auroc"]) == pytest.approx(sum(aurocs) / 2, abs=1e-5)
+    assert (tmp_path / "e" / "0" / "roc.png").is_file() and (tmp_path / "e" / "summary.md").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["normal_classes=[42]"], "names no test image"),
+    (["normal_classes=[0,1,2,3,4,5,6,7,8,9]"], "nothing is anomalous"),
+    (["score=critic"], "score=critic is not offered"),
+])
+def test_evaluate_bad_input(vae_run, tmp_path, args, message):
+    r = genlab("evaluate", f"ckpt={vae_run}", *args, cwd=tmp_path)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_damaged_checkpoints_are_one_clear_line(vae_run, tmp_path):
+    good = (vae_run / "checkpoints" / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(good[: len(good) // 2])
+    state = checkpoint.load(vae_run)
+    checkpoint.save({**state, "version": checkpoint.VERSION + 1}, tmp_path / "newer.pt")
+    (tmp_path / "notes.pt").write_text("hello")
+    cases = {"cut.pt": "truncated or damaged", "newer.pt": "Upgrade genlab", "notes.pt": "cannot be read",
+             "missing.pt": "checkpoint not found"}
+    for name, message in cases.items():
+        r = genlab("sample", f"ckpt={tmp_path / name}", cwd=tmp_path)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
