@@ -1,4 +1,5 @@
-"""genlab evaluate: one-class anomaly detection reports (ROC/AUC), for one run or a whole sweep."""
+"""genlab evaluate: one-class anomaly detection reports (ROC/AUC), for one run or a whole sweep,
+and generation-quality reports (task=quality) measured with genlab's own per-dataset classifier."""
 
 import csv
 import json
@@ -12,8 +13,9 @@ import yaml
 from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from genlab import checkpoint, plots
+from genlab import checkpoint, metrics, plots
 from genlab.build import load_model, test_split
+from genlab.classifier import classifier_for, predict
 from genlab.errors import GenlabError
 from genlab.trainer import resolve_device
 
@@ -21,9 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
-    if cfg.task != "anomaly":
-        raise GenlabError(f"task={cfg.task} is not a genlab evaluate task: use task=anomaly.")
+    if cfg.task not in ("anomaly", "quality"):
+        raise GenlabError(f"task={cfg.task} is not a genlab evaluate task: use task=anomaly or task=quality.")
     device = resolve_device(cfg.device)
+    if cfg.task == "quality":
+        r = quality_report(cfg.ckpt, run_dir, cfg, device)
+        log.info("FID %.3f  KID %.5f  precision %.3f  recall %.3f  IS %.2f  classes covered %d/%d",
+                 r["fid"], r["kid"], r["precision"], r["recall"], r["inception_score"], r["classes_covered"],
+                 len(r["class_histogram"]))
+        return
     runs = sweep_runs(Path(cfg.ckpt).expanduser())
     if runs is None:
         report = anomaly_report(cfg.ckpt, run_dir, cfg, device)
@@ -157,3 +165,70 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
     (out_dir / "summary.md").write_text(f"# {rows[0]['model']} on {rows[0]['dataset']}, score {rows[0]['score']}: "
                                         f"{len(rows)} runs\n\n" + "\n".join(lines) + "\n")
     log.info("mean AUROC over %d runs: %.4f ± %.4f", len(rows), mean, std)
+
+
+def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
+    """How good and how varied the samples are, against the test split of the run's dataset."""
+    model, train_cfg, state = load_model(ckpt, device)
+    if cfg.dataset_root is not None:
+        train_cfg.dataset.root = cfg.dataset_root
+    net, info = classifier_for(train_cfg.dataset, device)
+    classes = train_cfg.dataset.get("classes")
+    ref = test_split(train_cfg, classes=classes)
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = cfg.n_samples
+    with torch.inference_mode():
+        fake = torch.cat([model.generate(model.latent(min(cfg.batch_size, n - i), g).to(device)).float().clamp(0, 1).cpu()
+                          for i in range(0, n, cfg.batch_size)])
+    real_f, real_p = predict(net, ref.images, device)
+    fake_f, fake_p = predict(net, fake, device)
+    kid_mean, kid_std = metrics.kid(real_f, fake_f)
+    precision, recall = metrics.precision_recall(real_f, fake_f, k=3)
+    is_mean, is_std = metrics.inception_score(fake_p)
+    covered, histogram = metrics.class_coverage(fake_p)
+    report = {
+        "task": "quality",
+        "fid": metrics.fid(real_f, fake_f),
+        "kid": kid_mean, "kid_std": kid_std,
+        "precision": precision, "recall": recall,
+        "inception_score": is_mean, "inception_score_std": is_std,
+        "classes_covered": covered, "class_histogram": histogram,
+        "reference_class_histogram": metrics.class_coverage(real_p)[1],
+        "model": type(model).__name__, "dataset": ref.name,
+        "checkpoint": str(checkpoint.resolve(ckpt)), "step": int(state["step"]),
+        "overrides": run_overrides(ckpt),
+        "protocol": {
+            "n_samples": n, "seed": cfg.seed,
+            "reference": f"{ref.name} test split, {len(ref)} images" + (f", classes {list(classes)}" if classes else ""),
+            "feature_extractor": f"genlab classifier: {info['architecture']}, trained on the {info['dataset']} "
+                                 f"training split ({info['n_train']} images), test accuracy {info['test_accuracy']:.4f}",
+            "kid": "cubic polynomial kernel, 20 subsets of up to 1000",
+            "precision_recall": "Kynkaanniemi et al. 2019, k=3",
+            "inception_score": "classifier-based, 10 splits",
+            "classes_covered": "classes predicted for at least 1% of the samples",
+        },
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "report.md").write_text(quality_markdown(report))
+    plots.class_histogram(histogram, report["reference_class_histogram"], out_dir / "classes.png",
+                          f"{report['model']} samples vs {ref.name} test images")
+    from torchvision.utils import save_image
+
+    save_image(fake[:64], out_dir / "samples.png", nrow=8, pad_value=1.0)
+    return report
+
+
+def quality_markdown(r: dict) -> str:
+    p = r["protocol"]
+    rows = [("FID", f"{r['fid']:.3f}"), ("KID", f"{r['kid']:.5f} ± {r['kid_std']:.5f}"),
+            ("precision", f"{r['precision']:.4f}"), ("recall", f"{r['recall']:.4f}"),
+            ("Inception Score (classifier)", f"{r['inception_score']:.3f} ± {r['inception_score_std']:.3f}"),
+            ("classes covered", f"{r['classes_covered']} of {len(r['class_histogram'])}")]
+    lines = [f"# Sample quality: {r['model']} on {r['dataset']}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "| class | samples | reference images |", "|---|---|---|"]
+    lines += [f"| {c} | {a} | {b} |" for c, (a, b) in enumerate(zip(r["class_histogram"], r["reference_class_histogram"]))]
+    lines += ["", "Protocol:", ""] + [f"- {k}: {v}" for k, v in p.items()]
+    lines += ["", f"Checkpoint: `{r['checkpoint']}` (step {r['step']})"]
+    return "\n".join(lines) + "\n"

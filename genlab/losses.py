@@ -86,3 +86,13 @@ def reconstruction_error(x: Tensor, logits: Tensor, kind: str = "bce") -> Tensor
     else:
         raise ValueError(f"unknown reconstruction error {kind!r}: use bce or mse")
     return err.flatten(1).sum(dim=1)
+
+
+def gaussian_blur(x: Tensor, sigma: float = 1.0, radius: int = 3) -> Tensor:
+    """A separable Gaussian blur of images [B, C, H, W], each channel on its own, zero-padded."""
+    k = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    k = torch.exp(-(k**2) / (2 * sigma**2))
+    k = (k / k.sum()).repeat(x.shape[1], 1).unsqueeze(1)  # [C, 1, 2r+1]
+    c = x.shape[1]
+    x = F.conv2d(x.float(), k.unsqueeze(2), padding=(0, radius), groups=c)
+    return F.conv2d(x, k.unsqueeze(3), padding=(radius, 0), groups=c)

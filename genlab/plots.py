@@ -75,3 +75,21 @@ def roc(fpr, tpr, auroc: float, path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def class_histogram(samples: list[int], reference: list[int], path: Path, title: str = "") -> None:
+    """Share of each predicted class among the samples and among real images: mode collapse shows."""
+    import numpy as np
+
+    k = np.arange(len(samples))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.bar(k - 0.2, np.array(samples) / max(1, sum(samples)), width=0.4, label="samples")
+    ax.bar(k + 0.2, np.array(reference) / max(1, sum(reference)), width=0.4, label="real (test split)")
+    ax.set_xticks(k)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("share")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

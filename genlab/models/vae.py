@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from genlab.errors import GenlabError
-from genlab.losses import kl_normal, reconstruction_error
+from genlab.losses import gaussian_blur, kl_normal, reconstruction_error
 from genlab.models.base import GenerativeModel
 
 
@@ -12,7 +12,7 @@ class VAE(GenerativeModel):
     """``encoder(x) -> (mu, logvar)``; ``decoder(z) -> pixel logits``; Bernoulli or Gaussian likelihood."""
 
     losses = ("elbo",)
-    scores = ("elbo", "recon", "mse")
+    scores = ("elbo", "recon", "mse", "mse_blur")
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, loss: str = "elbo",
                  recon: str = "bce", beta: float = 1.0):
@@ -55,11 +55,17 @@ class VAE(GenerativeModel):
 
     def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
         """``elbo``: the negative ELBO, decoded at the posterior mean; ``recon``: its reconstruction
-        term alone (the training likelihood); ``mse``: squared reconstruction error."""
+        term alone (the training likelihood); ``mse``: squared reconstruction error; ``mse_blur``: squared
+        error between the image and its reconstruction both blurred (Gaussian, sigma 1 pixel), which
+        forgives the small stroke shifts normal images have but not a different shape."""
         mu, logvar = self.encode(x)
         logits = self.decoder(mu)
         if score in (None, "elbo"):
             return reconstruction_error(x, logits, self.recon) + kl_normal(mu, logvar)
         if score == "recon":
             return reconstruction_error(x, logits, self.recon)
-        return reconstruction_error(x, logits, "mse")
+        if score == "mse":
+            return reconstruction_error(x, logits, "mse")
+        if score == "mse_blur":
+            return ((gaussian_blur(x) - gaussian_blur(torch.sigmoid(logits.float()))) ** 2).flatten(1).sum(1)
+        raise GenlabError(f"score={score} is not offered by VAE: use {' | '.join(self.scores)}.")

@@ -2,6 +2,7 @@
 
 from genlab.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from genlab.nets.mlp import MLPDiscriminator, MLPGenerator
+from genlab.nets.classifier import SmallCNN
 from genlab.nets.vae import ConvDecoder, ConvEncoder
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "DCGANDiscriminator",
     "ConvEncoder",
     "ConvDecoder",
+    "SmallCNN",
 ]

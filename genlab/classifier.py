@@ -1,0 +1,90 @@
+"""genlab's measuring stick: a small classifier per dataset, trained once on its training split and cached.
+
+Its 128-d features stand in for Inception features (FID, KID, precision/recall) and its class
+probabilities for the Inception Score and the class-coverage check.
+"""
+
+import hashlib
+import json
+import logging
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from genlab.build import build_dataset
+from genlab.data import _cache_dir
+from genlab.nets.classifier import SmallCNN
+from genlab.trainer import DTYPES, resolve_precision
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when the classifier or its training changes: old caches are then not used
+
+
+def classifier_for(dataset: DictConfig, device, epochs: int = 3, width: int = 16, seed: int = 0, min_steps: int = 600):
+    """The dataset's classifier (all classes), trained now if no cached one matches; (net, info)."""
+    node = OmegaConf.to_container(dataset, resolve=True)
+    node["classes"] = None
+    spec = {"dataset": node, "epochs": epochs, "width": width, "seed": seed, "min_steps": min_steps, "version": VERSION}
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    name = node["_target_"].rsplit(".", 1)[-1]
+    path = _cache_dir() / "classifiers" / f"{name}-{key}.pt"
+    if path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        net = SmallCNN(**blob["args"])
+        net.load_state_dict(blob["state"])
+        return net.to(device).eval(), blob["info"]
+    train, test = build_dataset(OmegaConf.create(node), True), build_dataset(OmegaConf.create(node), False)
+    args = {"channels": train.image_shape[0], "image_size": train.image_shape[1],
+            "n_classes": int(train.labels.max()) + 1, "width": width}
+    epochs = max(epochs, -(-min_steps // max(1, len(train) // 128)))  # small datasets: more passes
+    net, info = fit_classifier(train, test, args, device, epochs, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"args": args, "state": net.state_dict(), "info": info}, path)
+    log.info("classifier for %s: test accuracy %.4f (cached at %s)", train.name, info["test_accuracy"], path)
+    return net.eval(), info
+
+
+def fit_classifier(train, test, args: dict, device, epochs: int, seed: int):
+    torch.manual_seed(seed)
+    device = torch.device(device)
+    net = SmallCNN(**args).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    steps = epochs * (len(train) // 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
+    precision = resolve_precision("auto", device)
+    images, labels = train.images.to(device), train.labels.to(device)
+    g = torch.Generator().manual_seed(seed)
+    net.train()
+    with tqdm(total=steps, desc=f"classifier for {train.name}", unit="step", disable=None) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(train), generator=g).to(device)
+            for idx in order[: len(order) // 128 * 128].view(-1, 128):
+                with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
+                    loss = F.cross_entropy(net(images[idx].float().div(255)).float(), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+    net.eval()
+    probs = predict(net, test.images, device)[1]
+    acc = float((probs.argmax(1) == test.labels).float().mean())
+    info = {"dataset": train.name, "n_train": len(train), "n_test": len(test), "test_accuracy": acc,
+            "epochs": epochs, "architecture": f"SmallCNN(width={args['width']}), 128-d features"}
+    return net, info
+
+
+@torch.inference_mode()
+def predict(net, images: torch.Tensor, device, batch_size: int = 1000):
+    """Features [N, 128] and class probabilities [N, K] of uint8 or [0, 1] float images, on the CPU."""
+    feats, probs = [], []
+    for b in images.split(batch_size):
+        x = b.to(device)
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        f = net.features(x).float()
+        feats.append(f.cpu())
+        probs.append(F.softmax(net.head(f).float(), dim=1).cpu())
+    return torch.cat(feats), torch.cat(probs)
