@@ -79,10 +79,11 @@ def load_model(ckpt, device="cpu") -> tuple[GenerativeModel, DictConfig, dict]:
     return model.to(device).eval(), cfg, state
 
 
-def test_split(cfg: DictConfig, root=None, classes=None) -> ImageData:
-    """The test split of a run's dataset (all classes unless ``classes``), optionally from another root."""
+def test_split(cfg: DictConfig, root=None, classes=None, train=False) -> ImageData:
+    """The test split (or ``train=True``: the training split) of a run's dataset, all classes unless
+    ``classes``, optionally read from another root."""
     node = OmegaConf.create(OmegaConf.to_container(cfg.dataset))
     node.classes = list(classes) if classes is not None else None
     if root is not None:
         node.root = root
-    return build_dataset(node, train=False)
+    return build_dataset(node, train=train)

@@ -82,6 +82,7 @@ def anomaly_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
         raise GenlabError(f"normal_classes={normal} names no test image of {test.name} (its labels: {sorted(set(labels.tolist()))}).")
     if not anomalous.any():
         raise GenlabError(f"normal_classes={normal} covers every test image of {test.name}: nothing is anomalous.")
+    calibrate(model, train_cfg, cfg, normal, device)
     s = scores_of(model, test.images, score, cfg.batch_size, device)
     if not np.isfinite(s).all():
         raise GenlabError(f"the model gave non-finite anomaly scores on {int((~np.isfinite(s)).sum())} test images.")
@@ -115,6 +116,14 @@ def anomaly_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(report_markdown(report))
     return report
+
+
+@torch.inference_mode()
+def calibrate(model, train_cfg: DictConfig, cfg: DictConfig, normal: list[int], device, n: int = 2000) -> None:
+    """Show the model up to ``n`` normal training images (never test images) before it scores."""
+    train = test_split(train_cfg, cfg.dataset_root, classes=normal, train=True)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+    model.calibrate(train.images[pick].to(device).float().div(255))
 
 
 def run_overrides(ckpt) -> list[str]:

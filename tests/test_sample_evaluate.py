@@ -37,7 +37,7 @@ def test_sample_writes_every_picture(vae_run, tmp_path):
     assert torch.equal(x, torch.load(again / "samples.pt", weights_only=True))  # same seed, same samples
 
 
-@pytest.mark.parametrize("score", ["elbo", "recon", "mse"])
+@pytest.mark.parametrize("score", ["elbo", "recon", "mse", "mse_blur", "blur_kl"])
 def test_evaluate_scores_the_trained_digit_lowest(vae_run, tmp_path, score):
     out = tmp_path / "e"
     r = genlab("evaluate", f"ckpt={vae_run}", f"score={score}", f"hydra.run.dir={out}", cwd=tmp_path)

@@ -46,6 +46,9 @@ class GenerativeModel(nn.Module):
         """How unusual each image of ``x`` is (higher: more anomalous): [B]."""
         raise NotImplementedError
 
+    def calibrate(self, x: Tensor) -> None:
+        """See normal training images ``x`` before scoring; for scores that need their scale. Optional."""
+
     @torch.inference_mode()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         device = next(self.parameters()).device

@@ -12,7 +12,7 @@ class VAE(GenerativeModel):
     """``encoder(x) -> (mu, logvar)``; ``decoder(z) -> pixel logits``; Bernoulli or Gaussian likelihood."""
 
     losses = ("elbo",)
-    scores = ("elbo", "recon", "mse", "mse_blur")
+    scores = ("elbo", "recon", "mse", "mse_blur", "blur_kl")
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, loss: str = "elbo",
                  recon: str = "bce", beta: float = 1.0):
@@ -23,6 +23,7 @@ class VAE(GenerativeModel):
             raise GenlabError(f"loss.recon must be bce or mse; got {recon}.")
         self.encoder, self.decoder = encoder, decoder
         self.loss, self.recon, self.beta = loss, recon, beta
+        self._scale = None  # (blur, kl) medians on normal images, set by calibrate()
 
     def optimizer_groups(self):
         return {"vae": self.parameters()}
@@ -57,7 +58,14 @@ class VAE(GenerativeModel):
         """``elbo``: the negative ELBO, decoded at the posterior mean; ``recon``: its reconstruction
         term alone (the training likelihood); ``mse``: squared reconstruction error; ``mse_blur``: squared
         error between the image and its reconstruction both blurred (Gaussian, sigma 1 pixel), which
-        forgives the small stroke shifts normal images have but not a different shape."""
+        forgives the small stroke shifts normal images have but not a different shape; ``blur_kl``:
+        ``mse_blur`` plus the KL term, each divided by its median over normal training images
+        (``calibrate``), so that both an odd shape and an odd latent code count."""
+        if score == "blur_kl":
+            if self._scale is None:
+                raise GenlabError("score=blur_kl needs calibrate(normal training images) first.")
+            blur, kl = self._blur_kl(x)
+            return blur / self._scale[0] + kl / self._scale[1]
         mu, logvar = self.encode(x)
         logits = self.decoder(mu)
         if score in (None, "elbo"):
@@ -67,5 +75,14 @@ class VAE(GenerativeModel):
         if score == "mse":
             return reconstruction_error(x, logits, "mse")
         if score == "mse_blur":
-            return ((gaussian_blur(x) - gaussian_blur(torch.sigmoid(logits.float()))) ** 2).flatten(1).sum(1)
+            return self._blur_kl(x)[0]
         raise GenlabError(f"score={score} is not offered by VAE: use {' | '.join(self.scores)}.")
+
+    def _blur_kl(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encode(x)
+        blur = ((gaussian_blur(x) - gaussian_blur(self.generate(mu))) ** 2).flatten(1).sum(1)
+        return blur, kl_normal(mu, logvar)
+
+    def calibrate(self, x: Tensor) -> None:
+        blur, kl = self._blur_kl(x)
+        self._scale = (blur.median().clamp(min=1e-8), kl.median().clamp(min=1e-8))
