@@ -76,7 +76,7 @@ def _hydra_app(verb: str):
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(f"genlab {verb}: error: {e}", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(e.exit_code)
         except KeyboardInterrupt:
             print(f"genlab {verb}: interrupted; the run directory is {run_dir}", file=sys.stderr)
             sys.exit(130)

@@ -3,3 +3,13 @@
 
 class GenlabError(Exception):
     """A problem the user can fix (config, data, checkpoint). The message says how."""
+
+    exit_code = 1
+
+
+class Interrupted(GenlabError):
+    """Training stopped by a signal after saving a checkpoint; exits 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -8,6 +8,8 @@ import contextlib
 import csv
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from genlab import checkpoint, plots
-from genlab.errors import GenlabError
+from genlab.errors import GenlabError, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,24 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------
 
     def fit(self, resume: dict | None = None) -> None:
+        """Train to ``total_steps``. SIGINT/SIGTERM finish the current step, save, then raise Interrupted."""
+        self._signal = None
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self._fit(resume)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def _fit(self, resume: dict | None) -> None:
         start_wall = 0.0
         if resume is not None:
             self._load_state(resume)
@@ -177,7 +197,7 @@ class Trainer:
                     self.step_index += 1
                     images_in_window += self.batch_size
                     bar.update(1)
-                    end = self.step_index >= self.total_steps
+                    end = self.step_index >= self.total_steps or self._signal is not None
                     if self.step_index % self.log_every == 0 or i == self.steps_per_epoch - 1 or end:
                         now = time.perf_counter()
                         row = self._log_row(sums, counts, epoch, images_in_window / (now - t_window), now - t_start)
@@ -186,6 +206,14 @@ class Trainer:
                         t_window = now
                     if end:
                         break
+                if self._signal is not None:
+                    last = self.run_dir / "checkpoints" / "last.pt"
+                    self.save(last, epoch, time.perf_counter() - t_start)
+                    name = signal.Signals(self._signal).name
+                    raise Interrupted(
+                        f"{name} at step {self.step_index}: saved {last}. Continue with: genlab train resume={self.run_dir}",
+                        self._signal,
+                    )
                 # the end of an epoch (or of the run): pictures and checkpoints
                 done_epochs = epoch + 1
                 self._sample_grid(fixed_z, self.run_dir / "samples" / f"epoch_{done_epochs:04d}.png")
