@@ -22,6 +22,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
     if cfg.get("resume"):
         state = checkpoint.load(cfg.resume)
         cfg = resumed_config(state["config"], cfg, overrides)
+    check_trainer(cfg.trainer)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model = build_model(cfg)  # first: config mistakes show before any data is read
@@ -46,6 +47,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
         log.info("resuming from %s at step %d", checkpoint.resolve(cfg.resume), state["step"])
     trainer.fit(state)
     log.info("done: %d steps; checkpoint %s", trainer.step_index, run_dir / "checkpoints" / "last.pt")
+
+
+def check_trainer(t: DictConfig) -> None:
+    """Whole numbers where the loop counts things: a typo gives one clear line, not a traceback."""
+    for key in ("epochs", "max_steps", "batch_size", "log_every", "n_samples", "checkpoint_every", "keep_every"):
+        value = t.get(key)
+        if key == "max_steps" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "keep_every" else 1):
+            raise GenlabError(f"trainer.{key} must be a whole number{'' if key == 'keep_every' else ' above 0'}; got {value!r}.")
 
 
 def resumed_config(stored: dict, cfg: DictConfig, overrides) -> DictConfig:

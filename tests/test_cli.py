@@ -80,6 +80,8 @@ def test_resume_continues_the_run(tmp_path):
     (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
     (["dataset=synthetic", "dataset.classes=[99]"], "selects no training image"),
     (["resume=no/such/run"], "checkpoint not found"),
+    (["trainer.epochs=abc"], "trainer.epochs must be a whole number"),
+    (["trainer.batch_size=0"], "trainer.batch_size must be a whole number above 0"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
     r = genlab("train", *args, "trainer.max_steps=1", "device=cpu", cwd=tmp_path)
