@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from genlab.build import build_dataset
-from genlab.data import _cache_dir
+from genlab.data import cache_dir
 from genlab.nets.classifier import SmallCNN
 from genlab.trainer import DTYPES, resolve_precision
 
@@ -30,7 +30,7 @@ def classifier_for(dataset: DictConfig, device, epochs: int = 3, width: int = 16
     spec = {"dataset": node, "epochs": epochs, "width": width, "seed": seed, "min_steps": min_steps, "version": VERSION}
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     name = node["_target_"].rsplit(".", 1)[-1]
-    path = _cache_dir() / "classifiers" / f"{name}-{key}.pt"
+    path = cache_dir() / "classifiers" / f"{name}-{key}.pt"
     if path.exists():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         net = SmallCNN(**blob["args"])

@@ -243,7 +243,8 @@ def _missing_error(name, folder, files, layout, reason) -> GenlabError:
     )
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where genlab keeps decoded datasets and its classifiers: GENLAB_CACHE or ~/.cache/genlab."""
     return Path(os.environ.get("GENLAB_CACHE", Path.home() / ".cache" / "genlab")).expanduser()
 
 
@@ -251,7 +252,7 @@ def _cached(name, train, sources, decode):
     """Decode once and keep the uint8 tensors in genlab's cache, keyed by the source files."""
     stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)
     key = hashlib.sha1(stamp.encode()).hexdigest()[:16]
-    path = _cache_dir() / "datasets" / f"{name}-{'train' if train else 'test'}-{key}.pt"
+    path = cache_dir() / "datasets" / f"{name}-{'train' if train else 'test'}-{key}.pt"
     if path.exists():
         try:
             blob = torch.load(path, weights_only=True)

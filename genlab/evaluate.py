@@ -12,6 +12,7 @@ import torch
 import yaml
 from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from torchvision.utils import save_image
 
 from genlab import checkpoint, metrics, plots
 from genlab.build import load_model, test_split
@@ -222,8 +223,6 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
     (out_dir / "report.md").write_text(quality_markdown(report))
     plots.class_histogram(histogram, report["reference_class_histogram"], out_dir / "classes.png",
                           f"{report['model']} samples vs {ref.name} test images")
-    from torchvision.utils import save_image
-
     save_image(fake[:64], out_dir / "samples.png", nrow=8, pad_value=1.0)
     return report
 
