@@ -33,7 +33,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
     trainer = Trainer(
         model, optimizers, data.images, run_dir, device=device, precision=t.precision, epochs=t.epochs,
         max_steps=t.max_steps, batch_size=t.batch_size, log_every=t.log_every, n_samples=t.n_samples,
-        checkpoint_every=t.checkpoint_every, keep_every=t.keep_every, progress=t.progress, seed=cfg.seed,
+        checkpoint_every=t.checkpoint_every, keep_every=t.keep_every, keep_last=t.keep_last, progress=t.progress, seed=cfg.seed,
         config=OmegaConf.to_container(cfg, resolve=True), title=title,
     )
     n_params = sum(p.numel() for p in model.parameters())
@@ -51,17 +51,19 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
 
 def check_trainer(t: DictConfig) -> None:
     """Whole numbers where the loop counts things: a typo gives one clear line, not a traceback."""
-    for key in ("epochs", "max_steps", "batch_size", "log_every", "n_samples", "checkpoint_every", "keep_every"):
+    for key in ("epochs", "max_steps", "batch_size", "log_every", "n_samples", "checkpoint_every", "keep_every", "keep_last"):
         value = t.get(key)
         if key == "max_steps" and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "keep_every" else 1):
-            raise GenlabError(f"trainer.{key} must be a whole number{'' if key == 'keep_every' else ' above 0'}; got {value!r}.")
+        zero_ok = key in ("keep_every", "keep_last")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+            raise GenlabError(f"trainer.{key} must be a whole number{'' if zero_ok else ' above 0'}; got {value!r}.")
 
 
 def resumed_config(stored: dict, cfg: DictConfig, overrides) -> DictConfig:
     """The stored run's config, with this command's plain overrides (trainer.epochs=..., device=...)."""
-    merged = OmegaConf.create(stored)
+    # today's trainer defaults under the stored values: a setting added since the run started has a value
+    merged = OmegaConf.merge({"trainer": OmegaConf.to_container(cfg.trainer)}, stored)
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra."):

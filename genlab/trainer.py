@@ -82,7 +82,7 @@ class Trainer:
 
     def __init__(self, model, optimizers: dict, images: torch.Tensor, run_dir, *, device="cpu",
                  precision="fp32", epochs=1, max_steps=None, batch_size=64, log_every=50, n_samples=64,
-                 checkpoint_every=1, keep_every=0, progress=True, seed=0, config=None, title=""):
+                 checkpoint_every=1, keep_every=0, keep_last=0, progress=True, seed=0, config=None, title=""):
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device)
@@ -98,7 +98,7 @@ class Trainer:
         self.total_steps = max_steps if max_steps else epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.log_every, self.n_samples = max(1, log_every), n_samples
-        self.checkpoint_every, self.keep_every = max(1, checkpoint_every), keep_every
+        self.checkpoint_every, self.keep_every, self.keep_last = max(1, checkpoint_every), keep_every, keep_last
         self.progress, self.seed, self.config, self.title = progress, seed, config or {}, title
         self.images = self._place(images)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
@@ -225,6 +225,7 @@ class Trainer:
                     self.save(self.run_dir / "checkpoints" / "last.pt", epoch, time.perf_counter() - t_start)
                 if self.keep_every and done_epochs % self.keep_every == 0 and self.step_index % self.steps_per_epoch == 0:
                     self.save(self.run_dir / "checkpoints" / f"epoch_{done_epochs:04d}.pt", epoch, time.perf_counter() - t_start)
+                    self._prune()
                 t_window = time.perf_counter()  # the window's speed counts training alone
 
     def _log_row(self, sums, counts, epoch, img_per_s, wall) -> dict:
@@ -280,6 +281,12 @@ class Trainer:
             "wall_time": wall,
             "rng": checkpoint.rng_state(),
         }, path)
+
+    def _prune(self) -> None:
+        """Keep only the newest ``keep_last`` periodic checkpoints (last.pt is never pruned)."""
+        if self.keep_last:
+            for old in sorted((self.run_dir / "checkpoints").glob("epoch_*.pt"))[: -self.keep_last]:
+                old.unlink()
 
     def _load_state(self, state: dict) -> None:
         try:

@@ -108,3 +108,12 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code):
     assert f"genlab train resume={run}" in err
     state = checkpoint.load(run)
     assert 0 < state["step"] < 1000 * 64
+
+
+def test_old_periodic_checkpoints_are_pruned(tmp_path):
+    r = genlab("train", "model=gan", *COMMON, "trainer.epochs=5", "trainer.keep_every=1", "trainer.keep_last=2",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["epoch_0004.pt", "epoch_0005.pt", "last.pt"]
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "epoch_0004.pt")["step"] == 12
