@@ -38,8 +38,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
     )
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
-        "%s (%.2fM parameters) on %s: %d images %s, device %s, precision %s, %d steps (%d epochs of %d, batch %d)",
-        title, n_params / 1e6, data.name, len(data), "x".join(map(str, data.image_shape)), trainer.device,
+        "%s (%.2fM parameters): %d images %s, device %s, precision %s, %d steps (%d epochs of %d, batch %d)",
+        title, n_params / 1e6, len(data), "x".join(map(str, data.image_shape)), trainer.device,
         trainer.precision, trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, trainer.batch_size,
     )
     if state is not None:
