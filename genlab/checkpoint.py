@@ -8,6 +8,7 @@ A checkpoint is a dict of plain data and tensors, read back with ``weights_only=
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,6 +30,12 @@ def save(state: dict, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk shows as either, depending on where the write stopped
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short (a full disk, a quota, a file-size limit?)"
+        free = shutil.disk_usage(path.parent).free / 2**20
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+        raise GenlabError(f"could not write the checkpoint {path}: {reason} ({free:.0f} MiB free on that disk); "
+                          f"{kept}.") from e
     finally:
         tmp.unlink(missing_ok=True)
 

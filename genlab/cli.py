@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from genlab import __version__
+from genlab import __version__, schema
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -55,13 +55,40 @@ def main(argv=None) -> int:
         print(f"genlab: configs not found at {CONFIG_DIR}; install genlab from its checkout with "
               "'pip install -e .'", file=sys.stderr)
         return 2
+    problem = None if set(args) & INFO_FLAGS else _unwritable_output(args)
+    if problem:
+        print(f"genlab {verb}: error: {problem}", file=sys.stderr)
+        return 1
     sys.argv = [sys.argv[0], *args]
     _hydra_app(verb)()
     return 0
 
 
+INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+
+
+def _unwritable_output(args) -> str | None:
+    """Hydra makes the run directory before genlab's code runs, with a traceback when it cannot:
+    check first that the place it goes (``outputs/`` or ``hydra.run.dir``/``hydra.sweep.dir``) can be written."""
+    target = "outputs"
+    for a in args:
+        key, _, value = a.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir"):
+            target = value.split("$", 1)[0] or "."  # up to the first interpolation, e.g. ${now:...}
+    p = Path(target).expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"cannot make the run directory {target}: {p} is a file, not a directory."
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"cannot make the run directory {target}: {p} is not writable. Run from another folder or set hydra.run.dir=..."
+    return None
+
+
 def _hydra_app(verb: str):
     import hydra
+
+    schema.register()
 
     def task(cfg):
         from hydra.core.hydra_config import HydraConfig
@@ -71,12 +98,13 @@ def _hydra_app(verb: str):
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         try:
+            schema.check_keys(cfg, verb)
             importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, list(hc.overrides.task))
-        except GenlabError as e:
+        except (GenlabError, OSError) as e:  # OSError: a file that cannot be written or read, a full disk
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(f"genlab {verb}: error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
+            sys.exit(getattr(e, "exit_code", 1))
         except KeyboardInterrupt:
             print(f"genlab {verb}: interrupted; the run directory is {run_dir}", file=sys.stderr)
             sys.exit(130)

@@ -39,7 +39,7 @@ class ImageData:
 # --- the datasets ---------------------------------------------------------------------------
 
 
-def digits(train: bool = True, image_size: int = 28, channels: int = 1, classes=None) -> ImageData:
+def digits(train: bool = True, image_size: int = 28, channels: int = 1, classes: list[int] | None = None) -> ImageData:
     """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16): 80% train, 20% test."""
     from sklearn.datasets import load_digits
 
@@ -54,15 +54,18 @@ def digits(train: bool = True, image_size: int = 28, channels: int = 1, classes=
     return _finish(images, labels[keep], "digits", train, image_size, channels, classes)
 
 
-def mnist(root="data", train=True, download=True, image_size=28, channels=1, classes=None) -> ImageData:
+def mnist(root: str = "data", train: bool = True, download: bool = True, image_size: int = 28, channels: int = 1,
+          classes: list[int] | None = None) -> ImageData:
     return _torchvision("MNIST", "mnist", root, train, download, image_size, channels, classes)
 
 
-def fashion_mnist(root="data", train=True, download=True, image_size=28, channels=1, classes=None) -> ImageData:
+def fashion_mnist(root: str = "data", train: bool = True, download: bool = True, image_size: int = 28,
+                  channels: int = 1, classes: list[int] | None = None) -> ImageData:
     return _torchvision("FashionMNIST", "fashion_mnist", root, train, download, image_size, channels, classes)
 
 
-def cifar10(root="data", train=True, download=True, image_size=32, channels=3, classes=None) -> ImageData:
+def cifar10(root: str = "data", train: bool = True, download: bool = True, image_size: int = 32, channels: int = 3,
+            classes: list[int] | None = None) -> ImageData:
     """CIFAR-10 from its python batches in ``root/cifar-10-batches-py`` (torchvision's layout)."""
     folder = Path(root).expanduser() / "cifar-10-batches-py"
     files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
@@ -86,7 +89,8 @@ def cifar10(root="data", train=True, download=True, image_size=32, channels=3, c
     return _finish(images, labels, "cifar10", train, image_size, channels, classes)
 
 
-def folder(root, train=True, image_size=64, channels=3, classes=None, test_fraction=0.1) -> ImageData:
+def folder(root: str, train: bool = True, image_size: int = 64, channels: int = 3, classes: list[int] | None = None,
+           test_fraction: float = 0.1) -> ImageData:
     """Images under ``root``; the first level of sub-folders, if any, names the classes."""
     from PIL import Image, UnidentifiedImageError
 
@@ -126,7 +130,8 @@ def folder(root, train=True, image_size=64, channels=3, classes=None, test_fract
     return _finish(torch.stack(images), torch.tensor(labels), "folder", train, image_size, channels, classes)
 
 
-def synthetic(train=True, n=512, image_size=28, channels=1, n_classes=10, classes=None, seed=0) -> ImageData:
+def synthetic(train: bool = True, n: int = 512, image_size: int = 28, channels: int = 1, n_classes: int = 10,
+              classes: list[int] | None = None, seed: int = 0) -> ImageData:
     """Blobs: class k is a bright Gaussian spot at the k-th of n_classes places on a circle."""
     g = torch.Generator().manual_seed(seed + (0 if train else 1))
     labels = torch.randint(0, n_classes, (n,), generator=g)

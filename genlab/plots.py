@@ -12,7 +12,7 @@ def loss_curves(rows: list[dict], path: Path, title: str = "") -> None:
     """One line per loss column of metrics rows (``step`` on the x axis)."""
     if not rows:
         return
-    keys = [k for k in rows[-1] if k.startswith("train/")]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("train/")))  # a row may lack some
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if r.get(k) not in (None, "")]

@@ -24,6 +24,8 @@ from genlab.errors import GenlabError, Interrupted
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ON_NAN = ("stop", "skip")
+SKIP_LIMIT = 50  # on_nan=skip gives up after this many skipped steps in a row
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -78,11 +80,19 @@ class Trainer:
 
     The trainer is also the step context a model's ``training_step`` receives:
     ``autocast()``, ``step(name, loss)``, ``step_index`` and ``grad_scale``.
+
+    ``on_nan``: what a non-finite loss does. ``stop`` (no cost per step: the check rides on the metrics
+    rows) ends the run naming the step and the loss, keeping the last good checkpoint. ``skip`` reads
+    each loss and gradient norm (one host sync per optimizer step), drops that update and goes on; it
+    stops too when ``SKIP_LIMIT`` steps in a row were skipped.
     """
 
     def __init__(self, model, optimizers: dict, images: torch.Tensor, run_dir, *, device="cpu",
                  precision="fp32", epochs=1, max_steps=None, batch_size=64, log_every=50, n_samples=64,
-                 checkpoint_every=1, keep_every=0, keep_last=0, progress=True, seed=0, config=None, title=""):
+                 checkpoint_every=1, keep_every=0, keep_last=0, progress=True, seed=0, config=None, title="",
+                 on_nan="stop"):
+        if on_nan not in ON_NAN:
+            raise GenlabError(f"trainer.on_nan={on_nan} is not one of {', '.join(ON_NAN)}.")
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device)
@@ -103,6 +113,9 @@ class Trainer:
         self.images = self._place(images)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.step_index = 0
+        self.on_nan = on_nan
+        self._skipped = False  # set by step() when on_nan=skip dropped an update in this training step
+        self._saved = None  # (path, step) of the newest checkpoint this run wrote
         self.rows: list[dict] = []  # metrics.csv, also in memory for the loss curves
         self._columns: list[str] = []
 
@@ -116,12 +129,25 @@ class Trainer:
     def step(self, name: str, loss: torch.Tensor) -> None:
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
+        skip = self.on_nan == "skip"
+        if skip and not torch.isfinite(loss):
+            self._skipped = True
+            return
         if self.scaler is None:
             loss.backward()
+            if skip and not self._grads_finite(opt):
+                opt.zero_grad(set_to_none=True)
+                self._skipped = True
+                return
             opt.step()
-        else:
+        else:  # the scaler skips steps with non-finite gradients itself
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
+
+    @staticmethod
+    def _grads_finite(opt) -> bool:
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     @property
     def grad_scale(self) -> float:
@@ -178,6 +204,9 @@ class Trainer:
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
+        self._first_bad = torch.tensor(-1, device=self.device)  # the first step with a non-finite loss
+        skipped: list[int] = []  # on_nan=skip: steps dropped since the last metrics row
+        in_a_row = 0
         t_start = time.perf_counter() - start_wall
         t_window, images_in_window, last_plot = time.perf_counter(), 0, 0.0
         bar = tqdm(total=self.total_steps, initial=self.step_index, unit="step", dynamic_ncols=True,
@@ -191,10 +220,17 @@ class Trainer:
                     out = self.model.training_step(self._batch(order, i), self)
                     if self.scaler is not None:
                         self.scaler.update()
-                    for k, v in out.items():
-                        sums[k] = sums[k] + v if k in sums else v.float().clone()
-                        counts[k] = counts.get(k, 0) + 1
                     self.step_index += 1
+                    if self._skipped:
+                        self._skipped = False
+                        skipped.append(self.step_index)
+                        in_a_row += 1
+                        if in_a_row >= SKIP_LIMIT:
+                            raise self._diverged(f"the losses or gradients of the {in_a_row} steps up to step "
+                                                 f"{self.step_index} were all non-finite (trainer.on_nan=skip)")
+                    else:
+                        in_a_row = 0
+                        self._accumulate(out, sums, counts)
                     images_in_window += self.batch_size
                     bar.update(1)
                     end = self.step_index >= self.total_steps or self._signal is not None
@@ -202,7 +238,10 @@ class Trainer:
                         now = time.perf_counter()
                         row = self._log_row(sums, counts, epoch, images_in_window / (now - t_window), now - t_start)
                         bar.set_postfix({k.removeprefix("train/"): f"{v:.3g}" for k, v in row.items() if k.startswith("train/")})
-                        sums, counts, images_in_window = {}, {}, 0
+                        if skipped:
+                            log.warning("skipped %d update(s) with a non-finite loss or gradient: step(s) %s",
+                                        len(skipped), ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""))
+                        sums, counts, images_in_window, skipped = {}, {}, 0, []
                         t_window = now
                     if end:
                         break
@@ -228,17 +267,33 @@ class Trainer:
                     self._prune()
                 t_window = time.perf_counter()  # the window's speed counts training alone
 
+    def _accumulate(self, out: dict, sums: dict, counts: dict) -> None:
+        """Add the step's losses to the window's sums, on the device; note the first non-finite step."""
+        for k, v in out.items():
+            sums[k] = sums[k] + v if k in sums else v.float().clone()
+            counts[k] = counts.get(k, 0) + 1
+        if self.on_nan == "stop" and out:
+            finite = torch.stack([v.float() for v in out.values()]).isfinite().all()
+            self._first_bad = torch.where(finite | (self._first_bad >= 0), self._first_bad, self.step_index)
+
+    def _diverged(self, what: str) -> GenlabError:
+        if self._saved is not None:
+            kept = f"The last good checkpoint, {self._saved[0]} (step {self._saved[1]}), is kept"
+        else:
+            kept = "This run wrote no checkpoint before it"
+        hint = "Try a lower optimizer.lr or trainer.precision=fp32" + (
+            "" if self.on_nan == "skip" else ", or trainer.on_nan=skip to drop such updates")
+        return GenlabError(f"training diverged: {what}. {kept}. {hint}.")
+
     def _log_row(self, sums, counts, epoch, img_per_s, wall) -> dict:
         keys = list(sums)
         values = torch.stack([sums[k] for k in keys]).tolist() if keys else []  # the one host sync
         losses = {f"train/{k}": v / counts[k] for k, v in zip(keys, values)}
-        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        bad = [k.removeprefix("train/") for k, v in losses.items() if not math.isfinite(v)]
         if bad:
-            raise GenlabError(
-                f"training diverged: {', '.join(bad)} became non-finite by step {self.step_index} "
-                f"(epoch {epoch + 1}). The last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'}; "
-                "try a lower optimizer.lr or trainer.precision=fp32."
-            )
+            at = int(self._first_bad)
+            raise self._diverged(f"{', '.join(bad)} became non-finite at step {at if at >= 0 else self.step_index} "
+                                 f"(epoch {epoch + 1})")
         row = {"step": self.step_index, "epoch": epoch + 1, **losses, "img_per_s": round(img_per_s, 1),
                "wall_time": round(wall, 3)}
         self._write_row(row)
@@ -271,6 +326,9 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------------
 
     def save(self, path: Path, epoch: int, wall: float) -> None:
+        """Write a checkpoint, unless the weights are no longer finite: then the last good one stays."""
+        if not torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all():
+            raise self._diverged(f"the weights became non-finite by step {self.step_index}")
         checkpoint.save({
             "config": self.config,
             "model": self.model.state_dict(),
@@ -281,6 +339,7 @@ class Trainer:
             "wall_time": wall,
             "rng": checkpoint.rng_state(),
         }, path)
+        self._saved = (path, self.step_index)
 
     def _prune(self) -> None:
         """Keep only the newest ``keep_last`` periodic checkpoints (last.pt is never pruned)."""

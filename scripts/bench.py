@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from genlab import schema
 from genlab.build import build_dataset, build_model, build_optimizers
 from genlab.cli import CONFIG_DIR
 from genlab.trainer import Trainer, resolve_device, resolve_precision
@@ -34,6 +35,7 @@ from genlab.trainer import Trainer, resolve_device, resolve_precision
 def compose_cfg(model: str, data_root: str | None):
     dataset = ["dataset=mnist", f"dataset.root={data_root}", "dataset.download=false"] if data_root else \
         ["dataset=synthetic", "dataset.n=8192"]
+    schema.register()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=[f"model={model}", *dataset])
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from genlab import schema
 from genlab.cli import CONFIG_DIR
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -23,6 +24,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_train(overrides=()):
+    schema.register()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=[*TINY, *overrides])
 

@@ -80,8 +80,17 @@ def test_resume_continues_the_run(tmp_path):
     (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
     (["dataset=synthetic", "dataset.classes=[99]"], "selects no training image"),
     (["resume=no/such/run"], "checkpoint not found"),
-    (["trainer.epochs=abc"], "trainer.epochs must be a whole number"),
+    (["trainer.epochs=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["trainer.progress=maybe"], "Value 'maybe' is not a valid bool"),
     (["trainer.batch_size=0"], "trainer.batch_size must be a whole number above 0"),
+    (["trainer.on_nan=ignore"], "trainer.on_nan=ignore is not one of stop, skip"),
+    (["+model.latent=3"], "model.latent is not a setting of GAN"),
+    (["+trainer.epoch=3"], "trainer.epoch is not a setting of genlab train"),
+    (["model.generator.z_dim=abc"], "model.generator.z_dim must be int; got 'abc'"),
+    (["model=vae", "loss.beta=high"], "loss.beta must be float; got 'high'"),
+    (["optimizer.lr=fast"], "optimizer.lr must be float; got 'fast'"),
+    (["+optimizer.nets.d.momentum=0.9"], "optimizer.nets.d.momentum is not a setting of Adam"),
+    (["dataset=synthetic", "dataset.n=many"], "dataset.n must be int; got 'many'"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
     r = genlab("train", *args, "trainer.max_steps=1", "device=cpu", cwd=tmp_path)

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from genlab import checkpoint
+from genlab.build import build_dataset, build_model, build_optimizers
 from genlab.errors import GenlabError
+from genlab.trainer import SKIP_LIMIT, Trainer
 
-from conftest import genlab
+from conftest import compose_train, genlab
 
 COMMON = ["dataset=synthetic", "dataset.n=96", "trainer.batch_size=32", "device=cpu", "trainer.precision=fp32",
           "trainer.log_every=1", "trainer.n_samples=4"]
@@ -86,7 +88,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(GenlabError, match="No space left on device.*the previous last.pt is intact"):
         checkpoint.save({"step": 2}, path)
     monkeypatch.undo()
     assert checkpoint.load(path)["step"] == 1  # the previous checkpoint is intact
@@ -117,3 +119,99 @@ def test_old_periodic_checkpoints_are_pruned(tmp_path):
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["epoch_0004.pt", "epoch_0005.pt", "last.pt"]
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "epoch_0004.pt")["step"] == 12
+
+
+def poisoned_trainer(tmp_path, bad_steps, on_nan="stop", weights_at=None, max_steps=9, seed=0):
+    """A VAE on 96 synthetic images, 3 steps an epoch; the batches of ``bad_steps`` (0-based) are NaN,
+    and after step ``weights_at`` a weight is set to NaN while that step's loss stays finite."""
+    torch.manual_seed(seed)
+    cfg = compose_train(["model=vae", "dataset=synthetic", "dataset.n=96"])
+    m = build_model(cfg)
+    t = Trainer(m, build_optimizers(cfg.optimizer, m), build_dataset(cfg.dataset).images, tmp_path,
+                max_steps=max_steps, batch_size=32, log_every=50, n_samples=4, progress=False, on_nan=on_nan)
+    real_step = m.training_step
+
+    def step(x, ctx):
+        out = real_step(x * float("nan") if ctx.step_index in bad_steps else x, ctx)
+        if ctx.step_index == weights_at:
+            with torch.no_grad():
+                next(m.parameters())[0].fill_(float("nan"))
+        return out
+
+    m.training_step = step
+    return t
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    t = poisoned_trainer(tmp_path, bad_steps={4})  # the 5th step, in the second epoch
+    with pytest.raises(GenlabError) as e:
+        t.fit()
+    message = str(e.value)
+    assert "loss, recon, kl became non-finite at step 5 (epoch 2)" in message
+    assert f"{tmp_path / 'checkpoints' / 'last.pt'} (step 3), is kept" in message
+    state = checkpoint.load(tmp_path)
+    assert state["step"] == 3  # written at the end of epoch 1, not overwritten by the diverged run
+    assert all(v.isfinite().all() for v in state["model"].values())
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    t = poisoned_trainer(tmp_path, bad_steps=set(), weights_at=5)  # the epoch's last step: its loss is finite
+    with pytest.raises(GenlabError, match="the weights became non-finite by step 6"):
+        t.fit()
+    assert checkpoint.load(tmp_path)["step"] == 3
+
+
+def test_on_nan_skip_drops_exactly_the_bad_updates(tmp_path):
+    clean = poisoned_trainer(tmp_path / "clean", bad_steps=set(), max_steps=3)
+    clean.fit()
+    skipping = poisoned_trainer(tmp_path / "skip", bad_steps={3, 4, 5}, on_nan="skip", max_steps=6)
+    skipping.fit()  # finishes: the three NaN steps are dropped, so the weights are those after step 3
+    a, b = clean.model.state_dict(), skipping.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in skipping.rows] == [3, 6]
+    assert "train/loss" not in skipping.rows[1]  # a window of skipped steps has no loss to report
+    stopping = poisoned_trainer(tmp_path / "stop", bad_steps={3, 4, 5}, max_steps=6)
+    with pytest.raises(GenlabError, match="at step 4"):  # the same run under on_nan=stop
+        stopping.fit()
+
+
+def test_on_nan_skip_gives_up_when_every_step_is_bad(tmp_path):
+    t = poisoned_trainer(tmp_path, bad_steps=set(range(3, 1000)), on_nan="skip", max_steps=200)
+    with pytest.raises(GenlabError, match=f"the {SKIP_LIMIT} steps up to step {3 + SKIP_LIMIT} were all non-finite"):
+        t.fit()
+
+
+def test_divergence_through_the_command(tmp_path):
+    r = genlab("train", "model=vae", *COMMON, "optimizer.lr=1000", "trainer.max_steps=20",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 1
+    assert "genlab train: error: training diverged" in r.stderr and "non-finite at step" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_output_directory_that_cannot_be_made(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for args in ([f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], ["-m", f"hydra.sweep.dir={tmp_path / 'a_file' / 'x'}"]):
+        r = genlab("train", *args, *COMMON, "trainer.max_steps=1", cwd=tmp_path)
+        assert r.returncode == 1, r.stderr
+        assert "cannot make the run directory" in r.stderr and "is a file, not a directory" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    """A file-size limit (ulimit -f) makes the checkpoint write fail the way a full disk does."""
+    import resource
+
+    run = tmp_path / "run"
+    r = genlab("train", "model=vae", *COMMON, "trainer.epochs=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    exe = Path(sys.executable).parent / "genlab"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 4, resource.RLIM_INFINITY))  # noqa: E731
+    r = subprocess.run([str(exe), "train", f"resume={run}", "trainer.epochs=2", f"hydra.run.dir={run}"], cwd=tmp_path,
+                       capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert r.returncode == 1
+    assert "could not write the checkpoint" in r.stderr and "the previous last.pt is intact" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]

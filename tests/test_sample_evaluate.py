@@ -83,6 +83,9 @@ def test_evaluate_a_whole_sweep(tmp_path):
     (["normal_classes=[42]"], "names no test image"),
     (["normal_classes=[0,1,2,3,4,5,6,7,8,9]"], "nothing is anomalous"),
     (["score=critic"], "score=critic is not offered"),
+    (["normal_classes=[one]"], "could not be converted to Integer"),
+    (["n_samples=1.5"], "could not be converted to Integer"),
+    (["+no_such_key=1"], "no_such_key is not a setting of genlab evaluate"),
 ])
 def test_evaluate_bad_input(vae_run, tmp_path, args, message):
     r = genlab("evaluate", f"ckpt={vae_run}", *args, cwd=tmp_path)
