@@ -1,5 +1,6 @@
 """genlab evaluate: one-class anomaly detection reports (ROC/AUC), for one run or a whole sweep,
-and generation-quality reports (task=quality) measured with genlab's own per-dataset classifier."""
+and generation-quality reports (task=quality) measured with genlab's own per-dataset classifier,
+plus the standard Inception FID when the user gives the Inception weights."""
 
 import csv
 import json
@@ -18,6 +19,7 @@ from genlab import checkpoint, metrics, plots
 from genlab.build import load_model, test_split
 from genlab.classifier import classifier_for, predict
 from genlab.errors import GenlabError
+from genlab.inception import inception_features, load_inception
 from genlab.trainer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
         log.info("FID %.3f  KID %.5f  precision %.3f  recall %.3f  IS %.2f  classes covered %d/%d",
                  r["fid"], r["kid"], r["precision"], r["recall"], r["inception_score"], r["classes_covered"],
                  len(r["class_histogram"]))
+        if "fid_inception" in r:
+            log.info("FID (standard Inception) %.3f", r["fid_inception"])
         return
+    if cfg.inception_weights:
+        log.warning("inception_weights= is for task=quality; task=anomaly does not use it")
     runs = sweep_runs(Path(cfg.ckpt).expanduser())
     if runs is None:
         report = anomaly_report(cfg.ckpt, run_dir, cfg, device)
@@ -179,6 +185,7 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
 
 def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
     """How good and how varied the samples are, against the test split of the run's dataset."""
+    inception = load_inception(cfg.inception_weights, device) if cfg.inception_weights else None
     model, train_cfg, state = load_model(ckpt, device)
     if cfg.dataset_root is not None:
         train_cfg.dataset.root = cfg.dataset_root
@@ -218,6 +225,12 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
             "classes_covered": "classes predicted for at least 1% of the samples",
         },
     }
+    if inception is not None:
+        net, info = inception
+        report["fid_inception"] = inception_fid(net, ref.images, fake, device)
+        report["protocol"]["fid_inception"] = (
+            f"torch-fidelity InceptionV3, 2048-d pool features, weights {info['weights']} (sha256 {info['sha256']}...); "
+            "uint8 images, grayscale repeated to 3 channels, resized to 299x299 by torch-fidelity")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(quality_markdown(report))
@@ -227,12 +240,23 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
     return report
 
 
+def inception_fid(net, real: torch.Tensor, fake: torch.Tensor, device) -> float:
+    """The standard FID between two image sets, with the Inception ``net`` of genlab.inception."""
+    log.info("Inception features of %d reference images and %d samples", len(real), len(fake))
+    if min(len(real), len(fake)) < 2048:
+        log.warning("Inception FID from fewer than 2048 images a side is biased high: compare it only with FIDs "
+                    "from the same numbers of images")
+    return metrics.fid(inception_features(net, real, device), inception_features(net, fake, device))
+
+
 def quality_markdown(r: dict) -> str:
     p = r["protocol"]
     rows = [("FID", f"{r['fid']:.3f}"), ("KID", f"{r['kid']:.5f} ± {r['kid_std']:.5f}"),
             ("precision", f"{r['precision']:.4f}"), ("recall", f"{r['recall']:.4f}"),
             ("Inception Score (classifier)", f"{r['inception_score']:.3f} ± {r['inception_score_std']:.3f}"),
             ("classes covered", f"{r['classes_covered']} of {len(r['class_histogram'])}")]
+    if "fid_inception" in r:
+        rows.insert(1, ("FID (standard Inception, 2048-d)", f"{r['fid_inception']:.3f}"))
     lines = [f"# Sample quality: {r['model']} on {r['dataset']}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "| class | samples | reference images |", "|---|---|---|"]

@@ -1,13 +1,20 @@
-"""The quality metrics: pure-function properties, the FID noise ladder, and the real command."""
+"""The quality metrics: pure-function properties, the FID noise ladder, the real command, and the
+standard Inception FID from a weights file with the real keys and shapes but random values."""
 
+import hashlib
 import json
+import math
+import sys
 
 import pytest
 import torch
+import torchvision
 
 from genlab import metrics
 from genlab.classifier import classifier_for, predict
 from genlab.data import digits, mnist
+from genlab.errors import GenlabError
+from genlab.inception import inception_features, load_inception
 
 from conftest import SHARED_DATA, compose_train, genlab
 
@@ -72,3 +79,80 @@ def test_mnist_classifier_reaches_99_percent():
     test = mnist(SHARED_DATA, train=False, download=False)
     _, probs = predict(net, test.images[:2000], "cpu")
     assert float((probs.argmax(1) == test.labels[:2000]).float().mean()) >= 0.985
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """The FID Inception's keys and shapes (pytorch-fid's layout, torchvision's InceptionV3 with 1008 classes)
+    with random values: nothing to download."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # features of order 1, not ~0
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gan_on_ones(tmp_path_factory):
+    """A GAN trained briefly on the digit 1, whose test split (37 images) keeps Inception on a CPU quick."""
+    cwd = tmp_path_factory.mktemp("gan1")
+    r = genlab("train", "model=gan", "dataset.classes=[1]", "trainer.max_steps=20", "device=cpu",
+               f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return cwd / "run"
+
+
+def test_inception_features_follow_the_fid_protocol(inception_weights):
+    net, info = load_inception(inception_weights, "cpu")
+    x = digits(train=False).images[:8]  # uint8 [8, 1, 28, 28]
+    f = inception_features(net, x.float() / 255, "cpu", batch_size=5)  # [0, 1] floats, grayscale, two batches
+    with torch.inference_mode():
+        (expected,) = net(x.repeat(1, 3, 1, 1))  # what torch-fidelity is given: uint8 RGB
+    assert f.shape == (8, 2048) and torch.isfinite(f).all()
+    assert torch.allclose(f, expected, rtol=1e-4, atol=1e-5)
+    assert f.std(0).mean() > 1e-3  # different images, different features
+    assert info["sha256"] == hashlib.sha256(inception_weights.read_bytes()).hexdigest()[:12]
+
+
+def test_inception_weights_that_do_not_fit(tmp_path, inception_weights, monkeypatch):
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "keys.pth")
+    with pytest.raises(GenlabError, match="does not fit InceptionV3.*pt_inception-2015-12-05-6726825d.pth"):
+        load_inception(tmp_path / "keys.pth", "cpu")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(GenlabError, match="holds a Tensor, not a state dict"):
+        load_inception(tmp_path / "tensor.pth", "cpu")
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)  # as if not installed
+    with pytest.raises(GenlabError, match=r"pip install 'genlab\[inception\]'"):
+        load_inception(inception_weights, "cpu")
+
+
+def test_inception_fid_through_the_command(gan_on_ones, inception_weights, tmp_path):
+    r = genlab("evaluate", "task=quality", f"ckpt={gan_on_ones}", "n_samples=16",
+               f"inception_weights={inception_weights}", f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert math.isfinite(rep["fid_inception"]) and rep["fid_inception"] > 0
+    assert rep["fid"] > 0 and rep["protocol"]["n_samples"] == 16  # the classifier's metrics are still there
+    assert rep["protocol"]["reference"] == "digits test split, 37 images, classes [1]"
+    protocol = rep["protocol"]["fid_inception"]
+    assert str(inception_weights.resolve()) in protocol and "2048-d" in protocol
+    assert hashlib.sha256(inception_weights.read_bytes()).hexdigest()[:12] in protocol
+    assert "| FID (standard Inception, 2048-d) |" in (tmp_path / "q" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("content, message", [(None, "no such file"), (b"not weights\n" * 100, "weights_only=True")])
+def test_inception_weights_missing_or_not_weights(gan_on_ones, tmp_path, content, message):
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    if content is not None:
+        path.write_bytes(content)
+    r = genlab("evaluate", "task=quality", f"ckpt={gan_on_ones}", "n_samples=16", f"inception_weights={path}",
+               f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("genlab evaluate: error: inception_weights=") and message in last
+    assert str(path.resolve()) in last and "pt_inception-2015-12-05-6726825d.pth" in last
+    assert not (tmp_path / "q" / "report.json").exists()
