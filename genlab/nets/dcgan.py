@@ -2,6 +2,7 @@
 
 from torch import Tensor, nn
 
+from genlab.nets.dropout import Dropout
 from genlab.nets.shapes import check_divisible
 
 
@@ -39,10 +40,10 @@ class DCGANDiscriminator(nn.Module):
         self.net = nn.Sequential(
             nn.Conv2d(channels, width, 5, stride=2, padding=2),
             nn.LeakyReLU(0.2),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Conv2d(width, 2 * width, 5, stride=2, padding=2),
             nn.LeakyReLU(0.2),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Flatten(),
             nn.Linear(2 * width * (image_size // 4) ** 2, 1),
         )

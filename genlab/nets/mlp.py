@@ -4,6 +4,7 @@ import math
 
 from torch import Tensor, nn
 
+from genlab.nets.dropout import Dropout
 from genlab.nets.shapes import check_divisible
 
 
@@ -35,7 +36,7 @@ class MLPDiscriminator(nn.Module):
         layers, width = [nn.Flatten()], channels * image_size * image_size
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(0.2, inplace=True)]
-            layers += [nn.Dropout(dropout)] if dropout else []
+            layers += [Dropout(dropout)] if dropout else []
             width = h
         layers += [nn.Linear(width, 1)]
         self.net = nn.Sequential(*layers)
