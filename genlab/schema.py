@@ -28,6 +28,7 @@ class TrainerSchema:
     keep_every: int = MISSING
     keep_last: int = MISSING
     progress: bool = MISSING
+    compile: bool = MISSING
 
 
 @dataclass

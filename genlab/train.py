@@ -34,7 +34,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
         model, optimizers, data.images, run_dir, device=device, precision=t.precision, epochs=t.epochs,
         max_steps=t.max_steps, batch_size=t.batch_size, log_every=t.log_every, n_samples=t.n_samples,
         checkpoint_every=t.checkpoint_every, keep_every=t.keep_every, keep_last=t.keep_last, progress=t.progress, seed=cfg.seed,
-        on_nan=t.on_nan, config=OmegaConf.to_container(cfg, resolve=True), title=title,
+        on_nan=t.on_nan, compile=t.compile, config=OmegaConf.to_container(cfg, resolve=True), title=title,
     )
     n_params = sum(p.numel() for p in model.parameters())
     log.info(

@@ -90,12 +90,14 @@ class Trainer:
     def __init__(self, model, optimizers: dict, images: torch.Tensor, run_dir, *, device="cpu",
                  precision="fp32", epochs=1, max_steps=None, batch_size=64, log_every=50, n_samples=64,
                  checkpoint_every=1, keep_every=0, keep_last=0, progress=True, seed=0, config=None, title="",
-                 on_nan="stop"):
+                 on_nan="stop", compile=False):
         if on_nan not in ON_NAN:
             raise GenlabError(f"trainer.on_nan={on_nan} is not one of {', '.join(ON_NAN)}.")
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device)
+        if compile:
+            self._compile()
         self.optimizers = optimizers
         self.run_dir = Path(run_dir)
         self.n = images.shape[0]
@@ -118,6 +120,15 @@ class Trainer:
         self._saved = None  # (path, step) of the newest checkpoint this run wrote
         self.rows: list[dict] = []  # metrics.csv, also in memory for the loss curves
         self._columns: list[str] = []
+
+    def _compile(self) -> None:
+        """torch.compile each network in place: the state dict keys stay as they are, so checkpoints
+        move freely between compiled and eager runs."""
+        if not torch._dynamo.is_dynamo_supported():
+            raise GenlabError("trainer.compile=true, but torch.compile is not supported with this Python/PyTorch; "
+                              "use trainer.compile=false.")
+        for net in self.model.children():
+            net.compile()
 
     # --- the step context ---------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The fast path's choices, checked without timing anything."""
 
+import math
 import os
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from genlab import trainer as trainer_mod
+from genlab.nets import dropout
 from genlab.build import build_dataset, build_model, build_optimizers
 from genlab.errors import GenlabError
 from genlab.trainer import Trainer, resolve_precision
@@ -54,3 +56,49 @@ def test_no_host_sync_between_log_rows(model, tmp_path, monkeypatch):
     t.fit()
     assert reads == [10, 20, 30]
     assert [r["step"] for r in t.rows] == [10, 20, 30]
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here")
+def test_compile_path_trains_and_keeps_checkpoints_interchangeable(tmp_path):
+    """trainer.compile=true: the networks are compiled in place, train, and their state dict keys are
+    the eager ones, so a compiled run's checkpoint loads into an eager model."""
+    cfg = compose_train(["model=gan", "dataset=synthetic", "dataset.n=64", "trainer.compile=true"])
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    eager_keys = list(m.state_dict())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    t = Trainer(m, build_optimizers(cfg.optimizer, m), build_dataset(cfg.dataset).images, tmp_path,
+                max_steps=3, batch_size=16, log_every=1, n_samples=4, progress=False, compile=cfg.trainer.compile)
+    t.fit()
+    assert all(net._compiled_call_impl is not None for net in m.children())  # really compiled
+    assert list(m.state_dict()) == eager_keys
+    assert all(not torch.equal(before[k], v) for k, v in m.state_dict().items() if k.endswith("weight"))
+    assert all(math.isfinite(r[k]) for r in t.rows for k in ("train/loss_d", "train/loss_g"))
+    eager = build_model(cfg)
+    eager.load_state_dict(torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"])
+
+
+@pytest.mark.parametrize("model", ["gan", "vae"])
+def test_default_optimizers_are_fused(model):
+    cfg = compose_train([f"model={model}"])
+    opts = build_optimizers(cfg.optimizer, build_model(cfg))
+    assert opts and all(o.defaults["fused"] for o in opts.values())
+
+
+def test_cheap_dropout_mask_is_dropout():
+    """genlab.nets.Dropout draws its CPU mask from 16-bit lanes: the keep rate, the scale, the gradient and
+    eval mode must be those of nn.Dropout."""
+    torch.manual_seed(0)
+    for p in (0.1, 0.3, 0.5):
+        keep = dropout.keep_mask((1000, 1000), p)
+        assert keep.dtype == torch.bool and abs(keep.float().mean().item() - (1 - p)) < 0.002
+        lanes = keep[: 999_996].view(-1, 4).float().mean(0)  # every lane, the 15-bit one too, keeps 1 - p
+        assert torch.allclose(lanes, torch.full((4,), 1 - p), atol=0.004)
+    d = dropout.Dropout(0.3)
+    x = torch.ones(200, 500, requires_grad=True)
+    y = d(x)
+    assert y.unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the mask times the scale
+    assert torch.equal(d.eval()(x), x)
+    assert not torch.equal(dropout.keep_mask((64,), 0.5), dropout.keep_mask((64,), 0.5))  # fresh draws
