@@ -4,9 +4,13 @@ The reference loop is written the way the usual tutorials write it: a torchvisio
 per-sample ToTensor/Normalize, a DataLoader with 2 workers, fp32, eager, separate real and fake
 discriminator passes. genlab's loop is genlab.trainer.Trainer with its defaults (device tensors,
 precision=auto). Both run in this one process, alternating A B A B after a warm-up; the table
-reports medians.
+reports medians, and the peak memory of each loop (this process; DataLoader workers not counted).
 
-    python scripts/bench.py                 # MNIST-shaped rows, batch 64 and 256
+Then: the DCGAN step's share of the device's arithmetic limit (FLOPs from torch.utils.flop_counter
+over a measured matmul rate in the same precision), `genlab evaluate` scoring throughput, and
+(without --quick) how genlab's time per epoch grows with batch size and image size.
+
+    python scripts/bench.py                 # MNIST- and CIFAR-shaped rows, batch 64 and 256
     python scripts/bench.py --quick         # fewer steps and rows: under 2 minutes on 2 CPU cores
     python scripts/bench.py --json out.json --data-root ../shared/data
 """
@@ -24,27 +28,89 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
 from genlab import schema
 from genlab.build import build_dataset, build_model, build_optimizers
 from genlab.cli import CONFIG_DIR
-from genlab.trainer import Trainer, resolve_device, resolve_precision
+from genlab.evaluate import scores_of
+from genlab.trainer import DTYPES, Trainer, resolve_device, resolve_precision
+
+SHAPES = {"mnist": (1, 28), "cifar": (3, 32)}  # channels, image size
 
 
-def compose_cfg(model: str, data_root: str | None):
-    dataset = ["dataset=mnist", f"dataset.root={data_root}", "dataset.download=false"] if data_root else \
-        ["dataset=synthetic", "dataset.n=8192"]
+def compose_cfg(model: str, data_root: str | None, shape: str = "mnist", overrides=()):
+    """MNIST itself when ``data_root`` has it and the shape is MNIST's; otherwise synthetic images of the shape."""
+    channels, size = SHAPES[shape]
+    if data_root and shape == "mnist":
+        dataset = ["dataset=mnist", f"dataset.root={data_root}", "dataset.download=false"]
+    else:
+        dataset = ["dataset=synthetic", "dataset.n=8192", f"dataset.channels={channels}", f"dataset.image_size={size}"]
     schema.register()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"model={model}", *dataset])
+        return compose("train", overrides=[f"model={model}", *dataset, *overrides])
 
 
-def reference_dataset(data_root: str | None, n: int):
+def reference_dataset(data_root: str | None, n: int, shape: str = "mnist"):
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    if data_root:
+    if data_root and shape == "mnist":
         return datasets.MNIST(data_root, train=True, download=False, transform=tf)
-    return datasets.FakeData(size=n, image_size=(1, 28, 28), num_classes=10, transform=tf)
+    channels, size = SHAPES[shape]
+    return datasets.FakeData(size=n, image_size=(channels, size, size), num_classes=10, transform=tf)
+
+
+def reset_peak_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: "5" resets this process's peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mb(device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def matmul_rate(device, precision: str) -> float:
+    """The best measured FLOP/s of square matmuls in ``precision``: the arithmetic limit used for the share."""
+    dtype = DTYPES[precision]
+    best = 0.0
+    for n in (1024, 2048, 4096 if device.type == "cuda" else 1536):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        reps = max(3, int((2e13 if device.type == "cuda" else 1.5e11) / (2 * n**3)))
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def step_flops(model, opts, images, batch: int, device, precision) -> float:
+    """FLOPs of one genlab training step, per image (torch.utils.flop_counter: matmuls and convolutions)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, opts, images, tmp, device=device, precision=precision, max_steps=1,
+                          batch_size=batch, progress=False)
+        x = trainer._batch(trainer._order(0), 0)
+        with FlopCounterMode(display=False) as counter:
+            model.training_step(x, trainer)
+    return counter.get_total_flops() / batch
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def reference_steps(model, opts, loader, steps: int, device) -> float:
@@ -87,8 +153,7 @@ def reference_steps(model, opts, loader, steps: int, device) -> float:
                 break
         if done >= steps + 1:
             break
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return steps * loader.batch_size / (time.perf_counter() - t0)
 
 
@@ -108,45 +173,119 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None, help="MNIST in torchvision's layout (else synthetic data)")
     p.add_argument("--models", default="gan,dcgan,vae")
+    p.add_argument("--shapes", default=None, help="mnist,cifar (MNIST-shaped 1x28x28, CIFAR-shaped 3x32x32)")
     p.add_argument("--batch-sizes", default=None)
     args = p.parse_args()
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
     batches = [int(b) for b in (args.batch_sizes or ("64" if args.quick else "64,256")).split(",")]
+    shapes = (args.shapes or ("mnist" if args.quick else "mnist,cifar")).split(",")
+    models = args.models.split(",")
     reps = 2 if args.quick else 3
-    rows = []
-    for name in args.models.split(","):
-        cfg = compose_cfg(name, args.data_root)
-        images = build_dataset(cfg.dataset).images
-        for batch in batches:
-            steps = max(4, (1500 if name == "dcgan" else 6000) // batch) if args.quick else max(8, 12000 // batch)
-            if name == "gan":
-                steps *= 4
-            torch.manual_seed(0)
-            m_gen = build_model(cfg).to(device)
-            m_ref = copy.deepcopy(m_gen)
-            o_gen, o_ref = build_optimizers(cfg.optimizer, m_gen), build_optimizers(cfg.optimizer, m_ref)
-            loader = DataLoader(reference_dataset(args.data_root, len(images)), batch_size=batch, shuffle=True,
-                                num_workers=2, drop_last=True, persistent_workers=True)
-            genlab_steps(m_gen, o_gen, images, 2, batch, device, precision)  # warm-up
-            reference_steps(m_ref, o_ref, loader, 2, device)
-            results = {"genlab": [], "reference": []}
-            for _ in range(reps):  # A B A B
-                results["genlab"].append(genlab_steps(m_gen, o_gen, images, steps, batch, device, precision))
-                results["reference"].append(reference_steps(m_ref, o_ref, loader, steps, device))
-            for impl, values in results.items():
-                row = {"model": name, "dataset": "mnist" if args.data_root else "synthetic-28x28", "impl": impl,
-                       "device": str(device), "precision": precision if impl == "genlab" else "fp32",
-                       "batch_size": batch, "img_per_s": round(statistics.median(values), 1)}
-                rows.append(row)
-            g, r = rows[-2]["img_per_s"], rows[-1]["img_per_s"]
-            print(f"{name:6s} batch {batch:4d}: genlab {g:9.1f} img/s ({precision})  reference {r:9.1f} img/s (fp32)"
-                  f"  speed-up {g / r:5.2f}x", flush=True)
+    rows, flops = [], []
+    print(f"training: genlab ({precision}) against the reference loop (fp32) on {device}; medians of {reps}")
+    for shape in shapes:
+        for name in models:
+            cfg = compose_cfg(name, args.data_root, shape)
+            images = build_dataset(cfg.dataset).images
+            dataset = "mnist" if args.data_root and shape == "mnist" else f"synthetic-{'x'.join(map(str, images.shape[1:]))}"
+            for batch in batches:
+                steps = max(4, (1500 if name == "dcgan" else 6000) // batch) if args.quick else max(8, 12000 // batch)
+                if name == "gan":
+                    steps *= 4
+                torch.manual_seed(0)
+                m_gen = build_model(cfg).to(device)
+                m_ref = copy.deepcopy(m_gen)
+                o_gen, o_ref = build_optimizers(cfg.optimizer, m_gen), build_optimizers(cfg.optimizer, m_ref)
+                loader = DataLoader(reference_dataset(args.data_root, len(images), shape), batch_size=batch,
+                                    shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
+                genlab_steps(m_gen, o_gen, images, 2, batch, device, precision)  # warm-up
+                reference_steps(m_ref, o_ref, loader, 2, device)
+                results = {"genlab": [], "reference": []}
+                peaks = {"genlab": 0.0, "reference": 0.0}
+                for _ in range(reps):  # A B A B
+                    for impl in results:
+                        reset_peak_memory(device)
+                        if impl == "genlab":
+                            results[impl].append(genlab_steps(m_gen, o_gen, images, steps, batch, device, precision))
+                        else:
+                            results[impl].append(reference_steps(m_ref, o_ref, loader, steps, device))
+                        peaks[impl] = max(peaks[impl], peak_memory_mb(device) or 0.0)
+                for impl, values in results.items():
+                    rows.append({"model": name, "dataset": dataset, "impl": impl, "device": str(device),
+                                 "precision": precision if impl == "genlab" else "fp32", "batch_size": batch,
+                                 "img_per_s": round(statistics.median(values), 1), "peak_mem_mb": round(peaks[impl])})
+                g, r = rows[-2], rows[-1]
+                print(f"{name:6s} {dataset:18s} batch {batch:4d}: genlab {g['img_per_s']:9.1f} img/s  reference "
+                      f"{r['img_per_s']:9.1f} img/s  speed-up {g['img_per_s'] / r['img_per_s']:5.2f}x  peak memory "
+                      f"{g['peak_mem_mb']} / {r['peak_mem_mb']} MiB", flush=True)
+                if name == "dcgan":
+                    flops.append({"model": name, "dataset": dataset, "batch_size": batch, "precision": precision,
+                                  "gflop_per_img": step_flops(m_gen, o_gen, images, batch, device, precision) / 1e9,
+                                  "img_per_s": g["img_per_s"]})
+    if flops:
+        rate = matmul_rate(device, precision)
+        print(f"\narithmetic: best measured {precision} matmul rate {rate / 1e9:.0f} GFLOP/s")
+        for f in flops:
+            f["matmul_gflop_per_s"] = round(rate / 1e9, 1)
+            f["share"] = round(f["img_per_s"] * f["gflop_per_img"] * 1e9 / rate, 3)
+            print(f"dcgan  {f['dataset']:18s} batch {f['batch_size']:4d}: {f['gflop_per_img']:.3f} GFLOP/img x "
+                  f"{f['img_per_s']:.0f} img/s = {f['img_per_s'] * f['gflop_per_img']:.0f} GFLOP/s, "
+                  f"{100 * f['share']:.0f}% of the matmul rate")
+    evaluation = bench_evaluate(args, device, models, reps)
+    scaling = [] if args.quick else bench_scaling(args, device, precision)
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows, "flops": flops, "evaluate": evaluation,
+                                         "scaling": scaling}, indent=2) + "\n")
+
+
+def bench_evaluate(args, device, models, reps) -> list[dict]:
+    """`genlab evaluate` scoring throughput: its own scoring function over the test split, batch 1000."""
+    rows = []
+    print("\nevaluate: anomaly scores of the test split (fp32, batch 1000)")
+    for name, score in (("vae", "elbo"), ("vae", "mse_blur"), ("gan", "critic"), ("dcgan", "critic")):
+        if name not in models:
+            continue
+        cfg = compose_cfg(name, args.data_root)
+        test = build_dataset(cfg.dataset, train=False).images[: 2000 if args.quick else 10000]
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device).eval()
+        scores_of(model, test[:1000], score, 1000, device)  # warm-up
+        times = []
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            scores_of(model, test, score, 1000, device)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        rows.append({"model": name, "score": score, "images": len(test), "device": str(device),
+                     "img_per_s": round(len(test) / statistics.median(times), 1)})
+        print(f"{name:6s} score={score:9s}: {rows[-1]['img_per_s']:10.1f} img/s over {len(test)} images")
+    return rows
+
+
+def bench_scaling(args, device, precision) -> list[dict]:
+    """How genlab's DCGAN time per 60,000-image epoch grows with batch size and image size."""
+    rows = []
+    print("\nscaling: genlab DCGAN, seconds per 60,000-image epoch")
+    for channels, size in ((1, 28), (3, 32), (3, 64)):
+        SHAPES["scaling"] = (channels, size)
+        cfg = compose_cfg("dcgan", None, "scaling")
+        images = build_dataset(cfg.dataset).images
+        for batch in (32, 64, 128, 256, 512):
+            torch.manual_seed(0)
+            model = build_model(cfg).to(device)
+            opts = build_optimizers(cfg.optimizer, model)
+            steps = max(6, (1500 if size < 64 else 500) // batch)
+            genlab_steps(model, opts, images, 2, batch, device, precision)
+            ips = statistics.median(genlab_steps(model, opts, images, steps, batch, device, precision) for _ in range(2))
+            rows.append({"model": "dcgan", "shape": f"{channels}x{size}x{size}", "batch_size": batch,
+                         "precision": precision, "img_per_s": round(ips, 1), "s_per_epoch": round(60000 / ips, 1)})
+            print(f"{channels}x{size}x{size} batch {batch:4d}: {ips:8.1f} img/s, {60000 / ips:7.1f} s/epoch", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
