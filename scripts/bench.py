@@ -2,7 +2,7 @@
 
 The reference loop is written the way the usual tutorials write it: a torchvision dataset with
 per-sample ToTensor/Normalize, a DataLoader with 2 workers, fp32, eager, separate real and fake
-discriminator passes. genlab's loop is genlab.trainer.Trainer with its defaults (device tensors,
+discriminator passes, torch's nn.Dropout and torch's default (foreach) Adam. genlab's loop is genlab.trainer.Trainer with its defaults (device tensors,
 precision=auto). Both run in this one process, alternating A B A B after a warm-up; the table
 reports medians, and the peak memory of each loop (this process; DataLoader workers not counted).
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
@@ -35,6 +36,7 @@ from genlab import schema
 from genlab.build import build_dataset, build_model, build_optimizers
 from genlab.cli import CONFIG_DIR
 from genlab.evaluate import scores_of
+from genlab.nets.dropout import Dropout
 from genlab.trainer import DTYPES, Trainer, resolve_device, resolve_precision
 
 SHAPES = {"mnist": (1, 28), "cifar": (3, 32)}  # channels, image size
@@ -58,6 +60,15 @@ def reference_dataset(data_root: str | None, n: int, shape: str = "mnist"):
         return datasets.MNIST(data_root, train=True, download=False, transform=tf)
     channels, size = SHAPES[shape]
     return datasets.FakeData(size=n, image_size=(channels, size, size), num_classes=10, transform=tf)
+
+
+def plain(model):
+    """The reference's own modules: torch's nn.Dropout in place of genlab's cheaper-mask Dropout."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, Dropout):
+                setattr(parent, name, torch.nn.Dropout(child.p))
+    return model
 
 
 def reset_peak_memory(device) -> None:
@@ -195,8 +206,10 @@ def main() -> None:
                     steps *= 4
                 torch.manual_seed(0)
                 m_gen = build_model(cfg).to(device)
-                m_ref = copy.deepcopy(m_gen)
-                o_gen, o_ref = build_optimizers(cfg.optimizer, m_gen), build_optimizers(cfg.optimizer, m_ref)
+                m_ref = plain(copy.deepcopy(m_gen))
+                o_gen = build_optimizers(cfg.optimizer, m_gen)
+                ref_opt = OmegaConf.merge(cfg.optimizer, {"fused": None} if "fused" in cfg.optimizer else {})
+                o_ref = build_optimizers(ref_opt, m_ref)  # torch's default implementation
                 loader = DataLoader(reference_dataset(args.data_root, len(images), shape), batch_size=batch,
                                     shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
                 genlab_steps(m_gen, o_gen, images, 2, batch, device, precision)  # warm-up
