@@ -27,11 +27,12 @@ def _instantiate(node: DictConfig, **kwargs):
         raise GenlabError(str(e).strip().replace("\n", " ")) from e
 
 
-def check_settings(target, settings: dict, where: str) -> None:
+def check_settings(target, settings: dict, where: str, given=()) -> None:
     """Every setting must be a parameter of ``target`` (a class or function) and fit its type annotation;
     nested ``_target_`` nodes are checked too. A typo or a wrong type is one clear line here, not a
-    traceback from deep inside a constructor."""
-    params = inspect.signature(target).parameters
+    traceback from deep inside a constructor. ``given``: parameters genlab passes itself (or another
+    config node sets), which this node may not."""
+    params = {k: p for k, p in inspect.signature(target).parameters.items() if k not in given}
     try:
         hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
     except Exception:  # annotations this Python cannot evaluate: names are still checked
@@ -85,13 +86,14 @@ def build_model(cfg: DictConfig) -> GenerativeModel:
     loss = OmegaConf.to_container(cfg.loss, resolve=True)
     name = loss.pop("name")
     cls = _import(cfg.model._target_, "model")
-    check_settings(cls, OmegaConf.to_container(cfg.model, resolve=True), "model")
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    check_settings(cls, model, "model", given={"loss"})
     if name not in cls.losses:
         raise GenlabError(
             f"{cls.__name__} models train with loss={'|'.join(cls.losses)}; loss={name} does not fit. "
             f"Choose one of those, or a model that takes {name}."
         )
-    check_settings(cls, loss, "loss")
+    check_settings(cls, loss, "loss", given={"loss", *model})
     return _instantiate(cfg.model, loss=name, **loss)
 
 
@@ -100,9 +102,9 @@ def build_optimizers(cfg: DictConfig, model: GenerativeModel) -> dict:
     spec = OmegaConf.to_container(cfg, resolve=True)
     cls = _import(spec.pop("_target_"), "optimizer")
     per_net = spec.pop("nets", None) or {}
-    check_settings(cls, spec, "optimizer")
+    check_settings(cls, spec, "optimizer", given={"params"})
     for net, settings in per_net.items():
-        check_settings(cls, settings, f"optimizer.nets.{net}")
+        check_settings(cls, settings, f"optimizer.nets.{net}", given={"params"})
     groups = model.optimizer_groups()
     unknown = sorted(set(per_net) - set(groups))
     if unknown:
@@ -122,7 +124,8 @@ def build_optimizers(cfg: DictConfig, model: GenerativeModel) -> dict:
 
 
 def build_dataset(cfg: DictConfig, train: bool = True) -> ImageData:
-    check_settings(_import(cfg._target_, "dataset"), OmegaConf.to_container(cfg, resolve=True), "dataset")
+    check_settings(_import(cfg._target_, "dataset"), OmegaConf.to_container(cfg, resolve=True), "dataset",
+                   given={"train"})
     return _instantiate(cfg, train=train)
 
 

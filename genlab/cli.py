@@ -70,11 +70,14 @@ INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-s
 def _unwritable_output(args) -> str | None:
     """Hydra makes the run directory before genlab's code runs, with a traceback when it cannot:
     check first that the place it goes (``outputs/`` or ``hydra.run.dir``/``hydra.sweep.dir``) can be written."""
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
     target = "outputs"
     for a in args:
-        key, _, value = a.partition("=")
-        if key in ("hydra.run.dir", "hydra.sweep.dir"):
-            target = value.split("$", 1)[0] or "."  # up to the first interpolation, e.g. ${now:...}
+        k, _, value = a.partition("=")
+        if k == key:
+            target = value.split("$", 1)[0]  # up to the first interpolation, e.g. ${now:...}
+    if not target:  # the place is an interpolation (${oc.env:HOME}/...): Hydra's to resolve
+        return None
     p = Path(target).expanduser().absolute()
     while not p.exists():
         p = p.parent
@@ -92,6 +95,7 @@ def _hydra_app(verb: str):
 
     def task(cfg):
         from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
 
         from genlab.errors import GenlabError
 
@@ -99,6 +103,10 @@ def _hydra_app(verb: str):
         run_dir = Path(hc.runtime.output_dir)
         try:
             schema.check_keys(cfg, verb)
+            missing = sorted(OmegaConf.missing_keys(cfg))
+            if missing:
+                raise GenlabError(f"genlab {verb} needs a value for {', '.join(missing)}: e.g. "
+                                  f"genlab {verb} {missing[0]}=...")
             importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, list(hc.overrides.task))
         except (GenlabError, OSError) as e:  # OSError: a file that cannot be written or read, a full disk
             if os.environ.get("HYDRA_FULL_ERROR") == "1":

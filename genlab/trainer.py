@@ -81,10 +81,11 @@ class Trainer:
     The trainer is also the step context a model's ``training_step`` receives:
     ``autocast()``, ``step(name, loss)``, ``step_index`` and ``grad_scale``.
 
-    ``on_nan``: what a non-finite loss does. ``stop`` (no cost per step: the check rides on the metrics
+    ``on_nan``: what a non-finite loss does. ``stop`` (no host sync: the check rides on the metrics
     rows) ends the run naming the step and the loss, keeping the last good checkpoint. ``skip`` reads
-    each loss and gradient norm (one host sync per optimizer step), drops that update and goes on; it
-    stops too when ``SKIP_LIMIT`` steps in a row were skipped.
+    each loss and its gradients on the host (two syncs per optimizer step), drops that update, undoes
+    the step's batch-norm statistics, and goes on; it stops too when ``SKIP_LIMIT`` steps in a row
+    were skipped.
     """
 
     def __init__(self, model, optimizers: dict, images: torch.Tensor, run_dir, *, device="cpu",
@@ -117,6 +118,7 @@ class Trainer:
         self.step_index = 0
         self.on_nan = on_nan
         self._skipped = False  # set by step() when on_nan=skip dropped an update in this training step
+        self._scaled = False  # set by step() when the fp16 scaler stepped an optimizer in this training step
         self._saved = None  # (path, step) of the newest checkpoint this run wrote
         self.rows: list[dict] = []  # metrics.csv, also in memory for the loss curves
         self._columns: list[str] = []
@@ -154,11 +156,12 @@ class Trainer:
         else:  # the scaler skips steps with non-finite gradients itself
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
+            self._scaled = True
 
     @staticmethod
     def _grads_finite(opt) -> bool:
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
     @property
     def grad_scale(self) -> float:
@@ -187,9 +190,12 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def fit(self, resume: dict | None = None) -> None:
-        """Train to ``total_steps``. SIGINT/SIGTERM finish the current step, save, then raise Interrupted."""
+    def fit(self, resume: dict | None = None, resume_path=None) -> None:
+        """Train to ``total_steps``, continuing from the checkpoint ``resume`` (read from ``resume_path``) if
+        given. SIGINT/SIGTERM finish the current step, save, then raise Interrupted."""
         self._signal = None
+        if resume is not None and resume_path is not None:
+            self._saved = (resume_path, resume["step"])  # the last good checkpoint until this run writes one
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -228,12 +234,16 @@ class Trainer:
                 bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
                 order = self._order(epoch)
                 for i in range(first, self.steps_per_epoch):
+                    stats = self._buffers() if self.on_nan == "skip" else None
                     out = self.model.training_step(self._batch(order, i), self)
-                    if self.scaler is not None:
+                    if self._scaled:
                         self.scaler.update()
+                        self._scaled = False
                     self.step_index += 1
                     if self._skipped:
                         self._skipped = False
+                        for saved, now in zip(stats, self._buffers(clone=False)):
+                            now.copy_(saved)
                         skipped.append(self.step_index)
                         in_a_row += 1
                         if in_a_row >= SKIP_LIMIT:
@@ -278,6 +288,10 @@ class Trainer:
                     self._prune()
                 t_window = time.perf_counter()  # the window's speed counts training alone
 
+    def _buffers(self, clone=True) -> list[torch.Tensor]:
+        """The model's floating-point buffers (batch-norm statistics), cloned: a skipped step puts them back."""
+        return [b.clone() if clone else b for b in self.model.buffers() if b.is_floating_point()]
+
     def _accumulate(self, out: dict, sums: dict, counts: dict) -> None:
         """Add the step's losses to the window's sums, on the device; note the first non-finite step."""
         for k, v in out.items():
@@ -292,8 +306,9 @@ class Trainer:
             kept = f"The last good checkpoint, {self._saved[0]} (step {self._saved[1]}), is kept"
         else:
             kept = "This run wrote no checkpoint before it"
-        hint = "Try a lower optimizer.lr or trainer.precision=fp32" + (
-            "" if self.on_nan == "skip" else ", or trainer.on_nan=skip to drop such updates")
+        tries = ["a lower optimizer.lr"] + (["trainer.precision=fp32"] if self.precision != "fp32" else []) + (
+            ["trainer.on_nan=skip to drop such updates"] if self.on_nan != "skip" else [])
+        hint = "Try " + ", or ".join(tries)
         return GenlabError(f"training diverged: {what}. {kept}. {hint}.")
 
     def _log_row(self, sums, counts, epoch, img_per_s, wall) -> dict:
@@ -338,7 +353,8 @@ class Trainer:
 
     def save(self, path: Path, epoch: int, wall: float) -> None:
         """Write a checkpoint, unless the weights are no longer finite: then the last good one stays."""
-        if not torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all():
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # weights and BN statistics
+        if not torch.stack([t.isfinite().all() for t in tensors]).all():
             raise self._diverged(f"the weights became non-finite by step {self.step_index}")
         checkpoint.save({
             "config": self.config,

@@ -91,12 +91,19 @@ def test_resume_continues_the_run(tmp_path):
     (["optimizer.lr=fast"], "optimizer.lr must be float; got 'fast'"),
     (["+optimizer.nets.d.momentum=0.9"], "optimizer.nets.d.momentum is not a setting of Adam"),
     (["dataset=synthetic", "dataset.n=many"], "dataset.n must be int; got 'many'"),
+    (["dataset=folder"], "genlab train needs a value for dataset.root"),
+    (["+loss.n_critic=5"], "loss.n_critic is not a setting of GAN; its settings are: gp_weight."),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
     r = genlab("train", *args, "trainer.max_steps=1", "device=cpu", cwd=tmp_path)
     assert r.returncode != 0
     assert message in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_sample_without_a_checkpoint(tmp_path):
+    r = genlab("sample", cwd=tmp_path)
+    assert r.returncode == 1 and "genlab sample needs a value for ckpt" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_full_traceback_on_request(tmp_path):

@@ -215,3 +215,18 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert "Traceback" not in r.stderr
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
+
+
+def test_on_nan_skip_with_fp16_and_batch_norm(tmp_path):
+    """A gradient scaler (fp16) and a generator with batch norm: a step whose latents are infinite is dropped
+    whole, batch-norm statistics included, and every tensor saved is finite."""
+    torch.manual_seed(0)
+    cfg = compose_train(["model=dcgan", "dataset=synthetic", "dataset.n=96"])
+    m = build_model(cfg)
+    t = Trainer(m, build_optimizers(cfg.optimizer, m), build_dataset(cfg.dataset).images, tmp_path, precision="fp16",
+                max_steps=6, batch_size=32, log_every=50, n_samples=4, progress=False, on_nan="skip")
+    m.g.register_forward_pre_hook(lambda net, args: (args[0] * float("inf"),) if net.training and t.step_index == 4 else None)
+    t.fit()
+    state = checkpoint.load(tmp_path)
+    assert state["step"] == 6
+    assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())

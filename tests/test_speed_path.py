@@ -92,7 +92,7 @@ def test_cheap_dropout_mask_is_dropout():
     for p in (0.1, 0.3, 0.5):
         keep = dropout.keep_mask((1000, 1000), p)
         assert keep.dtype == torch.bool and abs(keep.float().mean().item() - (1 - p)) < 0.002
-        lanes = keep[: 999_996].view(-1, 4).float().mean(0)  # every lane, the 15-bit one too, keeps 1 - p
+        lanes = keep.view(-1, 4).float().mean(0)  # every lane, the 15-bit one too, keeps 1 - p
         assert torch.allclose(lanes, torch.full((4,), 1 - p), atol=0.004)
     d = dropout.Dropout(0.3)
     x = torch.ones(200, 500, requires_grad=True)

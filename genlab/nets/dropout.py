@@ -3,7 +3,8 @@
 On a CPU, torch's dropout draws one number per element from a generator that runs on one thread;
 for the DCGAN discriminator that was 30% of a bf16 training step on 2 cores. Here each 64-bit draw
 gives four 16-bit lanes (the top lane has 15 random bits: its sign bit is always 0), so a mask costs
-a quarter of the draws. p is honoured to 1/32768. On CUDA and other devices, torch's own dropout.
+a quarter of the draws. p is honoured to 1/32768 (torch's own dropout for p below 2**-16 or above
+1 - 2**-15). On CUDA and other devices, torch's own dropout.
 """
 
 import sys
@@ -29,9 +30,7 @@ class Dropout(nn.Dropout):
     """``nn.Dropout`` with the cheaper mask on the CPU: the same module, state and behaviour in eval."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or sys.byteorder != "little":
+        if not self.training or not 2**-16 <= self.p <= 1 - 2**-15 or x.device.type != "cpu" or sys.byteorder != "little":
             return F.dropout(x, self.p, self.training, self.inplace)
-        if self.p == 1:
-            return x * 0
         scale = keep_mask(x.shape, self.p).to(x.dtype).mul_(1 / (1 - self.p))
         return x.mul_(scale) if self.inplace else x * scale
