@@ -44,29 +44,31 @@ class TrainSchema:
 
 
 @dataclass
-class SampleSchema:
+class FromCheckpointSchema:
+    """What every command that reads a checkpoint takes."""
+
     ckpt: str = MISSING
-    n: int = MISSING
     seed: int = MISSING
-    interp_rows: int = MISSING
-    interp_steps: int = MISSING
-    method: str = MISSING
-    n_latent: int = MISSING
     device: str = MISSING
     dataset_root: Optional[str] = MISSING
 
 
 @dataclass
-class EvaluateSchema:
-    ckpt: str = MISSING
+class SampleSchema(FromCheckpointSchema):
+    n: int = MISSING
+    interp_rows: int = MISSING
+    interp_steps: int = MISSING
+    method: str = MISSING
+    n_latent: int = MISSING
+
+
+@dataclass
+class EvaluateSchema(FromCheckpointSchema):
     task: str = MISSING
     score: Optional[str] = MISSING
     normal_classes: Optional[list[int]] = MISSING
     n_samples: int = MISSING
-    seed: int = MISSING
     batch_size: int = MISSING
-    device: str = MISSING
-    dataset_root: Optional[str] = MISSING
     inception_weights: Optional[str] = MISSING
 
 

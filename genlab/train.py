@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from genlab import checkpoint
 from genlab.build import build_dataset, build_model, build_optimizers
 from genlab.errors import GenlabError
-from genlab.trainer import ON_NAN, Trainer, resolve_device
+from genlab.trainer import Trainer, check_on_nan, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ def check_trainer(t: DictConfig) -> None:
         zero_ok = key in ("keep_every", "keep_last")
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
             raise GenlabError(f"trainer.{key} must be a whole number{'' if zero_ok else ' above 0'}; got {value!r}.")
-    if t.get("on_nan") not in ON_NAN:
-        raise GenlabError(f"trainer.on_nan={t.get('on_nan')} is not one of {', '.join(ON_NAN)}.")
+    check_on_nan(t.get("on_nan"))
 
 
 def resumed_config(stored: dict, cfg: DictConfig, overrides) -> DictConfig:

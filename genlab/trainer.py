@@ -28,6 +28,11 @@ ON_NAN = ("stop", "skip")
 SKIP_LIMIT = 50  # on_nan=skip gives up after this many skipped steps in a row
 
 
+def check_on_nan(value: str) -> None:
+    if value not in ON_NAN:
+        raise GenlabError(f"trainer.on_nan={value} is not one of {', '.join(ON_NAN)}.")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; a named device must be present."""
     if name == "auto":
@@ -92,8 +97,7 @@ class Trainer:
                  precision="fp32", epochs=1, max_steps=None, batch_size=64, log_every=50, n_samples=64,
                  checkpoint_every=1, keep_every=0, keep_last=0, progress=True, seed=0, config=None, title="",
                  on_nan="stop", compile=False):
-        if on_nan not in ON_NAN:
-            raise GenlabError(f"trainer.on_nan={on_nan} is not one of {', '.join(ON_NAN)}.")
+        check_on_nan(on_nan)
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device)
@@ -234,7 +238,7 @@ class Trainer:
                 bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
                 order = self._order(epoch)
                 for i in range(first, self.steps_per_epoch):
-                    stats = self._buffers() if self.on_nan == "skip" else None
+                    stats = [b.clone() for b in self._buffers()] if self.on_nan == "skip" else None
                     out = self.model.training_step(self._batch(order, i), self)
                     if self._scaled:
                         self.scaler.update()
@@ -242,7 +246,7 @@ class Trainer:
                     self.step_index += 1
                     if self._skipped:
                         self._skipped = False
-                        for saved, now in zip(stats, self._buffers(clone=False)):
+                        for saved, now in zip(stats, self._buffers()):
                             now.copy_(saved)
                         skipped.append(self.step_index)
                         in_a_row += 1
@@ -288,9 +292,9 @@ class Trainer:
                     self._prune()
                 t_window = time.perf_counter()  # the window's speed counts training alone
 
-    def _buffers(self, clone=True) -> list[torch.Tensor]:
-        """The model's floating-point buffers (batch-norm statistics), cloned: a skipped step puts them back."""
-        return [b.clone() if clone else b for b in self.model.buffers() if b.is_floating_point()]
+    def _buffers(self) -> list[torch.Tensor]:
+        """The model's floating-point buffers (batch-norm statistics): a skipped step puts them back."""
+        return [b for b in self.model.buffers() if b.is_floating_point()]
 
     def _accumulate(self, out: dict, sums: dict, counts: dict) -> None:
         """Add the step's losses to the window's sums, on the device; note the first non-finite step."""

@@ -42,16 +42,17 @@ from genlab.trainer import DTYPES, Trainer, resolve_device, resolve_precision
 SHAPES = {"mnist": (1, 28), "cifar": (3, 32)}  # channels, image size
 
 
-def compose_cfg(model: str, data_root: str | None, shape: str = "mnist", overrides=()):
-    """MNIST itself when ``data_root`` has it and the shape is MNIST's; otherwise synthetic images of the shape."""
-    channels, size = SHAPES[shape]
+def compose_cfg(model: str, data_root: str | None, shape="mnist"):
+    """MNIST itself when ``data_root`` has it and the shape is MNIST's; otherwise synthetic images of the
+    shape (a name in SHAPES, or (channels, size))."""
+    channels, size = SHAPES.get(shape, shape)
     if data_root and shape == "mnist":
         dataset = ["dataset=mnist", f"dataset.root={data_root}", "dataset.download=false"]
     else:
         dataset = ["dataset=synthetic", "dataset.n=8192", f"dataset.channels={channels}", f"dataset.image_size={size}"]
     schema.register()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"model={model}", *dataset, *overrides])
+        return compose("train", overrides=[f"model={model}", *dataset])
 
 
 def reference_dataset(data_root: str | None, n: int, shape: str = "mnist"):
@@ -285,8 +286,7 @@ def bench_scaling(args, device, precision) -> list[dict]:
     rows = []
     print("\nscaling: genlab DCGAN, seconds per 60,000-image epoch")
     for channels, size in ((1, 28), (3, 32), (3, 64)):
-        SHAPES["scaling"] = (channels, size)
-        cfg = compose_cfg("dcgan", None, "scaling")
+        cfg = compose_cfg("dcgan", None, (channels, size))
         images = build_dataset(cfg.dataset).images
         for batch in (32, 64, 128, 256, 512):
             torch.manual_seed(0)
