@@ -58,18 +58,18 @@ GAN_LOSSES = {
 }
 
 
-def gradient_penalty(critic, real: Tensor, fake: Tensor, grad_scale: float = 1.0) -> Tensor:
+def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
     """WGAN-GP: (||grad_x critic(x)|| - 1)^2 at random points between real and fake images.
 
-    ``grad_scale`` is the fp16 gradient scaler's current scale (1.0 otherwise): the critic's
-    output is scaled before differentiation so small gradients survive fp16, then unscaled.
+    Under autocast the critic runs in the low precision, and the input gradient is taken unscaled.
+    The penalty holds its norm near 1 per image, well inside fp16's range, and multiplying by the
+    fp16 scaler's scale (2^16 at first) would overflow it. The outer backward of the loss is scaled
+    by the loop as usual.
     """
     eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device)
     x = (eps * real.float() + (1 - eps) * fake.float()).requires_grad_(True)
-    out = critic(x).float()
-    (grad,) = torch.autograd.grad(out.sum() * grad_scale, x, create_graph=True)
-    grad = grad.float().flatten(1) / grad_scale
-    return ((grad.norm(2, dim=1) - 1) ** 2).mean()
+    (grad,) = torch.autograd.grad(critic(x).float().sum(), x, create_graph=True)
+    return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
 def kl_normal(mu: Tensor, logvar: Tensor) -> Tensor:

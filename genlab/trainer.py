@@ -84,7 +84,7 @@ class Trainer:
     """Trains ``model`` on uint8 ``images`` [N, C, H, W]; writes everything into ``run_dir``.
 
     The trainer is also the step context a model's ``training_step`` receives:
-    ``autocast()``, ``step(name, loss)``, ``step_index`` and ``grad_scale``.
+    ``autocast()``, ``step(name, loss)`` and ``step_index``.
 
     ``on_nan``: what a non-finite loss does. ``stop`` (no host sync: the check rides on the metrics
     rows) ends the run naming the step and the loss, keeping the last good checkpoint. ``skip`` reads
@@ -166,10 +166,6 @@ class Trainer:
     def _grads_finite(opt) -> bool:
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
         return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
-
-    @property
-    def grad_scale(self) -> float:
-        return self.scaler.get_scale() if self.scaler is not None else 1.0
 
     # --- data -----------------------------------------------------------------------------------
 

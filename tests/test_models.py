@@ -1,5 +1,6 @@
 """One concern per test, across every model: a training step on CPU changes every trainable part."""
 
+import contextlib
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from genlab.build import build_dataset, build_model, build_optimizers
 from genlab.errors import GenlabError
+from genlab.losses import gradient_penalty
 from genlab.trainer import Trainer
 
 from conftest import compose_train
@@ -19,7 +21,7 @@ CASES = [
 SHAPES = [(1, 28), (3, 32)]
 
 
-def setup(model, loss, channels, size, tmp_path, precision="fp32"):
+def setup(model, loss, channels, size, tmp_path, precision="fp32", **trainer_args):
     loss_name, *recon = loss.split()
     overrides = [f"model={model}", f"loss={loss_name}", "dataset=synthetic", "dataset.n=16",
                  f"dataset.channels={channels}", f"dataset.image_size={size}", f"trainer.precision={precision}"]
@@ -30,7 +32,7 @@ def setup(model, loss, channels, size, tmp_path, precision="fp32"):
     m = build_model(cfg)
     data = build_dataset(cfg.dataset)
     trainer = Trainer(m, build_optimizers(cfg.optimizer, m), data.images, tmp_path, device="cpu",
-                      precision=precision, batch_size=8, progress=False)
+                      precision=precision, batch_size=8, progress=False, **trainer_args)
     return m, trainer, data.images[:8].float() / 255
 
 
@@ -52,12 +54,44 @@ def test_training_step_changes_every_part(model, loss, channels, size, tmp_path)
     assert all(p.grad is None or p.requires_grad for p in m.parameters())
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("model,loss", [("gan", "bce"), ("dcgan", "wasserstein"), ("vae", "elbo")])
-def test_bf16_step_is_finite(model, loss, tmp_path):
-    m, trainer, x = setup(model, loss, 1, 28, tmp_path, precision="bf16")
-    for _ in range(3):
-        out = m.training_step(x, trainer)
-    assert all(math.isfinite(v.item()) for v in out.values())
+def test_low_precision_training_is_finite(model, loss, precision, tmp_path):
+    # dcgan + wasserstein has the gradient penalty: with fp16 the gradient scaler starts at 2^16
+    _, trainer, _ = setup(model, loss, 1, 28, tmp_path, precision=precision, max_steps=4, log_every=1)
+    trainer.fit()  # on_nan=stop: a non-finite loss raises
+    losses = [v for row in trainer.rows for k, v in row.items() if k.startswith("train/")]
+    assert len(losses) >= 4 and all(math.isfinite(v) for v in losses)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    # the gradient of x -> w.x + b is w everywhere, so the penalty is (||w|| - 1)^2 exactly
+    w = torch.randn(3 * 8 * 8)
+    real, fake = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8)
+    penalty = gradient_penalty(lambda x: x.flatten(1) @ w + 0.5, real, fake)
+    assert penalty.item() == pytest.approx(((w.norm() - 1) ** 2).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("model", ["gan", "dcgan"])
+def test_gradient_penalty_under_autocast_matches_fp32(model, precision, tmp_path):
+    m, trainer, x = setup(model, "wasserstein", 1, 28, tmp_path, precision=precision)
+    m.d.eval()  # no dropout: both passes must see the same critic
+    fake = m.g(torch.randn(8, m.z_dim)).detach()
+
+    def penalty_and_grads(autocast):
+        torch.manual_seed(1)  # the same interpolation points
+        m.d.zero_grad()
+        with autocast:
+            penalty = gradient_penalty(m.d, x * 2 - 1, fake)
+        penalty.backward()  # through the input gradient: a double backward
+        return penalty.item(), torch.cat([p.grad.flatten() for p in m.d.parameters() if p.grad is not None])
+
+    exact, exact_grads = penalty_and_grads(contextlib.nullcontext())
+    low, low_grads = penalty_and_grads(trainer.autocast())
+    assert low == pytest.approx(exact, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(low_grads, exact_grads, dim=0) > 0.999
+    assert (low_grads.norm() / exact_grads.norm()).item() == pytest.approx(1, rel=1e-2)
 
 
 @pytest.mark.parametrize("model", ["gan", "dcgan", "vae"])

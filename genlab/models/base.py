@@ -10,7 +10,6 @@ class StepContext(Protocol):
     """What the training loop hands a model each step (see genlab.trainer.Trainer)."""
 
     step_index: int  # optimisation steps done before this one
-    grad_scale: float  # the fp16 gradient scaler's scale, 1.0 when none
 
     def autocast(self): ...  # the run's mixed-precision context
 

@@ -41,7 +41,7 @@ class GAN(GenerativeModel):
             real_logits, fake_logits = self.d(torch.cat([x, fake.detach()])).float().chunk(2)
             loss_d = self.d_loss(real_logits, fake_logits)
             if self.gp_weight:
-                loss_d = loss_d + self.gp_weight * gradient_penalty(self.d, x, fake.detach(), ctx.grad_scale)
+                loss_d = loss_d + self.gp_weight * gradient_penalty(self.d, x, fake.detach())
         ctx.step("d", loss_d)
         out = {"loss_d": loss_d.detach()}
         if ctx.step_index % self.n_critic == 0:
