@@ -3,6 +3,7 @@ and generation-quality reports (task=quality) measured with genlab's own per-dat
 plus the standard Inception FID when the user gives the Inception weights."""
 
 import csv
+import functools
 import json
 import logging
 import statistics
@@ -30,27 +31,31 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
         raise GenlabError(f"task={cfg.task} is not a genlab evaluate task: use task=anomaly or task=quality.")
     device = resolve_device(cfg.device)
     if cfg.task == "quality":
-        r = quality_report(cfg.ckpt, run_dir, cfg, device)
-        log.info("FID %.3f  KID %.5f  precision %.3f  recall %.3f  IS %.2f  classes covered %d/%d",
-                 r["fid"], r["kid"], r["precision"], r["recall"], r["inception_score"], r["classes_covered"],
-                 len(r["class_histogram"]))
-        if "fid_inception" in r:
-            log.info("FID (standard Inception) %.3f", r["fid_inception"])
-        return
-    if cfg.inception_weights:
-        log.warning("inception_weights= is for task=quality; task=anomaly does not use it")
+        inception = load_inception(cfg.inception_weights, device) if cfg.inception_weights else None
+        report_of = functools.partial(quality_report, inception=inception)
+    else:
+        if cfg.inception_weights:
+            log.warning("inception_weights= is for task=quality; task=anomaly does not use it")
+        report_of = anomaly_report
     runs = sweep_runs(Path(cfg.ckpt).expanduser())
     if runs is None:
-        report = anomaly_report(cfg.ckpt, run_dir, cfg, device)
-        log.info("AUROC %.4f  AUPRC %.4f  (score %s, normal classes %s)", report["auroc"], report["auprc"],
-                 report["score"], report["normal_classes"])
+        log.info("%s", headline(report_of(cfg.ckpt, run_dir, cfg, device)))
         return
     rows = []
     for sub in runs:
-        report = anomaly_report(sub, run_dir / sub.name, cfg, device)
-        log.info("%s: AUROC %.4f (%s)", sub.name, report["auroc"], " ".join(report["overrides"]))
+        report = report_of(sub, run_dir / sub.name, cfg, device)
+        log.info("%s (%s): %s", sub.name, " ".join(report["overrides"]), headline(report))
         rows.append(report)
     write_summary(rows, run_dir)
+
+
+def headline(r: dict) -> str:
+    if r["task"] == "anomaly":
+        return (f"AUROC {r['auroc']:.4f}  AUPRC {r['auprc']:.4f}  (score {r['score']}, "
+                f"normal classes {r['normal_classes']})")
+    line = (f"FID {r['fid']:.3f}  KID {r['kid']:.5f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
+            f"IS {r['inception_score']:.2f}  classes covered {r['classes_covered']}/{len(r['class_histogram'])}")
+    return line + (f"  FID (standard Inception) {r['fid_inception']:.3f}" if "fid_inception" in r else "")
 
 
 def sweep_runs(path: Path) -> list[Path] | None:
@@ -161,31 +166,95 @@ def report_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the columns of summary.csv / summary.md for each task: (report key, heading, digits)
+SUMMARY = {
+    "anomaly": [("auroc", "AUROC", 4), ("auprc", "AUPRC", 4)],
+    "quality": [("fid", "FID", 2), ("fid_inception", "FID (Inception)", 2), ("kid", "KID", 5),
+                ("precision", "precision", 3), ("recall", "recall", 3), ("inception_score", "IS", 2),
+                ("classes_covered", "classes covered", 1)],
+}
+
+
 def write_summary(rows: list[dict], out_dir: Path) -> None:
-    """summary.csv and summary.md: one row per run, then the mean and standard deviation."""
-    aurocs = [r["auroc"] for r in rows]
-    mean, std = statistics.fmean(aurocs), statistics.pstdev(aurocs)
+    """summary.csv and summary.md: one row per run, then the mean and standard deviation over all
+    runs, and over the seeds of each setting when the sweep repeats settings with several seeds."""
+    task = rows[0]["task"]
+    cols = [c for c in SUMMARY[task] if all(c[0] in r for r in rows)]
+    extra = ["normal_classes", "score"] if task == "anomaly" else []
+    groups = seed_groups(rows)
+
+    def stats(group):
+        values = [[float(r[key]) for r in group] for key, _, _ in cols]
+        return [(statistics.fmean(v), statistics.pstdev(v)) for v in values]
+
     with open(out_dir / "summary.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["run", "overrides", "normal_classes", "score", "auroc", "auprc"])
+        w.writerow(["run", "overrides", *extra, *(key for key, _, _ in cols)])
         for r in rows:
-            w.writerow([Path(r["checkpoint"]).parent.parent.name, " ".join(r["overrides"]),
-                        " ".join(map(str, r["normal_classes"])), r["score"], f"{r['auroc']:.6f}", f"{r['auprc']:.6f}"])
-        w.writerow(["mean", "", "", "", f"{mean:.6f}", f"{statistics.fmean(r['auprc'] for r in rows):.6f}"])
-        w.writerow(["std", "", "", "", f"{std:.6f}", f"{statistics.pstdev([r['auprc'] for r in rows]):.6f}"])
-    lines = ["| run | overrides | normal | AUROC | AUPRC |", "|---|---|---|---|---|"]
+            w.writerow([run_name(r), " ".join(r["overrides"]), *(cell(r[k]) for k in extra),
+                        *(f"{float(r[key]):.6f}" for key, _, _ in cols)])
+        for setting, group in [("", rows), *groups.items()]:
+            ms = stats(group)
+            w.writerow(["mean", setting, *[""] * len(extra), *(f"{m:.6f}" for m, _ in ms)])
+            w.writerow(["std", setting, *[""] * len(extra), *(f"{s:.6f}" for _, s in ms)])
+
+    def pm(ms, bold=False):
+        return [f"**{m:.{d}f} ± {s:.{d}f}**" if bold else f"{m:.{d}f} ± {s:.{d}f}" for (_, _, d), (m, s) in zip(cols, ms)]
+
+    heads = [head for _, head, _ in cols]
+    lines = [f"# {rows[0]['model']} on {rows[0]['dataset']}, {title(rows[0])}: {len(rows)} runs", "",
+             md_row(["run", "overrides", *(["normal"] if extra else []), *heads]),
+             md_row(["---"] * (2 + bool(extra) + len(heads)))]
     for r in rows:
-        lines.append(f"| {Path(r['checkpoint']).parent.parent.name} | `{' '.join(r['overrides'])}` | "
-                     f"{', '.join(map(str, r['normal_classes']))} | {r['auroc']:.4f} | {r['auprc']:.4f} |")
-    lines.append(f"| **mean ± std** | | | **{mean:.4f} ± {std:.4f}** | |")
-    (out_dir / "summary.md").write_text(f"# {rows[0]['model']} on {rows[0]['dataset']}, score {rows[0]['score']}: "
-                                        f"{len(rows)} runs\n\n" + "\n".join(lines) + "\n")
-    log.info("mean AUROC over %d runs: %.4f ± %.4f", len(rows), mean, std)
+        lines.append(md_row([run_name(r), f"`{' '.join(r['overrides'])}`", *([cell(r["normal_classes"])] if extra else []),
+                             *(number(r[key], d) for key, _, d in cols)]))
+    lines.append(md_row(["**mean ± std**", "", *([""] if extra else []), *pm(stats(rows), bold=True)]))
+    if groups:
+        lines += ["", "Over the seeds of each setting (mean ± standard deviation):", "",
+                  md_row(["setting", "runs", *heads]), md_row(["---"] * (2 + len(heads)))]
+        lines += [md_row([f"`{setting or '(none)'}`", str(len(group)), *pm(stats(group))])
+                  for setting, group in groups.items()]
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    head = heads[0]
+    log.info("mean %s over %d runs: %s", head, len(rows), pm(stats(rows))[0])
+    for setting, group in groups.items():
+        log.info("  %s (%d seeds): %s %s", setting, len(group), head, pm(stats(group))[0])
 
 
-def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
-    """How good and how varied the samples are, against the test split of the run's dataset."""
-    inception = load_inception(cfg.inception_weights, device) if cfg.inception_weights else None
+def number(v, digits: int) -> str:
+    return str(v) if isinstance(v, int) else f"{v:.{digits}f}"
+
+
+def md_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """The runs grouped by the overrides that vary across the sweep, leaving out seed=. Empty unless
+    there are at least two settings and some setting was run with several seeds."""
+    common = set.intersection(*(set(r["overrides"]) for r in rows))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        setting = " ".join(o for o in r["overrides"] if o not in common and not o.startswith("seed="))
+        groups.setdefault(setting, []).append(r)
+    return groups if len(groups) > 1 and max(map(len, groups.values())) > 1 else {}
+
+
+def run_name(r: dict) -> str:
+    return Path(r["checkpoint"]).parent.parent.name
+
+
+def cell(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def title(r: dict) -> str:
+    return f"score {r['score']}" if r["task"] == "anomaly" else f"sample quality ({r['protocol']['n_samples']} samples)"
+
+
+def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None) -> dict:
+    """How good and how varied the samples are, against the test split of the run's dataset.
+    ``inception``: genlab.inception.load_inception's (net, info), to add the standard FID."""
     model, train_cfg, state = load_model(ckpt, device)
     if cfg.dataset_root is not None:
         train_cfg.dataset.root = cfg.dataset_root

@@ -1,6 +1,7 @@
 """The quality metrics: pure-function properties, the FID noise ladder, the real command, and the
 standard Inception FID from a weights file with the real keys and shapes but random values."""
 
+import csv
 import hashlib
 import json
 import math
@@ -69,6 +70,29 @@ def test_evaluate_quality_through_the_command(tmp_path):
     assert sum(rep["class_histogram"]) == 500 and rep["protocol"]["n_samples"] == 500
     assert 0 <= rep["precision"] <= 1 and rep["fid"] > 0
     assert (tmp_path / "q" / "classes.png").is_file() and (tmp_path / "q" / "report.md").is_file()
+
+
+def test_evaluate_quality_of_a_sweep_groups_the_seeds(tmp_path):
+    r = genlab("train", "-m", "model=gan", "trainer.max_steps=20", "device=cpu", "optimizer.lr=0.0001,0.001", "seed=0,1",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = genlab("evaluate", "task=quality", f"ckpt={tmp_path / 'sweep'}", "n_samples=300", f"hydra.run.dir={tmp_path / 'q'}",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "q" / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    runs = rows[:4]
+    assert [r["run"] for r in runs] == ["0", "1", "2", "3"]
+    for r in runs:
+        assert float(r["fid"]) == pytest.approx(json.loads((tmp_path / "q" / r["run"] / "report.json").read_text())["fid"])
+    # the mean over all four runs, then over the two seeds of each learning rate
+    assert [(r["run"], r["overrides"]) for r in rows[4:]] == [
+        ("mean", ""), ("std", ""), ("mean", "optimizer.lr=0.0001"), ("std", "optimizer.lr=0.0001"),
+        ("mean", "optimizer.lr=0.001"), ("std", "optimizer.lr=0.001")]
+    for setting, i in (("optimizer.lr=0.0001", 6), ("optimizer.lr=0.001", 8)):
+        fids = [float(r["fid"]) for r in runs if setting in r["overrides"].split()]
+        assert len(fids) == 2 and float(rows[i]["fid"]) == pytest.approx(sum(fids) / 2, rel=1e-5)
+    assert "Over the seeds of each setting" in (tmp_path / "q" / "summary.md").read_text()
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not in ../shared/data")
