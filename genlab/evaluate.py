@@ -176,49 +176,54 @@ SUMMARY = {
 
 
 def write_summary(rows: list[dict], out_dir: Path) -> None:
-    """summary.csv and summary.md: one row per run, then the mean and standard deviation over all
-    runs, and over the seeds of each setting when the sweep repeats settings with several seeds."""
+    """summary.csv and summary.md: one row per run, then the mean and sample standard deviation over
+    all runs and, when some setting of the sweep was run with several seeds, over each setting's seeds."""
     task = rows[0]["task"]
     cols = [c for c in SUMMARY[task] if all(c[0] in r for r in rows)]
     extra = ["normal_classes", "score"] if task == "anomaly" else []
-    groups = seed_groups(rows)
-
-    def stats(group):
-        values = [[float(r[key]) for r in group] for key, _, _ in cols]
-        return [(statistics.fmean(v), statistics.pstdev(v)) for v in values]
+    # (setting, runs, [(mean, std or None) per column]): all runs first, then each setting
+    groups = [("", rows), *((setting or "(none)", group) for setting, group in seed_groups(rows).items())]
+    stats = [(setting, len(group), mean_std([[float(r[key]) for r in group] for key, _, _ in cols]))
+             for setting, group in groups]
 
     with open(out_dir / "summary.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["run", "overrides", *extra, *(key for key, _, _ in cols)])
+        w.writerow(["run", "overrides", "runs", *extra, *(key for key, _, _ in cols)])
         for r in rows:
-            w.writerow([run_name(r), " ".join(r["overrides"]), *(cell(r[k]) for k in extra),
+            w.writerow([run_name(r), " ".join(r["overrides"]), 1, *(cell(r[k]) for k in extra),
                         *(f"{float(r[key]):.6f}" for key, _, _ in cols)])
-        for setting, group in [("", rows), *groups.items()]:
-            ms = stats(group)
-            w.writerow(["mean", setting, *[""] * len(extra), *(f"{m:.6f}" for m, _ in ms)])
-            w.writerow(["std", setting, *[""] * len(extra), *(f"{s:.6f}" for _, s in ms)])
+        for setting, n, ms in stats:
+            w.writerow(["mean", setting, n, *[""] * len(extra), *(f"{m:.6f}" for m, _ in ms)])
+            w.writerow(["std", setting, n, *[""] * len(extra), *("" if s is None else f"{s:.6f}" for _, s in ms)])
 
-    def pm(ms, bold=False):
-        return [f"**{m:.{d}f} ± {s:.{d}f}**" if bold else f"{m:.{d}f} ± {s:.{d}f}" for (_, _, d), (m, s) in zip(cols, ms)]
+    def pm(ms):
+        return [f"{m:.{d}f}" if s is None else f"{m:.{d}f} ± {s:.{d}f}" for (_, _, d), (m, s) in zip(cols, ms)]
 
     heads = [head for _, head, _ in cols]
-    lines = [f"# {rows[0]['model']} on {rows[0]['dataset']}, {title(rows[0])}: {len(rows)} runs", "",
-             md_row(["run", "overrides", *(["normal"] if extra else []), *heads]),
-             md_row(["---"] * (2 + bool(extra) + len(heads)))]
+    normal = ["normal"] if extra else []
+    lines = [f"# {rows[0]['model']} on {rows[0]['dataset']}, {title(rows[0])}: {plural(len(rows), 'run')}", "",
+             md_row(["run", "overrides", *normal, *heads]), md_row(["---"] * (2 + len(normal) + len(heads)))]
     for r in rows:
         lines.append(md_row([run_name(r), f"`{' '.join(r['overrides'])}`", *([cell(r["normal_classes"])] if extra else []),
                              *(number(r[key], d) for key, _, d in cols)]))
-    lines.append(md_row(["**mean ± std**", "", *([""] if extra else []), *pm(stats(rows), bold=True)]))
-    if groups:
-        lines += ["", "Over the seeds of each setting (mean ± standard deviation):", "",
+    lines.append(md_row(["**mean ± std**", "", *[""] * len(normal), *(f"**{v}**" for v in pm(stats[0][2]))]))
+    if len(stats) > 1:
+        lines += ["", "Over the seeds of each setting (mean ± sample standard deviation):", "",
                   md_row(["setting", "runs", *heads]), md_row(["---"] * (2 + len(heads)))]
-        lines += [md_row([f"`{setting or '(none)'}`", str(len(group)), *pm(stats(group))])
-                  for setting, group in groups.items()]
+        lines += [md_row([setting, str(n), *pm(ms)]) for setting, n, ms in stats[1:]]
+    lines += ["", "std: the sample standard deviation (n - 1)."]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    head = heads[0]
-    log.info("mean %s over %d runs: %s", head, len(rows), pm(stats(rows))[0])
-    for setting, group in groups.items():
-        log.info("  %s (%d seeds): %s %s", setting, len(group), head, pm(stats(group))[0])
+    for setting, n, ms in stats:
+        log.info("%s%s over %s: %s", f"{setting}: " if setting else "", heads[0], plural(n, "run"), pm(ms)[0])
+
+
+def mean_std(columns: list[list[float]]) -> list[tuple[float, float | None]]:
+    """Each column's mean and sample standard deviation (None for a single value)."""
+    return [(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None) for v in columns]
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def number(v, digits: int) -> str:

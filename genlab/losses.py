@@ -61,15 +61,16 @@ GAN_LOSSES = {
 def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
     """WGAN-GP: (||grad_x critic(x)|| - 1)^2 at random points between real and fake images.
 
-    Under autocast the critic runs in the low precision, and the input gradient is taken unscaled.
-    The penalty holds its norm near 1 per image, well inside fp16's range, and multiplying by the
-    fp16 scaler's scale (2^16 at first) would overflow it. The outer backward of the loss is scaled
-    by the loop as usual.
+    Under autocast the critic runs in the low precision, and the input gradient is taken unscaled,
+    unlike the loss's backward, which the loop scales for fp16. The penalty holds that gradient's
+    norm near 1 per image, and each element near 1/sqrt(pixels), well inside fp16's range:
+    multiplying by the fp16 scaler's scale (2^16 at first) would overflow it, and underflow needs
+    norms below about 1e-4, where the penalty is about 1 whatever the rounding.
     """
     eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device)
     x = (eps * real.float() + (1 - eps) * fake.float()).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x).float().sum(), x, create_graph=True)
-    return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
 def kl_normal(mu: Tensor, logvar: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from genlab import checkpoint
+from genlab import checkpoint, evaluate
 
 from conftest import genlab
 
@@ -77,6 +77,29 @@ def test_evaluate_a_whole_sweep(tmp_path):
     aurocs = [float(r["auroc"]) for r in rows[:2]]
     assert float(rows[2]["auroc"]) == pytest.approx(sum(aurocs) / 2, abs=1e-5)
     assert (tmp_path / "e" / "0" / "roc.png").is_file() and (tmp_path / "e" / "summary.md").is_file()
+
+
+def test_sweep_summary_statistics(tmp_path):
+    def report(run, auroc, *overrides):
+        return {"task": "anomaly", "model": "VAE", "dataset": "digits", "score": "elbo", "normal_classes": [0],
+                "auroc": auroc, "auprc": auroc, "overrides": list(overrides), "checkpoint": f"/s/{run}/checkpoints/last.pt"}
+
+    rows = [report(0, 0.6, "lr=1", "seed=0"), report(1, 0.8, "lr=1", "seed=1"), report(2, 0.9, "lr=2", "seed=0")]
+    evaluate.write_summary(rows, tmp_path)
+    with open(tmp_path / "summary.csv") as fh:
+        summary = [(r["run"], r["overrides"], r["runs"], r["auroc"]) for r in csv.DictReader(fh)][3:]
+    assert summary == [
+        ("mean", "", "3", "0.766667"), ("std", "", "3", "0.152753"),  # the sample (n - 1) standard deviation
+        ("mean", "lr=1", "2", "0.700000"), ("std", "lr=1", "2", "0.141421"),
+        ("mean", "lr=2", "1", "0.900000"), ("std", "lr=2", "1", ""),  # one run: no spread to give
+    ]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| lr=1 | 2 | 0.7000 ± 0.1414 | 0.7000 ± 0.1414 |" in md and "| lr=2 | 1 | 0.9000 | 0.9000 |" in md
+    # a setting with no overrides of its own is named, not left blank like the row over all runs
+    evaluate.write_summary([report(0, 0.5, "seed=0"), report(1, 0.7, "seed=1"), report(2, 0.9, "+x=1", "seed=0")],
+                           tmp_path)
+    with open(tmp_path / "summary.csv") as fh:
+        assert [r["overrides"] for r in csv.DictReader(fh)][5:] == ["(none)", "(none)", "+x=1", "+x=1"]
 
 
 @pytest.mark.parametrize("args,message", [
