@@ -177,12 +177,15 @@ SUMMARY = {
 
 def write_summary(rows: list[dict], out_dir: Path) -> None:
     """summary.csv and summary.md: one row per run, then the mean and sample standard deviation over
-    all runs and, when some setting of the sweep was run with several seeds, over each setting's seeds."""
+    all runs and, when some setting of the sweep was run with several seeds, over each setting's seeds.
+    summary.png: the first metric of each run, one column per setting."""
     task = rows[0]["task"]
     cols = [c for c in SUMMARY[task] if all(c[0] in r for r in rows)]
     extra = ["normal_classes", "score"] if task == "anomaly" else []
     # (setting, runs, [(mean, std or None) per column]): all runs first, then each setting
-    groups = [("", rows), *((setting or "(none)", group) for setting, group in seed_groups(rows).items())]
+    settings = seed_groups(rows)
+    by_seed = len(settings) > 1 and max(map(len, settings.values())) > 1  # some setting has several seeds
+    groups = [("", rows), *(settings.items() if by_seed else ())]
     stats = [(setting, len(group), mean_std([[float(r[key]) for r in group] for key, _, _ in cols]))
              for setting, group in groups]
 
@@ -213,6 +216,9 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
         lines += [md_row([setting, str(n), *pm(ms)]) for setting, n, ms in stats[1:]]
     lines += ["", "std: the sample standard deviation (n - 1)."]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    key, head, _ = cols[0]
+    plots.sweep({setting: [float(r[key]) for r in group] for setting, group in settings.items()}, head,
+                out_dir / "summary.png", f"{rows[0]['model']} on {rows[0]['dataset']}, {title(rows[0])}")
     for setting, n, ms in stats:
         log.info("%s%s over %s: %s", f"{setting}: " if setting else "", heads[0], plural(n, "run"), pm(ms)[0])
 
@@ -235,14 +241,16 @@ def md_row(cells) -> str:
 
 
 def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """The runs grouped by the overrides that vary across the sweep, leaving out seed=. Empty unless
-    there are at least two settings and some setting was run with several seeds."""
+    """The runs grouped by the overrides that vary across the sweep, leaving out seed=. A group
+    whose runs have no overrides of their own is "(none)", or "all runs" when it is the only one."""
     common = set.intersection(*(set(r["overrides"]) for r in rows))
     groups: dict[str, list[dict]] = {}
     for r in rows:
         setting = " ".join(o for o in r["overrides"] if o not in common and not o.startswith("seed="))
         groups.setdefault(setting, []).append(r)
-    return groups if len(groups) > 1 and max(map(len, groups.values())) > 1 else {}
+    if "" in groups:
+        groups = {(s or ("(none)" if len(groups) > 1 else "all runs")): g for s, g in groups.items()}
+    return groups
 
 
 def run_name(r: dict) -> str:

@@ -93,3 +93,35 @@ def class_histogram(samples: list[int], reference: list[int], path: Path, title:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def sweep(values: dict[str, list[float]], metric: str, path: Path, title: str = "") -> None:
+    """One column per setting of a sweep: a dot per run, and the mean ± sample standard deviation
+    where a setting has several runs (seeds). Settings that all set one key show its values."""
+    import statistics
+
+    names = list(values)
+    keys = {n.split("=", 1)[0] for n in names}
+    one_key = len(keys) == 1 and all("=" in n and " " not in n for n in names)
+    ticks = [n.split("=", 1)[1] for n in names] if one_key else names
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4), dpi=110)
+    for i, name in enumerate(names):
+        v = values[name]
+        offsets = [0.0] if len(v) == 1 else [0.16 * (j / (len(v) - 1) - 0.5) for j in range(len(v))]
+        ax.scatter([i + o for o in offsets], v, s=18, color="tab:blue", alpha=0.8, zorder=3,
+                   label=None if i else "a run")
+        if len(v) > 1:
+            ax.errorbar(i + 0.22, statistics.fmean(v), yerr=statistics.stdev(v), fmt="o", color="tab:red",
+                        capsize=4, zorder=4, label=None if "mean ± std" in ax.get_legend_handles_labels()[1]
+                        else "mean ± std")
+    ax.set_xticks(range(len(names)), ticks, rotation=0 if one_key or len(names) < 4 else 30,
+                  ha="center" if one_key or len(names) < 4 else "right", fontsize=8)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_xlabel(keys.pop() if one_key else "setting")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

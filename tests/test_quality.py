@@ -93,6 +93,7 @@ def test_evaluate_quality_of_a_sweep_groups_the_seeds(tmp_path):
         fids = [float(r["fid"]) for r in runs if setting in r["overrides"].split()]
         assert len(fids) == 2 and float(rows[i]["fid"]) == pytest.approx(sum(fids) / 2, rel=1e-5)
     assert "Over the seeds of each setting" in (tmp_path / "q" / "summary.md").read_text()
+    assert (tmp_path / "q" / "summary.png").is_file()
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not in ../shared/data")

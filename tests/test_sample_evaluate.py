@@ -76,7 +76,8 @@ def test_evaluate_a_whole_sweep(tmp_path):
     assert rows[0]["overrides"].count("dataset.classes=[0]") == 1 and rows[1]["normal_classes"] == "1"
     aurocs = [float(r["auroc"]) for r in rows[:2]]
     assert float(rows[2]["auroc"]) == pytest.approx(sum(aurocs) / 2, abs=1e-5)
-    assert (tmp_path / "e" / "0" / "roc.png").is_file() and (tmp_path / "e" / "summary.md").is_file()
+    assert (tmp_path / "e" / "0" / "roc.png").is_file()
+    assert (tmp_path / "e" / "summary.md").is_file() and (tmp_path / "e" / "summary.png").is_file()
 
 
 def test_sweep_summary_statistics(tmp_path):
