@@ -183,7 +183,7 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
     cols = [c for c in SUMMARY[task] if all(c[0] in r for r in rows)]
     extra = ["normal_classes", "score"] if task == "anomaly" else []
     # (setting, runs, [(mean, std or None) per column]): all runs first, then each setting
-    settings = seed_groups(rows)
+    settings = settings_of(rows)
     by_seed = len(settings) > 1 and max(map(len, settings.values())) > 1  # some setting has several seeds
     groups = [("", rows), *(settings.items() if by_seed else ())]
     stats = [(setting, len(group), mean_std([[float(r[key]) for r in group] for key, _, _ in cols]))
@@ -240,7 +240,7 @@ def md_row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
+def settings_of(rows: list[dict]) -> dict[str, list[dict]]:
     """The runs grouped by the overrides that vary across the sweep, leaving out seed=. A group
     whose runs have no overrides of their own is "(none)", or "all runs" when it is the only one."""
     common = set.intersection(*(set(r["overrides"]) for r in rows))

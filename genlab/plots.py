@@ -1,5 +1,6 @@
 """Pictures written during and after training (matplotlib, no screen needed)."""
 
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -98,8 +99,6 @@ def class_histogram(samples: list[int], reference: list[int], path: Path, title:
 def sweep(values: dict[str, list[float]], metric: str, path: Path, title: str = "") -> None:
     """One column per setting of a sweep: a dot per run, and the mean ± sample standard deviation
     where a setting has several runs (seeds). Settings that all set one key show its values."""
-    import statistics
-
     names = list(values)
     keys = {n.split("=", 1)[0] for n in names}
     one_key = len(keys) == 1 and all("=" in n and " " not in n for n in names)
