@@ -256,6 +256,7 @@ class Trainer:
                     bar.update(1)
                     end = self.step_index >= self.total_steps or self._signal is not None
                     if self.step_index % self.log_every == 0 or i == self.steps_per_epoch - 1 or end:
+                        self._sync()  # the row reads the losses anyway; the window's time then counts its work
                         now = time.perf_counter()
                         row = self._log_row(sums, counts, epoch, images_in_window / (now - t_window), now - t_start)
                         bar.set_postfix({k.removeprefix("train/"): f"{v:.3g}" for k, v in row.items() if k.startswith("train/")})
@@ -287,6 +288,13 @@ class Trainer:
                     self.save(self.run_dir / "checkpoints" / f"epoch_{done_epochs:04d}.pt", epoch, time.perf_counter() - t_start)
                     self._prune()
                 t_window = time.perf_counter()  # the window's speed counts training alone
+
+    def _sync(self) -> None:
+        """Wait for the work queued on a GPU (a no-op on the CPU, which runs each op as it is called)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
 
     def _buffers(self) -> list[torch.Tensor]:
         """The model's floating-point buffers (batch-norm statistics): a skipped step puts them back."""
