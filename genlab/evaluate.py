@@ -166,12 +166,12 @@ def report_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# the columns of summary.csv / summary.md for each task: (report key, heading, digits)
+# the columns of summary.csv / summary.md for each task: (report key, heading, format in summary.md)
 SUMMARY = {
-    "anomaly": [("auroc", "AUROC", 4), ("auprc", "AUPRC", 4)],
-    "quality": [("fid", "FID", 2), ("fid_inception", "FID (Inception)", 2), ("kid", "KID", 5),
-                ("precision", "precision", 3), ("recall", "recall", 3), ("inception_score", "IS", 2),
-                ("classes_covered", "classes covered", 1)],
+    "anomaly": [("auroc", "AUROC", ".4f"), ("auprc", "AUPRC", ".4f")],
+    "quality": [("fid", "FID", ".2f"), ("fid_inception", "FID (Inception)", ".2f"), ("kid", "KID", ".4g"),
+                ("precision", "precision", ".3f"), ("recall", "recall", ".3f"), ("inception_score", "IS", ".2f"),
+                ("classes_covered", "classes covered", ".1f")],
 }
 
 
@@ -200,7 +200,7 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
             w.writerow(["std", setting, n, *[""] * len(extra), *("" if s is None else f"{s:.6f}" for _, s in ms)])
 
     def pm(ms):
-        return [f"{m:.{d}f}" if s is None else f"{m:.{d}f} ± {s:.{d}f}" for (_, _, d), (m, s) in zip(cols, ms)]
+        return [f"{m:{f}}" if s is None else f"{m:{f}} ± {s:{f}}" for (_, _, f), (m, s) in zip(cols, ms)]
 
     heads = [head for _, head, _ in cols]
     normal = ["normal"] if extra else []
@@ -208,7 +208,7 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
              md_row(["run", "overrides", *normal, *heads]), md_row(["---"] * (2 + len(normal) + len(heads)))]
     for r in rows:
         lines.append(md_row([run_name(r), f"`{' '.join(r['overrides'])}`", *([cell(r["normal_classes"])] if extra else []),
-                             *(number(r[key], d) for key, _, d in cols)]))
+                             *(number(r[key], f) for key, _, f in cols)]))
     lines.append(md_row(["**mean ± std**", "", *[""] * len(normal), *(f"**{v}**" for v in pm(stats[0][2]))]))
     if len(stats) > 1:
         lines += ["", "Over the seeds of each setting (mean ± sample standard deviation):", "",
@@ -232,8 +232,8 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def number(v, digits: int) -> str:
-    return str(v) if isinstance(v, int) else f"{v:.{digits}f}"
+def number(v, spec: str) -> str:
+    return str(v) if isinstance(v, int) else f"{v:{spec}}"
 
 
 def md_row(cells) -> str:
