@@ -1,6 +1,7 @@
 """The one place that turns config into objects. Everything it builds takes plain arguments."""
 
 import inspect
+import logging
 import types
 import typing
 
@@ -8,10 +9,17 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.lr_scheduler import LambdaLR
 
-from genlab.data import ImageData
+from genlab import callbacks
+from genlab.data import ImageData, Loader
+from genlab.ema import EMA
 from genlab.errors import GenlabError
 from genlab.models import GenerativeModel
+from genlab.schedules import Constant
+from genlab.trainer import StepContext, Trainer
+
+log = logging.getLogger(__name__)
 
 
 def _instantiate(node: DictConfig, **kwargs):
@@ -82,39 +90,71 @@ def _import(path: str, where: str):
 
 
 def build_model(cfg: DictConfig) -> GenerativeModel:
-    """The model of ``cfg.model``, trained with ``cfg.loss`` (name and its settings)."""
-    loss = OmegaConf.to_container(cfg.loss, resolve=True)
-    name = loss.pop("name")
+    """The model of ``cfg.model``, given the loss of ``cfg.loss`` when its constructor takes one."""
     cls = _import(cfg.model._target_, "model")
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    check_settings(cls, model, "model", given={"loss"})
-    if name not in cls.losses:
+    check_settings(cls, OmegaConf.to_container(cfg.model, resolve=True), "model", given={"loss"})
+    if "loss" not in inspect.signature(cls).parameters:
+        if cfg.get("loss") is not None:
+            raise GenlabError(f"{cls.__name__} takes no loss= (it owns its objective); its model config sets "
+                              "loss: null in its defaults list.")
+        return _instantiate(cfg.model)
+    if cfg.get("loss") is None:
+        raise GenlabError(f"{cls.__name__} trains with a loss: choose one with loss=NAME.")
+    return _instantiate(cfg.model, loss=build_loss(cfg.loss, cls))
+
+
+def build_loss(node: DictConfig, model_cls: type):
+    """The loss object of a ``loss/*.yaml`` config, checked against the type the model's constructor asks for."""
+    target = _import(node._target_, "loss")
+    check_settings(target, OmegaConf.to_container(node, resolve=True), "loss")
+    loss = _instantiate(node)
+    wanted = typing.get_type_hints(model_cls.__init__).get("loss")
+    if isinstance(wanted, type) and not isinstance(loss, wanted):
+        options = loss_options()
+        fits = [name for name, t in options.items() if isinstance(t, type) and issubclass(t, wanted)]
+        name = next((n for n, t in options.items() if t is target), node._target_)
         raise GenlabError(
-            f"{cls.__name__} models train with loss={'|'.join(cls.losses)}; loss={name} does not fit. "
-            f"Choose one of those, or a model that takes {name}."
+            f"{model_cls.__name__} takes a loss of type {wanted.__name__} (loss={'|'.join(fits) or '...'}); "
+            f"loss={name} does not fit. Choose one of those, or a model that takes {name}."
         )
-    check_settings(cls, loss, "loss", given={"loss", *model})
-    return _instantiate(cfg.model, loss=name, **loss)
+    return loss
+
+
+def loss_options() -> dict:
+    """genlab's own loss configs: name -> the class or function each names."""
+    from genlab.cli import CONFIG_DIR
+
+    options = {}
+    for path in sorted((CONFIG_DIR / "loss").glob("*.yaml")):
+        try:
+            options[path.stem] = get_method(OmegaConf.load(path)["_target_"])
+        except Exception:  # a loss config that does not import is reported where it is used
+            continue
+    return options
+
+
+def per_network(node: DictConfig, what: str, networks, given=()) -> tuple[object, dict[str, dict]]:
+    """A config naming one class for every network of a model (optimizers, schedules), with per-network
+    values under ``nets``: (the class, {network: its settings})."""
+    spec = OmegaConf.to_container(node, resolve=True)
+    cls = _import(spec.pop("_target_"), what)
+    per_net = spec.pop("nets", None) or {}
+    check_settings(cls, spec, what, given=given)
+    for net, settings in per_net.items():
+        check_settings(cls, settings, f"{what}.nets.{net}", given=given)
+    unknown = sorted(set(per_net) - set(networks))
+    if unknown:
+        raise GenlabError(f"{what}.nets names {', '.join(unknown)}, but this model's networks are {', '.join(networks)}.")
+    return cls, {name: {**spec, **per_net.get(name, {})} for name in networks}
 
 
 def build_optimizers(cfg: DictConfig, model: GenerativeModel) -> dict:
     """One torch optimizer per network group of the model, with per-network overrides (``nets``)."""
-    spec = OmegaConf.to_container(cfg, resolve=True)
-    cls = _import(spec.pop("_target_"), "optimizer")
-    per_net = spec.pop("nets", None) or {}
-    check_settings(cls, spec, "optimizer", given={"params"})
-    for net, settings in per_net.items():
-        check_settings(cls, settings, f"optimizer.nets.{net}", given={"params"})
     groups = model.optimizer_groups()
-    unknown = sorted(set(per_net) - set(groups))
-    if unknown:
-        raise GenlabError(
-            f"optimizer.nets names {', '.join(unknown)}, but this model's networks are {', '.join(groups)}."
-        )
+    cls, settings = per_network(cfg, "optimizer", groups, given={"params"})
 
     def make(name, params):
-        kwargs = {**spec, **per_net.get(name, {})}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in settings[name].items()}
         try:
             return cls(params, **kwargs)
         except (TypeError, ValueError) as e:
@@ -123,24 +163,106 @@ def build_optimizers(cfg: DictConfig, model: GenerativeModel) -> dict:
     return {name: make(name, params) for name, params in groups.items()}
 
 
+def build_schedulers(cfg: DictConfig | None, optimizers: dict, total_steps: int) -> dict:
+    """A LambdaLR per optimizer following the schedule of ``cfg`` (genlab.schedules) over ``total_steps``;
+    none where the schedule is constant."""
+    if cfg is None:
+        return {}
+    cls, settings = per_network(cfg, "scheduler", optimizers, given={"step", "total"})
+    schedulers = {}
+    for name, opt in optimizers.items():
+        schedule = cls(**settings[name])
+        if isinstance(schedule, Constant) and not schedule.warmup:
+            continue
+        schedulers[name] = LambdaLR(opt, lambda step, s=schedule: s(step, total_steps))
+    return schedulers
+
+
+def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
+    """Everything a training run needs: the model on ``device``, its optimizers and schedules, the data,
+    the step context, the moving average of the weights, and the writers into ``run_dir``."""
+    t = cfg.trainer
+    model = build_model(cfg).to(device)  # first: config mistakes show before any data is read
+    optimizers = build_optimizers(cfg.optimizer, model)
+    check_sampling(model, t.sampling, where="trainer.sampling.")
+    data = build_dataset(cfg.dataset, train=True)
+    loader = Loader(data.images, data.labels, t.batch_size, device, cfg.seed)
+    max_steps = t.max_steps or t.epochs * loader.steps_per_epoch
+    ctx = StepContext(optimizers, t.precision, device, build_schedulers(cfg.get("scheduler"), optimizers, max_steps),
+                      t.on_nan)
+    ema = EMA(model, t.ema.decay, t.ema.warmup) if t.ema.decay is not None else None  # before compiling
+    if t.compile:
+        compile_networks(model)
+    loss = f", loss {type(model.loss).__name__}" if getattr(model, "loss", None) is not None else ""
+    writers = [callbacks.ProgressBar()] if t.progress else []
+    writers += [
+        callbacks.MetricsCSV(run_dir),
+        callbacks.LossCurves(run_dir, f"{type(model).__name__} on {data.name}{loss}"),
+        callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling)),
+        callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), t.checkpoint_every, t.keep_every,
+                              t.keep_last),
+    ]
+    log.info("%s (%.2fM parameters): %d images %s of %s, device %s, precision %s, %d steps (%d epochs of %d, batch %d)",
+             type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(data),
+             "x".join(map(str, data.image_shape)), data.name, device, ctx.precision, max_steps,
+             -(-max_steps // loader.steps_per_epoch), loader.steps_per_epoch, loader.batch_size)
+    return Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every)
+
+
+def compile_networks(model: GenerativeModel) -> None:
+    """torch.compile each network in place: the state dict keys stay as they are, so checkpoints move freely
+    between compiled and eager runs."""
+    if not torch._dynamo.is_dynamo_supported():
+        raise GenlabError("trainer.compile=true, but torch.compile is not supported with this Python/PyTorch; "
+                          "use trainer.compile=false.")
+    for net in model.children():
+        net.compile()
+
+
 def build_dataset(cfg: DictConfig, train: bool = True) -> ImageData:
     check_settings(_import(cfg._target_, "dataset"), OmegaConf.to_container(cfg, resolve=True), "dataset",
                    given={"train"})
     return _instantiate(cfg, train=train)
 
 
-def load_model(ckpt, device="cpu") -> tuple[GenerativeModel, DictConfig, dict]:
-    """Rebuild a model from a checkpoint alone: its stored config, then its weights (eval mode)."""
+def load_model(ckpt, device="cpu", ema: bool = True) -> tuple[GenerativeModel, DictConfig, dict]:
+    """Rebuild a model from a checkpoint alone: its stored config, then its weights (eval mode): the moving
+    average of the weights when the run kept one and ``ema``, else the trained weights. ``state["weights"]``
+    says which: "ema" or "raw"."""
     from genlab import checkpoint
 
     state = checkpoint.load(ckpt)
     cfg = OmegaConf.create(state["config"])
     model = build_model(cfg)
+    state["weights"] = "ema" if ema and state.get("ema") else "raw"
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["ema"]["model"] if state["weights"] == "ema" else state["model"])
     except RuntimeError as e:
         raise GenlabError(f"the weights in {ckpt} do not fit the model its config describes: {str(e).splitlines()[0]}") from e
     return model.to(device).eval(), cfg, state
+
+
+def check_sampling(model: GenerativeModel, settings: dict, labels=None, where: str = "", command: str = "") -> None:
+    """Sampling settings must be ones the model's ``generate`` declares, of its types; labels need a
+    class-conditional model and must be its classes."""
+    known = model.sampling_settings()
+    hints = typing.get_type_hints(type(model).generate)
+    name = type(model).__name__
+    for key, value in settings.items():
+        if key not in known:
+            theirs = f"its sampling settings are: {', '.join(known)}" if known else "it has no sampling settings"
+            also = f"a setting of genlab {command} nor " if command else ""
+            raise GenlabError(f"{where}{key} is not {also}a sampling setting of {name} ({theirs}).")
+        allowed = _plain_types(hints.get(key))
+        if allowed and not any(_fits(value, t) for t in allowed):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise GenlabError(f"{where}{key} must be {wanted}; got {value!r}.")
+    if labels is not None:
+        if not model.num_classes:
+            raise GenlabError(f"labels= needs a class-conditional model; {name} is unconditional.")
+        bad = [int(c) for c in labels if not 0 <= int(c) < model.num_classes]
+        if bad:
+            raise GenlabError(f"labels {bad} are not classes of this model: it has classes 0..{model.num_classes - 1}.")
 
 
 def test_split(cfg: DictConfig, root=None, classes=None, train=False) -> ImageData:

@@ -2,7 +2,8 @@
 
 A checkpoint is a dict of plain data and tensors, read back with ``weights_only=True``:
 ``format``, ``version``, ``config`` (the resolved run config as plain containers),
-``model`` (state dict), ``optimizers`` ({name: state dict}), ``scaler``, ``step``, ``epoch``,
+``model`` (state dict), ``optimizers`` and ``schedulers`` ({name: state dict}), ``scaler``,
+``ema`` (the moving average's state dict and update count, or None), ``step``, ``epoch``,
 ``wall_time`` and ``rng`` (torch's CPU and CUDA generator states).
 """
 
@@ -16,7 +17,11 @@ import torch
 from genlab.errors import GenlabError
 
 FORMAT = "genlab-checkpoint"
-VERSION = 1
+VERSION = 2
+
+# version 1 named a loss by its config name; version 2 by the _target_ its config names
+LOSS_TARGETS = {"bce": "BCE", "minimax": "Minimax", "wasserstein": "Wasserstein", "hinge": "Hinge", "lsgan": "LSGAN",
+                "elbo": "ELBO"}
 
 
 def save(state: dict, path: Path) -> None:
@@ -71,6 +76,19 @@ def load(path, map_location="cpu") -> dict:
         raise GenlabError(
             f"{p} is a version {state['version']} checkpoint; this genlab reads up to version {VERSION}. Upgrade genlab."
         )
+    return upgrade(state)
+
+
+def upgrade(state: dict) -> dict:
+    """A checkpoint of an earlier version in today's terms."""
+    config = state.get("config")
+    if state.get("version", 1) < 2 and isinstance(config, dict):
+        loss = dict(config.get("loss") or {})
+        if "name" in loss:
+            config["loss"] = {"_target_": f"genlab.losses.{LOSS_TARGETS[loss.pop('name')]}", **loss}
+        config.setdefault("scheduler", {"_target_": "genlab.schedules.Constant", "warmup": 0, "nets": {}})
+        state.setdefault("schedulers", {})
+        state.setdefault("ema", None)
     return state
 
 

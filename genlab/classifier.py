@@ -15,12 +15,18 @@ from tqdm import tqdm
 
 from genlab.build import build_dataset
 from genlab.data import cache_dir
+from genlab.device import DTYPES, resolve_precision
+from genlab.errors import GenlabError
 from genlab.nets.classifier import SmallCNN
-from genlab.trainer import DTYPES, resolve_precision
 
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the classifier or its training changes: old caches are then not used
+MIN_PER_CLASS = 50  # fewer training images of a class than this, and the classifier is not trusted
+
+
+class NoClassifier(GenlabError):
+    """The dataset cannot train a measuring stick: one class only, or too few images."""
 
 
 def classifier_for(dataset: DictConfig, device, epochs: int = 3, width: int = 16, seed: int = 0, min_steps: int = 600):
@@ -37,6 +43,16 @@ def classifier_for(dataset: DictConfig, device, epochs: int = 3, width: int = 16
         net.load_state_dict(blob["state"])
         return net.to(device).eval(), blob["info"]
     train, test = build_dataset(OmegaConf.create(node), True), build_dataset(OmegaConf.create(node), False)
+    counts = train.labels.bincount()
+    present = counts[counts > 0]
+    if len(present) < 2:
+        raise NoClassifier(f"task=quality measures samples in the features of a classifier trained on the labels of "
+                           f"{train.name}'s training split, and it has a single class, so there is nothing to learn.")
+    if int(present.min()) < MIN_PER_CLASS or len(test) == 0:
+        raise NoClassifier(f"task=quality measures samples in the features of a classifier trained on {train.name}'s "
+                           f"training split, and it is too small to train one: {len(train)} images, the fewest of a "
+                           f"class {int(present.min())} (at least {MIN_PER_CLASS} a class are needed), {len(test)} test "
+                           "images.")
     args = {"channels": train.image_shape[0], "image_size": train.image_shape[1],
             "n_classes": int(train.labels.max()) + 1, "width": width}
     epochs = max(epochs, -(-min_steps // max(1, len(train) // 128)))  # small datasets: more passes

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if problem:
         print(f"genlab {verb}: error: {problem}", file=sys.stderr)
         return 1
-    sys.argv = [sys.argv[0], *args]
+    sys.argv = [sys.argv[0], *(schema.free_keys(verb, a) for a in args)]
     _hydra_app(verb)()
     return 0
 

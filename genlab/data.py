@@ -11,6 +11,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,49 @@ class ImageData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
+
+
+class Batch(NamedTuple):
+    """What a model's ``training_step`` gets: images and their labels (unconditional models ignore them)."""
+
+    x: torch.Tensor  # float images [B, C, H, W] in [0, 1], on the training device
+    y: torch.Tensor  # int64 class labels [B], on the same device
+
+
+class Loader:
+    """Batches drawn by index from a uint8 dataset kept on the training device (on a GPU it does not fit
+    easily: pinned host memory), normalised there a whole batch at a time. The order of epoch ``e`` is a
+    function of (seed, e) alone, so a run resumed mid-epoch replays it. Incomplete last batches are dropped."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device="cpu", seed: int = 0):
+        self.device = torch.device(device)
+        self.n = images.shape[0]
+        if self.n == 0:
+            raise GenlabError("the training split has no images.")
+        if batch_size > self.n:
+            log.warning("trainer.batch_size=%d is more than the %d training images; using %d", batch_size, self.n, self.n)
+        self.batch_size = min(batch_size, self.n)
+        self.steps_per_epoch = self.n // self.batch_size
+        self.seed = seed
+        self.images, self.labels = self._place(images), self._place(labels)
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return t.to(self.device) if t.numel() * t.element_size() < free // 4 else t.pin_memory()
+        return t.to(self.device)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).to(self.images.device)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from its ``start``-th on."""
+        order = self.order(epoch)
+        for i in range(start, self.steps_per_epoch):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images.index_select(0, idx).to(self.device, non_blocking=True).float().div_(255)
+            yield Batch(x, self.labels.index_select(0, idx).to(self.device, non_blocking=True))
 
 
 # --- the datasets ---------------------------------------------------------------------------
@@ -104,30 +148,43 @@ def folder(root: str, train: bool = True, image_size: int = 64, channels: int = 
             "Set dataset.root to a folder that holds them (sub-folders are read as classes)."
         )
     class_names = sorted({p.relative_to(base).parts[0] for p in paths if len(p.relative_to(base).parts) > 1})
+    top = [p for p in paths if len(p.relative_to(base).parts) == 1]
+    if class_names and top:
+        raise GenlabError(
+            f"dataset=folder: {base} has {len(top)} image(s) at its top level (e.g. {top[0].name}) beside the class "
+            f"sub-folders {', '.join(class_names[:5])}{' ...' if len(class_names) > 5 else ''}, so they have no class. "
+            "Move them into a sub-folder of their own, or point dataset.root at a folder that holds only images or "
+            "only class sub-folders."
+        )
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
     n_test = int(round(test_fraction * len(paths))) if len(paths) > 1 else 0
-    chosen = order[n_test:] if train else order[:n_test]
+    chosen = [paths[i] for i in sorted(order[n_test:] if train else order[:n_test])]
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise GenlabError(f"dataset=folder reads 1 (grey) or 3 (RGB) channels; got dataset.channels={channels}.")
-    images, labels, bad = [], [], []
-    for i in sorted(chosen):
-        p = paths[i]
-        try:
-            with Image.open(p) as im:
-                im = _square_resize(im.convert(mode), image_size)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            bad.append((p, e))
-            continue
-        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, channels)
-        images.append(t.permute(2, 0, 1))
-        parts = p.relative_to(base).parts
-        labels.append(class_names.index(parts[0]) if len(parts) > 1 else 0)
-    if bad:
-        log.warning("dataset=folder: skipped %d unreadable file(s) of %d, e.g. %s (%s)", len(bad), len(chosen), bad[0][0], bad[0][1])
-    if not images:
-        raise GenlabError(f"dataset=folder: none of the {len(chosen)} image files under {base} could be read.")
-    return _finish(torch.stack(images), torch.tensor(labels), "folder", train, image_size, channels, classes)
+
+    def decode():
+        images, labels, bad = [], [], []
+        for p in chosen:
+            try:
+                with Image.open(p) as im:
+                    im = _square_resize(im.convert(mode), image_size)
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                bad.append((p, e))
+                continue
+            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, channels)
+            images.append(t.permute(2, 0, 1))
+            parts = p.relative_to(base).parts
+            labels.append(class_names.index(parts[0]) if len(parts) > 1 else 0)
+        if bad:
+            log.warning("dataset=folder: skipped %d unreadable file(s) of %d, e.g. %s (%s)", len(bad), len(chosen),
+                        bad[0][0], bad[0][1])
+        if not images:
+            raise GenlabError(f"dataset=folder: none of the {len(chosen)} image files under {base} could be read.")
+        return torch.stack(images), torch.tensor(labels)
+
+    images, labels = _cached("folder", train, chosen, decode, f"{image_size}:{channels}:{test_fraction}")
+    return _finish(images, labels, "folder", train, image_size, channels, classes)
 
 
 def synthetic(train: bool = True, n: int = 512, image_size: int = 28, channels: int = 1, n_classes: int = 10,
@@ -253,9 +310,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GENLAB_CACHE", Path.home() / ".cache" / "genlab")).expanduser()
 
 
-def _cached(name, train, sources, decode):
-    """Decode once and keep the uint8 tensors in genlab's cache, keyed by the source files."""
-    stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)
+def _cached(name, train, sources, decode, settings: str = ""):
+    """Decode once and keep the uint8 tensors in genlab's cache, keyed by the source files (and the
+    ``settings`` the decoding depends on)."""
+    stamp = settings + "|" + "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)
     key = hashlib.sha1(stamp.encode()).hexdigest()[:16]
     path = cache_dir() / "datasets" / f"{name}-{'train' if train else 'test'}-{key}.pt"
     if path.exists():

@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-from torchvision.utils import save_image
 
-from genlab import checkpoint, metrics, plots
-from genlab.build import load_model, test_split
-from genlab.classifier import classifier_for, predict
+from genlab import checkpoint, metrics, plots, schema
+from genlab.build import check_sampling, load_model, test_split
+from genlab.classifier import NoClassifier, classifier_for, predict
+from genlab.device import resolve_device
 from genlab.errors import GenlabError
+from genlab.images import save_grid
 from genlab.inception import inception_features, load_inception
-from genlab.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,15 @@ def headline(r: dict) -> str:
     if r["task"] == "anomaly":
         return (f"AUROC {r['auroc']:.4f}  AUPRC {r['auprc']:.4f}  (score {r['score']}, "
                 f"normal classes {r['normal_classes']})")
-    line = (f"FID {r['fid']:.3f}  KID {r['kid']:.5f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
-            f"IS {r['inception_score']:.2f}  classes covered {r['classes_covered']}/{len(r['class_histogram'])}")
-    return line + (f"  FID (standard Inception) {r['fid_inception']:.3f}" if "fid_inception" in r else "")
+    parts = []
+    if "fid" in r:
+        parts.append(f"FID {r['fid']:.3f}  KID {r['kid']:.5f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
+                     f"IS {r['inception_score']:.2f}  classes covered {r['classes_covered']}/{len(r['class_histogram'])}")
+    if "class_accuracy" in r:
+        parts.append(f"class asked for {r['class_accuracy']:.3f}")
+    if "fid_inception" in r:
+        parts.append(f"FID (standard Inception) {r['fid_inception']:.3f}")
+    return "  ".join(parts)
 
 
 def sweep_runs(path: Path) -> list[Path] | None:
@@ -76,7 +82,11 @@ def scores_of(model, images: torch.Tensor, score, batch_size: int, device) -> np
 
 def anomaly_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
     """Score the whole test split; the classes the model was trained on are normal, the rest anomalous."""
-    model, train_cfg, state = load_model(ckpt, device)
+    model, train_cfg, state = load_model(ckpt, device, ema=cfg.ema)
+    settings = schema.sampling_settings(cfg, "evaluate")
+    check_sampling(model, settings, command="evaluate")
+    if settings:
+        log.warning("sampling settings (%s) are for task=quality; task=anomaly does not sample", ", ".join(settings))
     score = cfg.score or model.scores[0]
     if score not in model.scores:
         raise GenlabError(f"score={score} is not offered by {type(model).__name__}: use {' | '.join(model.scores)}.")
@@ -115,6 +125,7 @@ def anomaly_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
         "model": type(model).__name__,
         "checkpoint": str(checkpoint.resolve(ckpt)),
         "step": int(state["step"]),
+        "weights": state["weights"],
         "overrides": run_overrides(ckpt),
         "per_class": {int(c): {"n": int((labels == c).sum()), "mean_score": float(s[labels == c].mean()),
                                "role": "normal" if c in normal else "anomalous"} for c in np.unique(labels)},
@@ -171,7 +182,7 @@ SUMMARY = {
     "anomaly": [("auroc", "AUROC", ".4f"), ("auprc", "AUPRC", ".4f")],
     "quality": [("fid", "FID", ".2f"), ("fid_inception", "FID (Inception)", ".2f"), ("kid", "KID", ".4g"),
                 ("precision", "precision", ".3f"), ("recall", "recall", ".3f"), ("inception_score", "IS", ".2f"),
-                ("classes_covered", "classes covered", ".1f")],
+                ("classes_covered", "classes covered", ".1f"), ("class_accuracy", "class asked for", ".3f")],
 }
 
 
@@ -267,46 +278,45 @@ def title(r: dict) -> str:
 
 def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None) -> dict:
     """How good and how varied the samples are, against the test split of the run's dataset.
-    ``inception``: genlab.inception.load_inception's (net, info), to add the standard FID."""
-    model, train_cfg, state = load_model(ckpt, device)
+    ``inception``: genlab.inception.load_inception's (net, info), to add the standard FID. A conditional
+    model draws every class equally often, and the report says how often the classifier sees the class asked for."""
+    model, train_cfg, state = load_model(ckpt, device, ema=cfg.ema)
+    settings = OmegaConf.to_container(OmegaConf.create(schema.sampling_settings(cfg, "evaluate")))
+    check_sampling(model, settings, command="evaluate")
     if cfg.dataset_root is not None:
         train_cfg.dataset.root = cfg.dataset_root
-    net, info = classifier_for(train_cfg.dataset, device)
+    try:
+        stick = classifier_for(train_cfg.dataset, device)
+    except NoClassifier as e:
+        if inception is None:
+            raise GenlabError(f"{e} Give inception_weights=PATH (see README) for the standard Inception FID, "
+                              "which needs no labels.") from e
+        log.warning("%s Reporting the Inception FID alone.", e)
+        stick = None
     classes = train_cfg.dataset.get("classes")
     ref = test_split(train_cfg, classes=classes)
     g = torch.Generator().manual_seed(cfg.seed)
     n = cfg.n_samples
+    labels = torch.arange(n) % model.num_classes if model.num_classes else None
     with torch.inference_mode():
-        fake = torch.cat([model.generate(model.latent(min(cfg.batch_size, n - i), g).to(device)).float().clamp(0, 1).cpu()
-                          for i in range(0, n, cfg.batch_size)])
-    real_f, real_p = predict(net, ref.images, device)
-    fake_f, fake_p = predict(net, fake, device)
-    kid_mean, kid_std = metrics.kid(real_f, fake_f)
-    precision, recall = metrics.precision_recall(real_f, fake_f, k=3)
-    is_mean, is_std = metrics.inception_score(fake_p)
-    covered, histogram = metrics.class_coverage(fake_p)
-    report = {
-        "task": "quality",
-        "fid": metrics.fid(real_f, fake_f),
-        "kid": kid_mean, "kid_std": kid_std,
-        "precision": precision, "recall": recall,
-        "inception_score": is_mean, "inception_score_std": is_std,
-        "classes_covered": covered, "class_histogram": histogram,
-        "reference_class_histogram": metrics.class_coverage(real_p)[1],
-        "model": type(model).__name__, "dataset": ref.name,
-        "checkpoint": str(checkpoint.resolve(ckpt)), "step": int(state["step"]),
-        "overrides": run_overrides(ckpt),
-        "protocol": {
-            "n_samples": n, "seed": cfg.seed,
-            "reference": f"{ref.name} test split, {len(ref)} images" + (f", classes {list(classes)}" if classes else ""),
+        fake = torch.cat([model.sample(len(idx), labels[idx] if labels is not None else None, g, **settings)
+                          .float().clamp(0, 1).cpu() for idx in torch.arange(n).split(cfg.batch_size)])
+    report = {"task": "quality", "model": type(model).__name__, "dataset": ref.name,
+              "checkpoint": str(checkpoint.resolve(ckpt)), "step": int(state["step"]), "weights": state["weights"],
+              "sampling": settings, "overrides": run_overrides(ckpt),
+              "protocol": {"n_samples": n, "seed": cfg.seed,
+                           "reference": f"{ref.name} test split, {len(ref)} images" + (f", classes {list(classes)}" if classes else "")}}
+    if stick is not None:
+        net, info = stick
+        report.update(classifier_metrics(net, ref.images, fake, labels, device))
+        report["protocol"].update({
             "feature_extractor": f"genlab classifier: {info['architecture']}, trained on the {info['dataset']} "
                                  f"training split ({info['n_train']} images), test accuracy {info['test_accuracy']:.4f}",
             "kid": "cubic polynomial kernel, 20 subsets of up to 1000",
             "precision_recall": "Kynkaanniemi et al. 2019, k=3",
             "inception_score": "classifier-based, 10 splits",
             "classes_covered": "classes predicted for at least 1% of the samples",
-        },
-    }
+        })
     if inception is not None:
         net, info = inception
         report["fid_inception"] = inception_fid(net, ref.images, fake, device)
@@ -316,10 +326,31 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(quality_markdown(report))
-    plots.class_histogram(histogram, report["reference_class_histogram"], out_dir / "classes.png",
-                          f"{report['model']} samples vs {ref.name} test images")
-    save_image(fake[:64], out_dir / "samples.png", nrow=8, pad_value=1.0)
+    if stick is not None:
+        plots.class_histogram(report["class_histogram"], report["reference_class_histogram"], out_dir / "classes.png",
+                              f"{report['model']} samples vs {ref.name} test images")
+    save_grid(fake[:64], out_dir / "samples.png", 8)
     return report
+
+
+def classifier_metrics(net, real: torch.Tensor, fake: torch.Tensor, labels, device) -> dict:
+    """FID, KID, precision/recall, IS and class coverage in the classifier's features; with ``labels`` (the
+    classes a conditional model was asked for) the share the classifier assigns to them."""
+    real_f, real_p = predict(net, real, device)
+    fake_f, fake_p = predict(net, fake, device)
+    kid_mean, kid_std = metrics.kid(real_f, fake_f)
+    precision, recall = metrics.precision_recall(real_f, fake_f, k=3)
+    is_mean, is_std = metrics.inception_score(fake_p)
+    covered, histogram = metrics.class_coverage(fake_p)
+    out = {"fid": metrics.fid(real_f, fake_f), "kid": kid_mean, "kid_std": kid_std,
+           "precision": precision, "recall": recall, "inception_score": is_mean, "inception_score_std": is_std,
+           "classes_covered": covered, "class_histogram": histogram,
+           "reference_class_histogram": metrics.class_coverage(real_p)[1]}
+    if labels is not None:
+        hit = fake_p.argmax(1) == labels
+        out["class_accuracy"] = float(hit.float().mean())
+        out["class_accuracy_per_class"] = [float(hit[labels == c].float().mean()) for c in labels.unique().tolist()]
+    return out
 
 
 def inception_fid(net, real: torch.Tensor, fake: torch.Tensor, device) -> float:
@@ -333,16 +364,24 @@ def inception_fid(net, real: torch.Tensor, fake: torch.Tensor, device) -> float:
 
 def quality_markdown(r: dict) -> str:
     p = r["protocol"]
-    rows = [("FID", f"{r['fid']:.3f}"), ("KID", f"{r['kid']:.5f} ± {r['kid_std']:.5f}"),
-            ("precision", f"{r['precision']:.4f}"), ("recall", f"{r['recall']:.4f}"),
-            ("Inception Score (classifier)", f"{r['inception_score']:.3f} ± {r['inception_score_std']:.3f}"),
-            ("classes covered", f"{r['classes_covered']} of {len(r['class_histogram'])}")]
+    rows = []
+    if "fid" in r:
+        rows += [("FID", f"{r['fid']:.3f}"), ("KID", f"{r['kid']:.5f} ± {r['kid_std']:.5f}"),
+                 ("precision", f"{r['precision']:.4f}"), ("recall", f"{r['recall']:.4f}"),
+                 ("Inception Score (classifier)", f"{r['inception_score']:.3f} ± {r['inception_score_std']:.3f}"),
+                 ("classes covered", f"{r['classes_covered']} of {len(r['class_histogram'])}")]
+    if "class_accuracy" in r:
+        rows.append(("samples of the class asked for", f"{r['class_accuracy']:.4f}"))
     if "fid_inception" in r:
         rows.insert(1, ("FID (standard Inception, 2048-d)", f"{r['fid_inception']:.3f}"))
-    lines = [f"# Sample quality: {r['model']} on {r['dataset']}", "", "| metric | value |", "|---|---|"]
+    lines = [f"# Sample quality: {r['model']} on {r['dataset']} ({r['weights']} weights)", "", "| metric | value |",
+             "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "| class | samples | reference images |", "|---|---|---|"]
-    lines += [f"| {c} | {a} | {b} |" for c, (a, b) in enumerate(zip(r["class_histogram"], r["reference_class_histogram"]))]
+    if "class_histogram" in r:
+        lines += ["", "| class | samples | reference images |", "|---|---|---|"]
+        lines += [f"| {c} | {a} | {b} |" for c, (a, b) in enumerate(zip(r["class_histogram"], r["reference_class_histogram"]))]
+    if r["sampling"]:
+        lines += ["", "Sampling settings: " + ", ".join(f"{k}={v}" for k, v in r["sampling"].items())]
     lines += ["", "Protocol:", ""] + [f"- {k}: {v}" for k, v in p.items()]
     lines += ["", f"Checkpoint: `{r['checkpoint']}` (step {r['step']})"]
     return "\n".join(lines) + "\n"

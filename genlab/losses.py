@@ -1,4 +1,5 @@
-"""Losses as pure functions of logits (GANs) or of reconstructions and posteriors (VAEs).
+"""Losses: pure functions of logits (GANs) or of reconstructions and posteriors (VAEs), and the small
+classes the ``loss/*.yaml`` configs name by ``_target_``.
 
 GAN losses come in pairs: ``d_<name>(real, fake)`` for the discriminator or critic and
 ``g_<name>(fake)`` for the generator, where ``real`` and ``fake`` are the critic's
@@ -8,6 +9,8 @@ outputs (logits) on real and generated images.
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from genlab.errors import GenlabError
 
 
 def d_bce(real: Tensor, fake: Tensor) -> Tensor:
@@ -49,13 +52,91 @@ def g_lsgan(fake: Tensor) -> Tensor:
     return 0.5 * ((fake - 1) ** 2).mean()
 
 
-GAN_LOSSES = {
-    "bce": (d_bce, g_bce),
-    "minimax": (d_bce, g_minimax),
-    "wasserstein": (d_wasserstein, g_wasserstein),
-    "hinge": (d_hinge, g_hinge),
-    "lsgan": (d_lsgan, g_lsgan),
-}
+def d_rals(real: Tensor, fake: Tensor) -> Tensor:
+    # relativistic average least squares (Jolicoeur-Martineau 2018): real should beat the average fake by 1
+    return 0.5 * ((real - fake.mean() - 1) ** 2).mean() + 0.5 * ((fake - real.mean() + 1) ** 2).mean()
+
+
+def g_rals(fake: Tensor, real: Tensor) -> Tensor:
+    return 0.5 * ((fake - real.mean() - 1) ** 2).mean() + 0.5 * ((real - fake.mean() + 1) ** 2).mean()
+
+
+# --- GAN losses as config targets (loss=NAME names one of these by _target_) ---------------------
+
+
+class GANLoss:
+    """A GAN objective: ``d(real, fake)`` for the discriminator and ``g(fake, real)`` for the generator, on
+    the critic's logits. ``real`` is passed to ``g`` only when ``needs_real`` (relativistic losses);
+    ``gp_weight`` > 0 adds the WGAN-GP gradient penalty to the discriminator's loss. Your own loss: a
+    subclass in your own module, named by ``_target_`` in a loss config."""
+
+    needs_real = False
+
+    def __init__(self, gp_weight: float = 0.0):
+        if gp_weight < 0:
+            raise GenlabError(f"loss.gp_weight must be at least 0; got {gp_weight}.")
+        self.gp_weight = gp_weight
+
+    def d(self, real: Tensor, fake: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def g(self, fake: Tensor, real: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class BCE(GANLoss):
+    """Binary cross-entropy on logits; the generator's is the non-saturating form."""
+
+    def d(self, real, fake):
+        return d_bce(real, fake)
+
+    def g(self, fake, real=None):
+        return g_bce(fake)
+
+
+class Minimax(BCE):
+    """The original minimax objective: the generator minimises log(1 - D(G(z)))."""
+
+    def g(self, fake, real=None):
+        return g_minimax(fake)
+
+
+class Wasserstein(GANLoss):
+    """The critic's mean score gap (with ``gp_weight`` > 0: WGAN-GP)."""
+
+    def d(self, real, fake):
+        return d_wasserstein(real, fake)
+
+    def g(self, fake, real=None):
+        return g_wasserstein(fake)
+
+
+class Hinge(GANLoss):
+    def d(self, real, fake):
+        return d_hinge(real, fake)
+
+    def g(self, fake, real=None):
+        return g_hinge(fake)
+
+
+class LSGAN(GANLoss):
+    def d(self, real, fake):
+        return d_lsgan(real, fake)
+
+    def g(self, fake, real=None):
+        return g_lsgan(fake)
+
+
+class RaLSGAN(GANLoss):
+    """Relativistic average least squares: each side is judged against the average of the other."""
+
+    needs_real = True
+
+    def d(self, real, fake):
+        return d_rals(real, fake)
+
+    def g(self, fake, real=None):
+        return g_rals(fake, real)
 
 
 def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
@@ -76,6 +157,20 @@ def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
 def kl_normal(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per example, summed over latent dimensions: [B]."""
     return -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)
+
+
+class ELBO:
+    """The VAE's negative ELBO per image: ``recon`` (``bce``: Bernoulli, ``mse``: squared error of the
+    sigmoid) summed over pixels, plus ``beta`` times KL(q(z|x) || N(0, I))."""
+
+    def __init__(self, recon: str = "bce", beta: float = 1.0):
+        if recon not in ("bce", "mse"):
+            raise GenlabError(f"loss.recon must be bce or mse; got {recon}.")
+        self.recon, self.beta = recon, beta
+
+    def terms(self, x: Tensor, logits: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+        """Reconstruction error and KL, each per image: ([B], [B])."""
+        return reconstruction_error(x, logits, self.recon), kl_normal(mu, logvar)
 
 
 def reconstruction_error(x: Tensor, logits: Tensor, kind: str = "bce") -> Tensor:

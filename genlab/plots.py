@@ -10,21 +10,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def loss_curves(rows: list[dict], path: Path, title: str = "") -> None:
-    """One line per loss column of metrics rows (``step`` on the x axis)."""
+    """One line per loss column of metrics rows (``step`` on the x axis); below them the learning rates when
+    a schedule set them (``lr/NAME`` columns)."""
     if not rows:
         return
     keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("train/")))  # a row may lack some
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    rates = list(dict.fromkeys(k for r in rows for k in r if k.startswith("lr/")))
+    if rates:
+        fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(7, 5.5), dpi=110, sharex=True, height_ratios=[3, 1])
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if r.get(k) not in (None, "")]
         if pts:
             ax.plot(*zip(*pts), label=k.removeprefix("train/"), linewidth=1.2)
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
+    if rates:
+        for k in rates:
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) not in (None, "")]
+            lr_ax.plot(*zip(*pts), label=k.removeprefix("lr/"), linewidth=1.2)
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.grid(alpha=0.3)
+        lr_ax.legend(fontsize=8)
+        ax = lr_ax
+    ax.set_xlabel("step")
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp)

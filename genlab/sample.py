@@ -1,16 +1,16 @@
 """genlab sample: sample grids, latent interpolations and, for VAEs, reconstructions and a latent map."""
 
 import logging
-import math
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
-from torchvision.utils import save_image
+from omegaconf import DictConfig, OmegaConf
 
-from genlab import plots
-from genlab.build import load_model, test_split
-from genlab.trainer import resolve_device
+from genlab import plots, schema
+from genlab.build import check_sampling, load_model, test_split
+from genlab.device import resolve_device
+from genlab.images import save_grid
+from genlab.models.base import grid_labels
 
 log = logging.getLogger(__name__)
 
@@ -22,23 +22,47 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
 
 
+def sample_labels(model, n: int | None, labels) -> tuple[torch.Tensor | None, int, int]:
+    """(labels or None, how many samples, images per grid row) for ``genlab sample n=... labels=...``: given
+    labels are cycled to ``n`` (default: one sample each); a conditional model without them draws a row per
+    class; an unconditional one ``n`` (default 64) in a square."""
+    if labels is not None:
+        labels = torch.tensor(list(labels), dtype=torch.long)
+        n = n or len(labels)
+        return labels.repeat(-(-n // len(labels)))[:n], n, grid_labels(n, 0)[1]
+    if model.num_classes and n is None:
+        labels, nrow = grid_labels(64, model.num_classes)
+        return labels, len(labels), nrow
+    n = n or 64
+    labels = torch.arange(n) % model.num_classes if model.num_classes else None
+    return labels, n, grid_labels(n, 0)[1]
+
+
 @torch.inference_mode()
 def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     device = resolve_device(cfg.device)
-    model, train_cfg, state = load_model(cfg.ckpt, device)
-    log.info("%s from %s (step %d)", type(model).__name__, cfg.ckpt, state["step"])
+    model, train_cfg, state = load_model(cfg.ckpt, device, ema=cfg.ema)
+    settings = OmegaConf.to_container(OmegaConf.create(schema.sampling_settings(cfg, "sample")))
+    check_sampling(model, settings, cfg.labels, command="sample")
+    log.info("%s from %s (step %d, %s weights)%s", type(model).__name__, cfg.ckpt, state["step"], state["weights"],
+             "".join(f", {k}={v}" for k, v in settings.items()))
     g = torch.Generator().manual_seed(cfg.seed)
 
-    x = model.generate(model.latent(cfg.n, g).to(device)).float().cpu()  # [n, C, H, W] in [0, 1]
-    save_image(x, run_dir / "grid.png", nrow=math.ceil(math.sqrt(cfg.n)), padding=2, pad_value=1.0)
+    labels, n, nrow = sample_labels(model, cfg.n, cfg.labels)
+    x = model.sample(n, labels, g, **settings).float().cpu()  # [n, C, H, W] in [0, 1]
+    save_grid(x, run_dir / "grid.png", nrow)
     torch.save(x, run_dir / "samples.pt")
+    written = ["grid.png", "interpolation.png", "samples.pt"]
+    if labels is not None:
+        torch.save(labels, run_dir / "labels.pt")
+        written.append("labels.pt")
 
     rows, steps = cfg.interp_rows, cfg.interp_steps
     z0, z1 = model.latent(rows, g), model.latent(rows, g)
     t = torch.linspace(0, 1, steps).view(1, steps, 1)
-    z = slerp(z0[:, None], z1[:, None], t).reshape(rows * steps, -1)
-    save_image(model.generate(z.to(device)).float().cpu(), run_dir / "interpolation.png", nrow=steps, pad_value=1.0)
-    written = ["grid.png", "interpolation.png", "samples.pt"]
+    z = slerp(z0.flatten(1)[:, None], z1.flatten(1)[:, None], t).reshape(rows * steps, *z0.shape[1:])
+    row_labels = (torch.arange(rows) % model.num_classes).repeat_interleave(steps).to(device) if model.num_classes else None
+    save_grid(model.generate(z.to(device), row_labels, **settings).float().cpu(), run_dir / "interpolation.png", steps)
 
     if hasattr(model, "encode"):  # models with an encoder: reconstructions and the latent map
         test = test_split(train_cfg, cfg.dataset_root)
@@ -46,7 +70,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
         images = test.images[pick].float().div(255)
         recon = model.reconstruct(images.to(device)).float().cpu()
         pairs = torch.stack([images.view(4, 8, *images.shape[1:]), recon.view(4, 8, *images.shape[1:])], dim=1)
-        save_image(pairs.flatten(0, 2), run_dir / "reconstructions.png", nrow=8, pad_value=1.0)
+        save_grid(pairs.flatten(0, 2), run_dir / "reconstructions.png", 8)
         pick = torch.randperm(len(test), generator=g)[: cfg.n_latent]
         mu = torch.cat([model.encode(b.to(device).float().div(255))[0].cpu() for b in test.images[pick].split(500)])
         plots.latent_map(mu.numpy(), test.labels[pick].numpy(), run_dir / "latent.png", cfg.method,

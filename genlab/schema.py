@@ -7,12 +7,18 @@ against the constructor their ``_target_`` names, in genlab.build.
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from genlab.errors import GenlabError
+
+
+@dataclass
+class EMASchema:
+    decay: Optional[float] = MISSING
+    warmup: bool = MISSING
 
 
 @dataclass
@@ -29,6 +35,8 @@ class TrainerSchema:
     keep_last: int = MISSING
     progress: bool = MISSING
     compile: bool = MISSING
+    ema: EMASchema = field(default_factory=EMASchema)
+    sampling: Dict[str, Any] = field(default_factory=dict)  # checked against the model's generate()
 
 
 @dataclass
@@ -41,6 +49,7 @@ class TrainSchema:
     dataset: Any = MISSING
     loss: Any = MISSING
     optimizer: Any = MISSING
+    scheduler: Any = MISSING
 
 
 @dataclass
@@ -51,11 +60,13 @@ class FromCheckpointSchema:
     seed: int = MISSING
     device: str = MISSING
     dataset_root: Optional[str] = MISSING
+    ema: bool = MISSING
 
 
 @dataclass
 class SampleSchema(FromCheckpointSchema):
-    n: int = MISSING
+    n: Optional[int] = MISSING
+    labels: Optional[list[int]] = MISSING
     interp_rows: int = MISSING
     interp_steps: int = MISSING
     method: str = MISSING
@@ -82,16 +93,41 @@ def register() -> None:
         cs.store(name=f"{verb}_schema", node=node)
 
 
+def sampling_settings(cfg: DictConfig, verb: str) -> dict:
+    """`genlab sample steps=20`: the top-level keys of sample and evaluate that are not the command's own
+    are the model's sampling settings (checked against the model once it is loaded)."""
+    if verb == "train":
+        return {}
+    own = {f.name for f in dataclasses.fields(SCHEMAS[verb])}
+    return {k: cfg[k] for k in cfg if k not in own}
+
+
+def free_keys(verb: str, arg: str) -> str:
+    """Hydra adds a key its config lacks only as ``+key=value`` (``++``: add or override). genlab takes the
+    model's sampling settings without it: ``genlab sample steps=20``, ``genlab train trainer.sampling.steps=20``."""
+    key, eq, _ = arg.partition("=")
+    if not eq or key.startswith(("+", "~", "-")) or "/" in key:
+        return arg
+    if verb == "train":
+        free = key.startswith("trainer.sampling.")
+    else:
+        free = "." not in key and key not in {f.name for f in dataclasses.fields(SCHEMAS[verb])} and key != "hydra"
+    return f"++{arg}" if free else arg
+
+
 def check_keys(cfg: DictConfig, verb: str) -> None:
     """Hydra lets ``+key=value`` add any key, even to a typed config: refuse the ones nothing reads."""
 
     def walk(node, schema, prefix):
         fields = {f.name: f.type for f in dataclasses.fields(schema)}
         for key in node:
+            if not prefix and key in free:
+                continue
             if key not in fields:
                 raise GenlabError(f"{prefix}{key} is not a setting of genlab {verb} (a typo?); "
                                   f"the settings{' of ' + prefix.rstrip('.') if prefix else ''} are: {', '.join(fields)}.")
             if dataclasses.is_dataclass(fields[key]):
                 walk(node[key], fields[key], f"{prefix}{key}.")
 
+    free = sampling_settings(cfg, verb)
     walk(cfg, SCHEMAS[verb], "")

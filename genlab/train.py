@@ -8,45 +8,40 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genlab import checkpoint
-from genlab.build import build_dataset, build_model, build_optimizers
+from genlab.build import build_trainer
+from genlab.device import resolve_device
 from genlab.errors import GenlabError
-from genlab.trainer import Trainer, check_on_nan, resolve_device
+from genlab.trainer import check_on_nan
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("model", "dataset", "loss", "optimizer", "experiment")
+# what an override may change when a run is resumed: how long and where it trains, and how it reports;
+# everything else (model, loss, data, optimizer, schedule, seed, batch size) must be the run's own
+CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download")
+FIXED = ("trainer.batch_size",)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
     state = None
     if cfg.get("resume"):
-        state = checkpoint.load(cfg.resume)
+        path = checkpoint.resolve(cfg.resume)
+        state = checkpoint.load(path)
         cfg = resumed_config(state["config"], cfg, overrides)
     check_trainer(cfg.trainer)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    model = build_model(cfg)  # first: config mistakes show before any data is read
-    optimizers = build_optimizers(cfg.optimizer, model)
-    data = build_dataset(cfg.dataset, train=True)
-    t = cfg.trainer
-    title = f"{type(model).__name__} on {data.name}, loss {cfg.loss.name}"
-    trainer = Trainer(
-        model, optimizers, data.images, run_dir, device=device, precision=t.precision, epochs=t.epochs,
-        max_steps=t.max_steps, batch_size=t.batch_size, log_every=t.log_every, n_samples=t.n_samples,
-        checkpoint_every=t.checkpoint_every, keep_every=t.keep_every, keep_last=t.keep_last, progress=t.progress, seed=cfg.seed,
-        on_nan=t.on_nan, compile=t.compile, config=OmegaConf.to_container(cfg, resolve=True), title=title,
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "%s (%.2fM parameters): %d images %s, device %s, precision %s, %d steps (%d epochs of %d, batch %d)",
-        title, n_params / 1e6, len(data), "x".join(map(str, data.image_shape)), trainer.device,
-        trainer.precision, trainer.total_steps, trainer.epochs, trainer.steps_per_epoch, trainer.batch_size,
-    )
+    trainer = build_trainer(cfg, run_dir, resolve_device(cfg.device))
     if state is not None:
-        trainer.rows = previous_metrics(checkpoint.resolve(cfg.resume), state["step"])
-        log.info("resuming from %s at step %d", checkpoint.resolve(cfg.resume), state["step"])
-    trainer.fit(state, checkpoint.resolve(cfg.resume) if state is not None else None)
-    log.info("done: %d steps; checkpoint %s", trainer.step_index, run_dir / "checkpoints" / "last.pt")
+        trainer.load_state_dict(state)
+        trainer.saved = (path, state["step"])  # the last good checkpoint until this run writes one
+        trainer.history = previous_metrics(path, state["step"])
+        if trainer.done:
+            log.warning("nothing to train: the run in %s has done %d steps, and this command asks for %d. Ask for "
+                        "more with trainer.epochs=N or trainer.max_steps=N.", path.parent.parent, trainer.step,
+                        trainer.max_steps)
+            return
+        log.info("resuming from %s at step %d", path, state["step"])
+    trainer.fit()
+    log.info("done: %d steps; checkpoint %s", trainer.step, run_dir / "checkpoints" / "last.pt")
 
 
 def check_trainer(t: DictConfig) -> None:
@@ -59,24 +54,56 @@ def check_trainer(t: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
             raise GenlabError(f"trainer.{key} must be a whole number{'' if zero_ok else ' above 0'}; got {value!r}.")
     check_on_nan(t.get("on_nan"))
+    decay = t.ema.decay
+    if decay is not None and not 0 <= decay < 1:
+        raise GenlabError(f"trainer.ema.decay must be at least 0 and below 1 (e.g. 0.999), or null for none; got {decay}.")
 
 
 def resumed_config(stored: dict, cfg: DictConfig, overrides) -> DictConfig:
-    """The stored run's config, with this command's plain overrides (trainer.epochs=..., device=...)."""
+    """The stored run's config, with this command's overrides of what may change on resume (CHANGEABLE).
+    The other overrides must give the values the run has: re-running the run's own command with resume=
+    added (what a requeue script does) is accepted, a change of what it trains is refused."""
     # today's trainer defaults under the stored values: a setting added since the run started has a value
     merged = OmegaConf.merge({"trainer": OmegaConf.to_container(cfg.trainer)}, stored)
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    changed = []
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra."):
+        if key == "resume" or key.startswith("hydra"):
             continue
-        if key in GROUPS:
-            raise GenlabError(
-                f"resume= continues a run with its stored config; '{o}' would change its {key}. "
-                "Start a new run for that, or drop the override."
-            )
-        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
+        root = "" if key == "experiment" else key  # a preset may set anything
+        for path, new in leaves(composed if not root else OmegaConf.select(cfg, root), root):
+            if path.startswith(CHANGEABLE) and not path.startswith(FIXED):
+                OmegaConf.update(merged, path, new, force_add=True)
+                continue
+            old = OmegaConf.select(merged, path, default=None, throw_on_missing=False)
+            if path_in(merged, path) and old != new:
+                changed.append(f"{path} (the run has {old!r}, this command {new!r})")
+    if changed:
+        raise GenlabError(
+            f"resume= continues a run as it was configured, and this command would change {', '.join(changed[:4])}"
+            f"{' and more' if len(changed) > 4 else ''}. Start a new run for that, or drop the override. On resume "
+            "you may change device, dataset.root and trainer settings other than trainer.batch_size."
+        )
     merged.resume = cfg.resume
     return merged
+
+
+def leaves(node, prefix: str):
+    """(dotted path, value) of every leaf under ``node``; lists count as leaves."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, node
+
+
+def path_in(cfg: DictConfig, path: str) -> bool:
+    parent, _, key = path.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and key in node
 
 
 def previous_metrics(ckpt_path: Path, step: int) -> list[dict]:
@@ -88,4 +115,6 @@ def previous_metrics(ckpt_path: Path, step: int) -> list[dict]:
         rows = [{k: float(v) if v not in ("", None) else None for k, v in r.items()} for r in csv.DictReader(fh)]
     for r in rows:
         r["step"], r["epoch"] = int(r["step"]), int(r["epoch"])
+        for k in [k for k, v in r.items() if v is None]:  # a loss missing from a row (n_critic > 1, skipped steps)
+            del r[k]
     return [r for r in rows if r["step"] <= step]

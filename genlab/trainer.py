@@ -1,31 +1,31 @@
-"""The one training loop shared by every model.
+"""The one training loop shared by every model, and the step context a model trains with.
 
-The model owns its step (``model.training_step(x, ctx)``); the loop owns the rest: device,
-precision, data order, progress bar, metrics, sample grids, loss curves and checkpoints.
+A model owns its step, ``model.training_step(batch, ctx)``: it computes its losses and calls
+``ctx.backward``, ``ctx.clip`` and ``ctx.step`` in the order it needs. The loop owns the rest: the
+data order, the NaN policy, the moving average of the weights, the metrics rows and the clock.
+Whatever writes (metrics.csv, pictures, checkpoints, the progress bar, loggers) is a callback
+(genlab.callbacks), so the loop itself never touches a file.
 """
 
 import contextlib
-import csv
+import copy
 import logging
 import math
 import signal
 import threading
 import time
-from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+from torch import Tensor
 
-from genlab import checkpoint, plots
+from genlab import checkpoint
+from genlab.device import DTYPES, resolve_precision, synchronize
 from genlab.errors import GenlabError, Interrupted
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ON_NAN = ("stop", "skip")
-SKIP_LIMIT = 50  # on_nan=skip gives up after this many skipped steps in a row
+SKIP_LIMIT = 50  # on_nan=skip gives up after this many dropped steps in a row
 
 
 def check_on_nan(value: str) -> None:
@@ -33,363 +33,320 @@ def check_on_nan(value: str) -> None:
         raise GenlabError(f"trainer.on_nan={value} is not one of {', '.join(ON_NAN)}.")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU; a named device must be present."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise GenlabError(f"device={name} is not a device name: use auto, cpu, cuda, cuda:N or mps.") from e
-    if device.type == "cuda":
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise GenlabError(f"device={name}, but this machine has no CUDA GPU that PyTorch can use; use device=auto or cpu.")
-        if device.index is not None and device.index >= n:
-            raise GenlabError(f"device={name}, but this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1}).")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise GenlabError("device=mps, but MPS is not available here; use device=auto or cpu.")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise GenlabError(f"device={name} is not supported: use auto, cpu, cuda, cuda:N or mps.")
-    return device
+class StepContext:
+    """What ``training_step`` gets: the run's precision and the optimizers, by name.
 
+    - ``autocast()``: the mixed-precision context for forward passes.
+    - ``backward(loss, name)``: gradients of ``loss`` into the parameters of optimizer ``name`` only (every
+      parameter without a name), scaled under fp16. Several losses may be backpropagated before any
+      step, so that every gradient is taken before any weight changes (``retain_graph=True`` for a
+      shared graph).
+    - ``clip(name, max_norm)``: clip that optimizer's gradient norm (unscaled first under fp16); returns the norm.
+    - ``step(name)``: apply that optimizer's update, then clear its gradients.
+    - ``applied(name)``: whether the last ``step(name)`` changed the weights (false when the fp16 scaler
+      skipped it for overflowing gradients, or on_nan=skip dropped the step). Under fp16 it reads the
+      scaler's verdict from the device, a sync, so it is computed only when asked.
+    - ``step_index``: the optimisation steps done before this one.
 
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs and CPUs that run it natively, fp16 on older GPUs, else fp32."""
-    if precision not in ("auto", *DTYPES):
-        raise GenlabError(f"trainer.precision={precision} is not one of auto, fp32, bf16, fp16.")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
-
-
-class Trainer:
-    """Trains ``model`` on uint8 ``images`` [N, C, H, W]; writes everything into ``run_dir``.
-
-    The trainer is also the step context a model's ``training_step`` receives:
-    ``autocast()``, ``step(name, loss)`` and ``step_index``.
-
-    ``on_nan``: what a non-finite loss does. ``stop`` (no host sync: the check rides on the metrics
-    rows) ends the run naming the step and the loss, keeping the last good checkpoint. ``skip`` reads
-    each loss and its gradients on the host (two syncs per optimizer step), drops that update, undoes
-    the step's batch-norm statistics, and goes on; it stops too when ``SKIP_LIMIT`` steps in a row
-    were skipped.
+    ``on_nan=skip`` reads each loss, and without a scaler each gradient, on the host before it is used;
+    a non-finite one drops the whole training step (the loop puts back the weights, optimizer states
+    and batch-norm statistics of its start).
     """
 
-    def __init__(self, model, optimizers: dict, images: torch.Tensor, run_dir, *, device="cpu",
-                 precision="fp32", epochs=1, max_steps=None, batch_size=64, log_every=50, n_samples=64,
-                 checkpoint_every=1, keep_every=0, keep_last=0, progress=True, seed=0, config=None, title="",
-                 on_nan="stop", compile=False):
+    def __init__(self, optimizers: dict, precision: str = "fp32", device="cpu", schedulers: dict | None = None,
+                 on_nan: str = "stop"):
         check_on_nan(on_nan)
+        self.optimizers, self.schedulers, self.on_nan = optimizers, schedulers or {}, on_nan
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.model = model.to(self.device)
-        if compile:
-            self._compile()
-        self.optimizers = optimizers
-        self.run_dir = Path(run_dir)
-        self.n = images.shape[0]
-        if self.n == 0:
-            raise GenlabError("the training split has no images.")
-        if batch_size > self.n:
-            log.warning("trainer.batch_size=%d is more than the %d training images; using %d", batch_size, self.n, self.n)
-        self.batch_size = min(batch_size, self.n)
-        self.steps_per_epoch = self.n // self.batch_size
-        self.total_steps = max_steps if max_steps else epochs * self.steps_per_epoch
-        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.log_every, self.n_samples = max(1, log_every), n_samples
-        self.checkpoint_every, self.keep_every, self.keep_last = max(1, checkpoint_every), keep_every, keep_last
-        self.progress, self.seed, self.config, self.title = progress, seed, config or {}, title
-        self.images = self._place(images)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.params = {k: [p for group in o.param_groups for p in group["params"]] for k, o in optimizers.items()}
         self.step_index = 0
-        self.on_nan = on_nan
-        self._skipped = False  # set by step() when on_nan=skip dropped an update in this training step
-        self._scaled = False  # set by step() when the fp16 scaler stepped an optimizer in this training step
-        self._saved = None  # (path, step) of the newest checkpoint this run wrote
-        self.rows: list[dict] = []  # metrics.csv, also in memory for the loss curves
-        self._columns: list[str] = []
-
-    def _compile(self) -> None:
-        """torch.compile each network in place: the state dict keys stay as they are, so checkpoints
-        move freely between compiled and eager runs."""
-        if not torch._dynamo.is_dynamo_supported():
-            raise GenlabError("trainer.compile=true, but torch.compile is not supported with this Python/PyTorch; "
-                              "use trainer.compile=false.")
-        for net in self.model.children():
-            net.compile()
-
-    # --- the step context ---------------------------------------------------------------------
+        self.dropped = False  # on_nan=skip found a non-finite loss or gradient in this training step
+        self._applied: dict[str, bool | Tensor] = {}  # name -> applied (a device flag under fp16)
+        self._scaled = False  # the scaler stepped an optimizer in this training step: it must update
 
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
-    def step(self, name: str, loss: torch.Tensor) -> None:
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
-        skip = self.on_nan == "skip"
-        if skip and not torch.isfinite(loss):
-            self._skipped = True
+    def backward(self, loss: Tensor, name: str | None = None, retain_graph: bool = False) -> None:
+        if self.on_nan == "skip" and not self.dropped and not torch.isfinite(loss):
+            self.dropped = True
+        if self.dropped:
             return
-        if self.scaler is None:
-            loss.backward()
-            if skip and not self._grads_finite(opt):
-                opt.zero_grad(set_to_none=True)
-                self._skipped = True
-                return
-            opt.step()
-        else:  # the scaler skips steps with non-finite gradients itself
-            self.scaler.scale(loss).backward()
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward(inputs=self.params[name] if name is not None else None, retain_graph=retain_graph)
+
+    def clip(self, name: str, max_norm: float) -> Tensor:
+        if self.scaler is not None and not self.dropped:
+            self.scaler.unscale_(self.optimizers[name])
+        return torch.nn.utils.clip_grad_norm_(self.params[name], max_norm)
+
+    def step(self, name: str) -> None:
+        opt = self.optimizers[name]
+        if self.dropped:
+            self._applied[name] = False
+        elif self.scaler is not None:  # the scaler skips an update whose gradients overflowed, on the device
             self.scaler.step(opt)
             self._scaled = True
+            self._applied[name] = sum(self.scaler._found_inf_per_device(opt).values()) == 0
+        elif self.on_nan == "skip" and not grads_finite(self.params[name]):
+            self.dropped, self._applied[name] = True, False
+        else:
+            opt.step()
+            self._applied[name] = True
+        opt.zero_grad(set_to_none=True)
 
-    @staticmethod
-    def _grads_finite(opt) -> bool:
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+    def applied(self, name: str) -> bool:
+        return bool(self._applied.get(name, False))
 
-    # --- data -----------------------------------------------------------------------------------
+    def begin(self, step_index: int) -> None:
+        self.step_index, self.dropped, self._applied, self._scaled = step_index, False, {}, False
 
-    def _place(self, images: torch.Tensor) -> torch.Tensor:
-        """Keep the whole uint8 dataset on the device when it fits easily; else pinned on the host."""
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if images.numel() < free // 4:
-                return images.to(self.device)
-            return images.pin_memory()
-        return images.to(self.device)
+    def end(self) -> Tensor | bool:
+        """Close a training step: the scaler's update, each schedule's step. Returns whether every update
+        was applied: False when the step was dropped; under fp16 a device flag (no sync)."""
+        if self._scaled:
+            self.scaler.update()
+        for s in self.schedulers.values():
+            s.step()
+        if self.dropped:
+            return False
+        flags = [f for f in self._applied.values() if isinstance(f, Tensor)]
+        return torch.stack(flags).all() if flags else True
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        """The epoch's shuffle, a function of (seed, epoch) alone: resuming mid-epoch replays it."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g).to(self.images.device)
+    def state_dict(self) -> dict:
+        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
-    def _batch(self, order: torch.Tensor, i: int) -> torch.Tensor:
-        idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-        x = self.images.index_select(0, idx).to(self.device, non_blocking=True)
-        return x.float().div_(255)  # [B, C, H, W] in [0, 1]
+    def load_state_dict(self, state: dict) -> None:
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            if k in state.get("schedulers", {}):
+                s.load_state_dict(state["schedulers"][k])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
-    # --- the loop -------------------------------------------------------------------------------
 
-    def fit(self, resume: dict | None = None, resume_path=None) -> None:
-        """Train to ``total_steps``, continuing from the checkpoint ``resume`` (read from ``resume_path``) if
-        given. SIGINT/SIGTERM finish the current step, save, then raise Interrupted."""
-        self._signal = None
-        if resume is not None and resume_path is not None:
-            self._saved = (resume_path, resume["step"])  # the last good checkpoint until this run writes one
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                handlers[sig] = signal.signal(sig, self._on_signal)
+def grads_finite(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+
+class Trainer:
+    """Runs ``model.training_step`` on ``loader``'s batches until ``max_steps`` optimisation steps are done.
+
+    ``ctx`` is the StepContext the model steps with, ``ema`` an optional genlab.ema.EMA updated after each
+    applied step, ``callbacks`` the writers (genlab.callbacks). Every ``log_every`` steps, at the end of
+    each epoch and at the end, the loop reads the window's mean losses from the device (its one host sync)
+    into a metrics row. ``on_nan=stop`` (the StepContext's) ends the run there if a loss is not finite.
+    """
+
+    def __init__(self, model, loader, ctx: StepContext, max_steps: int, *, callbacks=(), ema=None, log_every: int = 50):
+        self.model, self.loader, self.ctx, self.ema = model, loader, ctx, ema
+        self.max_steps, self.log_every = max_steps, max(1, log_every)
+        self.callbacks = list(callbacks)
+        self.step = 0  # optimisation steps done
+        self.wall_time = 0.0  # seconds of training, earlier runs of a resumed one included
+        self.history: list[dict] = []  # the metrics rows so far
+        self.saved = None  # (path, step) of the newest checkpoint written: the last good one
+        self.signal = None  # SIGINT/SIGTERM received: stop after this step
+        self._dropped_in_a_row = 0  # on_nan=skip
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.max_steps / self.loader.steps_per_epoch)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch in progress (0-based); at an epoch's end, the one just finished."""
+        return max(0, self.step - 1) // self.loader.steps_per_epoch
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.max_steps
+
+    def fit(self) -> None:
+        """Train to ``max_steps``. SIGINT/SIGTERM finish the current step, let the callbacks save, then raise
+        Interrupted."""
+        self.model.train()
+        self._window = Window(self.ctx.device, self.wall_time)
         try:
-            self._fit(resume)
+            with self._signals():
+                self._call("on_fit_start")
+                while not self.done:
+                    epoch, first = divmod(self.step, self.loader.steps_per_epoch)
+                    for batch in self.loader.epoch(epoch, first):
+                        self._window.add(self._train_step(batch), self.step, len(batch.x))
+                        self.step += 1
+                        self._call("on_step_end")
+                        stop = self.done or self.signal is not None
+                        if stop or self.step % self.log_every == 0 or self.step % self.loader.steps_per_epoch == 0:
+                            self._log()
+                        if stop:
+                            break
+                    if self.signal is not None:
+                        self._call("on_interrupt")
+                        raise self._interrupted()
+                    self._call("on_epoch_end")
+                    self._window.restart()  # the pictures and checkpoints are not training time
+        finally:
+            self._call("on_fit_end")
+
+    def _train_step(self, batch) -> dict | None:
+        """One training step; its losses, or None when on_nan=skip dropped it."""
+        before = self._snapshot() if self.ctx.on_nan == "skip" else None
+        self.ctx.begin(self.step)
+        out = self.model.training_step(batch, self.ctx)
+        applied = self.ctx.end()
+        if applied is False:
+            self._restore(before)
+            self._dropped_in_a_row += 1
+            if self._dropped_in_a_row >= SKIP_LIMIT:
+                raise self.diverged(f"the losses or gradients of the {SKIP_LIMIT} steps up to step {self.step + 1} "
+                                    "were all non-finite (trainer.on_nan=skip)")
+            return None
+        self._dropped_in_a_row = 0
+        if self.ema is not None:
+            self.ema.update(self.model, applied)
+        return out
+
+    def _log(self) -> None:
+        synchronize(self.ctx.device)  # the row reads the losses anyway; the window's time then counts its work
+        row = self._window.row(self.step, self.epoch)
+        bad = [k.removeprefix("train/") for k, v in row.items() if k.startswith("train/") and not math.isfinite(v)]
+        if bad:
+            at = self._window.first_bad()
+            raise self.diverged(f"{', '.join(bad)} became non-finite at step {at or self.step} (epoch {self.epoch + 1})")
+        if self._window.dropped:
+            steps = self._window.dropped
+            log.warning("skipped %d update(s) with a non-finite loss or gradient: step(s) %s", len(steps),
+                        ", ".join(map(str, steps[:10])) + (" ..." if len(steps) > 10 else ""))
+        row.update({f"lr/{k}": s.get_last_lr()[0] for k, s in self.ctx.schedulers.items()})
+        self.wall_time = row["wall_time"]
+        self.history.append(row)
+        self._call("on_log", row)
+        self._window.clear()
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    # --- on_nan=skip: a dropped step leaves no trace -------------------------------------------
+
+    def _snapshot(self) -> dict:
+        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
+                "ctx": copy.deepcopy(self.ctx.state_dict())}
+
+    def _restore(self, before: dict) -> None:
+        self.model.load_state_dict(before["model"])
+        scaler = self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None
+        self.ctx.load_state_dict({**before["ctx"], "scaler": scaler, "schedulers": {}})  # the clock moves on
+
+    # --- signals, errors ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _signals(self):
+        self.signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum, frame):
+            if self.signal is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
 
-    def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self._signal = signum
+    def _interrupted(self) -> Interrupted:
+        name = signal.Signals(self.signal).name
+        if self.saved is not None and self.saved[1] == self.step:
+            path = self.saved[0]
+            how = f"saved {path}. Continue with: genlab train resume={path.parent.parent}"
+        else:
+            how = "nothing was saved"
+        return Interrupted(f"{name} at step {self.step}: {how}", self.signal)
 
-    def _fit(self, resume: dict | None) -> None:
-        start_wall = 0.0
-        if resume is not None:
-            self._load_state(resume)
-            start_wall = resume.get("wall_time", 0.0)
-        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        fixed_z = self.model.latent(self.n_samples, torch.Generator().manual_seed(self.seed)).to(self.device)
-        self.model.train()
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        self._first_bad = torch.tensor(-1, device=self.device)  # the first step with a non-finite loss
-        skipped: list[int] = []  # on_nan=skip: steps dropped since the last metrics row
-        in_a_row = 0
-        t_start = time.perf_counter() - start_wall
-        t_window, images_in_window, last_plot = time.perf_counter(), 0, 0.0
-        bar = tqdm(total=self.total_steps, initial=self.step_index, unit="step", dynamic_ncols=True,
-                   disable=None if self.progress else True)
-        with bar, logging_redirect_tqdm():
-            while self.step_index < self.total_steps:
-                epoch, first = divmod(self.step_index, self.steps_per_epoch)
-                bar.set_description(f"epoch {epoch + 1}/{self.epochs}")
-                order = self._order(epoch)
-                for i in range(first, self.steps_per_epoch):
-                    stats = [b.clone() for b in self._buffers()] if self.on_nan == "skip" else None
-                    out = self.model.training_step(self._batch(order, i), self)
-                    if self._scaled:
-                        self.scaler.update()
-                        self._scaled = False
-                    self.step_index += 1
-                    if self._skipped:
-                        self._skipped = False
-                        for saved, now in zip(stats, self._buffers()):
-                            now.copy_(saved)
-                        skipped.append(self.step_index)
-                        in_a_row += 1
-                        if in_a_row >= SKIP_LIMIT:
-                            raise self._diverged(f"the losses or gradients of the {in_a_row} steps up to step "
-                                                 f"{self.step_index} were all non-finite (trainer.on_nan=skip)")
-                    else:
-                        in_a_row = 0
-                        self._accumulate(out, sums, counts)
-                    images_in_window += self.batch_size
-                    bar.update(1)
-                    end = self.step_index >= self.total_steps or self._signal is not None
-                    if self.step_index % self.log_every == 0 or i == self.steps_per_epoch - 1 or end:
-                        self._sync()  # the row reads the losses anyway; the window's time then counts its work
-                        now = time.perf_counter()
-                        row = self._log_row(sums, counts, epoch, images_in_window / (now - t_window), now - t_start)
-                        bar.set_postfix({k.removeprefix("train/"): f"{v:.3g}" for k, v in row.items() if k.startswith("train/")})
-                        if skipped:
-                            log.warning("skipped %d update(s) with a non-finite loss or gradient: step(s) %s",
-                                        len(skipped), ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""))
-                        sums, counts, images_in_window, skipped = {}, {}, 0, []
-                        t_window = now
-                    if end:
-                        break
-                if self._signal is not None:
-                    last = self.run_dir / "checkpoints" / "last.pt"
-                    self.save(last, epoch, time.perf_counter() - t_start)
-                    name = signal.Signals(self._signal).name
-                    raise Interrupted(
-                        f"{name} at step {self.step_index}: saved {last}. Continue with: genlab train resume={self.run_dir}",
-                        self._signal,
-                    )
-                # the end of an epoch (or of the run): pictures and checkpoints
-                done_epochs = epoch + 1
-                self._sample_grid(fixed_z, self.run_dir / "samples" / f"epoch_{done_epochs:04d}.png")
-                last = self.step_index >= self.total_steps
-                if last or time.perf_counter() - last_plot > 15:
-                    plots.loss_curves(self.rows, self.run_dir / "loss_curves.png", self.title)
-                    last_plot = time.perf_counter()
-                if last or done_epochs % self.checkpoint_every == 0:
-                    self.save(self.run_dir / "checkpoints" / "last.pt", epoch, time.perf_counter() - t_start)
-                if self.keep_every and done_epochs % self.keep_every == 0 and self.step_index % self.steps_per_epoch == 0:
-                    self.save(self.run_dir / "checkpoints" / f"epoch_{done_epochs:04d}.pt", epoch, time.perf_counter() - t_start)
-                    self._prune()
-                t_window = time.perf_counter()  # the window's speed counts training alone
-
-    def _sync(self) -> None:
-        """Wait for the work queued on a GPU (a no-op on the CPU, which runs each op as it is called)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps":
-            torch.mps.synchronize()
-
-    def _buffers(self) -> list[torch.Tensor]:
-        """The model's floating-point buffers (batch-norm statistics): a skipped step puts them back."""
-        return [b for b in self.model.buffers() if b.is_floating_point()]
-
-    def _accumulate(self, out: dict, sums: dict, counts: dict) -> None:
-        """Add the step's losses to the window's sums, on the device; note the first non-finite step."""
-        for k, v in out.items():
-            sums[k] = sums[k] + v if k in sums else v.float().clone()
-            counts[k] = counts.get(k, 0) + 1
-        if self.on_nan == "stop" and out:
-            finite = torch.stack([v.float() for v in out.values()]).isfinite().all()
-            self._first_bad = torch.where(finite | (self._first_bad >= 0), self._first_bad, self.step_index)
-
-    def _diverged(self, what: str) -> GenlabError:
-        if self._saved is not None:
-            kept = f"The last good checkpoint, {self._saved[0]} (step {self._saved[1]}), is kept"
+    def diverged(self, what: str) -> GenlabError:
+        if self.saved is not None:
+            kept = f"The last good checkpoint, {self.saved[0]} (step {self.saved[1]}), is kept"
         else:
             kept = "This run wrote no checkpoint before it"
-        tries = ["a lower optimizer.lr"] + (["trainer.precision=fp32"] if self.precision != "fp32" else []) + (
-            ["trainer.on_nan=skip to drop such updates"] if self.on_nan != "skip" else [])
-        hint = "Try " + ", or ".join(tries)
-        return GenlabError(f"training diverged: {what}. {kept}. {hint}.")
+        tries = ["a lower optimizer.lr"] + (["trainer.precision=fp32"] if self.ctx.precision != "fp32" else []) + (
+            ["trainer.on_nan=skip to drop such updates"] if self.ctx.on_nan != "skip" else [])
+        return GenlabError(f"training diverged: {what}. {kept}. Try {', or '.join(tries)}.")
 
-    def _log_row(self, sums, counts, epoch, img_per_s, wall) -> dict:
-        keys = list(sums)
-        values = torch.stack([sums[k] for k in keys]).tolist() if keys else []  # the one host sync
-        losses = {f"train/{k}": v / counts[k] for k, v in zip(keys, values)}
-        bad = [k.removeprefix("train/") for k, v in losses.items() if not math.isfinite(v)]
-        if bad:
-            at = int(self._first_bad)
-            raise self._diverged(f"{', '.join(bad)} became non-finite at step {at if at >= 0 else self.step_index} "
-                                 f"(epoch {epoch + 1})")
-        row = {"step": self.step_index, "epoch": epoch + 1, **losses, "img_per_s": round(img_per_s, 1),
-               "wall_time": round(wall, 3)}
-        self._write_row(row)
-        return row
+    # --- what a checkpoint holds ----------------------------------------------------------------
 
-    def _write_row(self, row: dict) -> None:
-        """Append to metrics.csv; rewrite it whole when a new column appears (e.g. n_critic > 1)."""
-        self.rows.append(row)
-        path = self.run_dir / "metrics.csv"
-        losses = [k for k in self._columns if k.startswith("train/")]
-        new = [k for k in row if k.startswith("train/") and k not in losses]
-        if new or not path.exists():
-            self._columns = ["step", "epoch", *losses, *new, "img_per_s", "wall_time"]
-            with open(path, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, self._columns, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(self.rows)
-        else:
-            with open(path, "a", newline="") as fh:
-                csv.DictWriter(fh, self._columns, extrasaction="ignore").writerow(row)
-
-    @torch.no_grad()
-    def _sample_grid(self, z: torch.Tensor, path: Path) -> None:
-        self.model.eval()
-        with self.autocast():
-            images = self.model.generate(z).float().clamp(0, 1)
-        self.model.train()
-        save_image(images, path, nrow=int(math.ceil(math.sqrt(len(z)))), padding=2, pad_value=1.0)
-
-    # --- checkpoints ----------------------------------------------------------------------------
-
-    def save(self, path: Path, epoch: int, wall: float) -> None:
-        """Write a checkpoint, unless the weights are no longer finite: then the last good one stays."""
-        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # weights and BN statistics
+    def state_dict(self) -> dict:
+        """Everything needed to go on training; refused when the weights are no longer finite, so that a
+        checkpoint is always a good one."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # weights, BN statistics
         if not torch.stack([t.isfinite().all() for t in tensors]).all():
-            raise self._diverged(f"the weights became non-finite by step {self.step_index}")
-        checkpoint.save({
-            "config": self.config,
-            "model": self.model.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "step": self.step_index,
-            "epoch": epoch,
-            "wall_time": wall,
-            "rng": checkpoint.rng_state(),
-        }, path)
-        self._saved = (path, self.step_index)
+            raise self.diverged(f"the weights became non-finite by step {self.step}")
+        return {"model": self.model.state_dict(), **self.ctx.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "step": self.step, "epoch": self.epoch, "wall_time": self.wall_time,
+                "rng": checkpoint.rng_state()}
 
-    def _prune(self) -> None:
-        """Keep only the newest ``keep_last`` periodic checkpoints (last.pt is never pruned)."""
-        if self.keep_last:
-            for old in sorted((self.run_dir / "checkpoints").glob("epoch_*.pt"))[: -self.keep_last]:
-                old.unlink()
-
-    def _load_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         try:
             self.model.load_state_dict(state["model"])
-            for k, o in self.optimizers.items():
-                o.load_state_dict(state["optimizers"][k])
+            self.ctx.load_state_dict(state)
+            if self.ema is not None:
+                self.ema.load_state_dict(state.get("ema") or {"model": state["model"], "updates": 0})
         except (KeyError, RuntimeError, ValueError) as e:
             raise GenlabError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]}") from e
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step_index = state["step"]
+        self.step, self.wall_time = state["step"], state.get("wall_time", 0.0)
         checkpoint.set_rng_state(state["rng"])
+
+
+class Window:
+    """The losses of the steps since the last metrics row, summed on the device, and the clock."""
+
+    def __init__(self, device, wall_time: float = 0.0):
+        self.device = device
+        self.start = time.perf_counter() - wall_time
+        self.first = torch.tensor(-1, device=device)  # the first step with a non-finite loss (on_nan=stop)
+        self.clear()
+
+    def clear(self) -> None:
+        self.sums, self.counts, self.images, self.dropped = {}, {}, 0, []
+        self.t0 = time.perf_counter()
+
+    def restart(self) -> None:
+        self.t0, self.images = time.perf_counter(), 0
+
+    def add(self, out: dict | None, step: int, images: int) -> None:
+        self.images += images
+        if out is None:
+            self.dropped.append(step + 1)
+            return
+        for k, v in out.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.float().clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
+        if out:
+            finite = torch.stack([v.float() for v in out.values()]).isfinite().all()
+            self.first = torch.where(finite | (self.first >= 0), self.first, step + 1)
+
+    def first_bad(self) -> int | None:
+        at = int(self.first)
+        return at if at >= 0 else None
+
+    def row(self, step: int, epoch: int) -> dict:
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).tolist() if keys else []  # the one host sync
+        now = time.perf_counter()
+        return {"step": step, "epoch": epoch + 1, **{f"train/{k}": v / self.counts[k] for k, v in zip(keys, values)},
+                "img_per_s": round(self.images / max(now - self.t0, 1e-9), 1), "wall_time": round(now - self.start, 3)}

@@ -20,7 +20,6 @@ import copy
 import json
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,9 +34,11 @@ from torchvision import datasets, transforms
 from genlab import schema
 from genlab.build import build_dataset, build_model, build_optimizers
 from genlab.cli import CONFIG_DIR
+from genlab.data import Loader
+from genlab.device import DTYPES, resolve_device, resolve_precision, synchronize
 from genlab.evaluate import scores_of
 from genlab.nets.dropout import Dropout
-from genlab.trainer import DTYPES, Trainer, resolve_device, resolve_precision
+from genlab.trainer import StepContext, Trainer
 
 SHAPES = {"mnist": (1, 28), "cifar": (3, 32)}  # channels, image size
 
@@ -100,29 +101,23 @@ def matmul_rate(device, precision: str) -> float:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         a @ b
         reps = max(3, int((2e13 if device.type == "cuda" else 1.5e11) / (2 * n**3)))
-        sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             a @ b
-        sync(device)
+        synchronize(device)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
 
 
-def step_flops(model, opts, images, batch: int, device, precision) -> float:
+def step_flops(model, opts, data, batch: int, device, precision) -> float:
     """FLOPs of one genlab training step, per image (torch.utils.flop_counter: matmuls and convolutions)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, opts, images, tmp, device=device, precision=precision, max_steps=1,
-                          batch_size=batch, progress=False)
-        x = trainer._batch(trainer._order(0), 0)
-        with FlopCounterMode(display=False) as counter:
-            model.training_step(x, trainer)
+    ctx = StepContext(opts, precision, device)
+    first = next(Loader(data.images, data.labels, batch, device).epoch(0))
+    with FlopCounterMode(display=False) as counter:
+        model.training_step(first, ctx)
+    ctx.end()
     return counter.get_total_flops() / batch
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reference_steps(model, opts, loader, steps: int, device) -> float:
@@ -165,20 +160,19 @@ def reference_steps(model, opts, loader, steps: int, device) -> float:
                 break
         if done >= steps + 1:
             break
-    sync(device)
+    synchronize(device)
     return steps * loader.batch_size / (time.perf_counter() - t0)
 
 
-def genlab_steps(model, opts, images, steps: int, batch: int, device, precision) -> float:
+def genlab_steps(model, opts, data, steps: int, batch: int, device, precision) -> float:
     """genlab's loop; returns images per second over ``steps`` steps after one warm-up window. The
     loop writes a metrics row (one host sync) every quarter of the steps, not every step, so that on
     a GPU the host can queue work ahead, as it does in `genlab train`."""
     every = max(1, steps // 4)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, opts, images, tmp, device=device, precision=precision, max_steps=steps + every,
-                          batch_size=batch, log_every=every, n_samples=4, progress=False)
-        trainer.fit()
-        rows = trainer.rows
+    trainer = Trainer(model, Loader(data.images, data.labels, batch, device), StepContext(opts, precision, device),
+                      steps + every, log_every=every)
+    trainer.fit()
+    rows = trainer.history
     timed = [(b["step"] - a["step"]) * batch for a, b in zip(rows, rows[1:])]  # images per window after the first
     seconds = sum(n / r["img_per_s"] for n, r in zip(timed, rows[1:]))
     return sum(timed) / seconds if seconds else float("nan")
@@ -205,7 +199,8 @@ def main() -> None:
     for shape in shapes:
         for name in models:
             cfg = compose_cfg(name, args.data_root, shape)
-            images = build_dataset(cfg.dataset).images
+            data = build_dataset(cfg.dataset)
+            images = data.images
             dataset = "mnist" if args.data_root and shape == "mnist" else f"synthetic-{'x'.join(map(str, images.shape[1:]))}"
             for batch in batches:
                 steps = max(4, (1500 if name == "dcgan" else 6000) // batch) if args.quick else max(8, 12000 // batch)
@@ -219,7 +214,7 @@ def main() -> None:
                 o_ref = build_optimizers(ref_opt, m_ref)  # torch's default implementation
                 loader = DataLoader(reference_dataset(args.data_root, len(images), shape), batch_size=batch,
                                     shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
-                genlab_steps(m_gen, o_gen, images, 2, batch, device, precision)  # warm-up
+                genlab_steps(m_gen, o_gen, data, 2, batch, device, precision)  # warm-up
                 reference_steps(m_ref, o_ref, loader, 2, device)
                 results = {"genlab": [], "reference": []}
                 peaks = {"genlab": 0.0, "reference": 0.0}
@@ -227,7 +222,7 @@ def main() -> None:
                     for impl in results:
                         reset_peak_memory(device)
                         if impl == "genlab":
-                            results[impl].append(genlab_steps(m_gen, o_gen, images, steps, batch, device, precision))
+                            results[impl].append(genlab_steps(m_gen, o_gen, data, steps, batch, device, precision))
                         else:
                             results[impl].append(reference_steps(m_ref, o_ref, loader, steps, device))
                         peaks[impl] = max(peaks[impl], peak_memory_mb(device) or 0.0)
@@ -241,7 +236,7 @@ def main() -> None:
                       f"{g['peak_mem_mb']} / {r['peak_mem_mb']} MiB", flush=True)
                 if name == "dcgan":
                     flops.append({"model": name, "dataset": dataset, "batch_size": batch, "precision": precision,
-                                  "gflop_per_img": step_flops(m_gen, o_gen, images, batch, device, precision) / 1e9,
+                                  "gflop_per_img": step_flops(m_gen, o_gen, data, batch, device, precision) / 1e9,
                                   "img_per_s": g["img_per_s"]})
     if flops:
         rate = matmul_rate(device, precision)
@@ -276,10 +271,10 @@ def bench_evaluate(args, device, models, reps) -> list[dict]:
         scores_of(model, test[:1000], score, 1000, device)  # warm-up
         times = []
         for _ in range(reps):
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             scores_of(model, test, score, 1000, device)
-            sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
         rows.append({"model": name, "score": score, "images": len(test), "device": str(device),
                      "img_per_s": round(len(test) / statistics.median(times), 1)})
@@ -293,14 +288,14 @@ def bench_scaling(args, device, precision) -> list[dict]:
     print("\nscaling: genlab DCGAN, seconds per 60,000-image epoch")
     for channels, size in ((1, 28), (3, 32), (3, 64)):
         cfg = compose_cfg("dcgan", None, (channels, size))
-        images = build_dataset(cfg.dataset).images
+        data = build_dataset(cfg.dataset)
         for batch in (32, 64, 128, 256, 512):
             torch.manual_seed(0)
             model = build_model(cfg).to(device)
             opts = build_optimizers(cfg.optimizer, model)
             steps = max(6, (1500 if size < 64 else 500) // batch)
-            genlab_steps(model, opts, images, 2, batch, device, precision)
-            ips = statistics.median(genlab_steps(model, opts, images, steps, batch, device, precision) for _ in range(2))
+            genlab_steps(model, opts, data, 2, batch, device, precision)
+            ips = statistics.median(genlab_steps(model, opts, data, steps, batch, device, precision) for _ in range(2))
             rows.append({"model": "dcgan", "shape": f"{channels}x{size}x{size}", "batch_size": batch,
                          "precision": precision, "img_per_s": round(ips, 1), "s_per_epoch": round(60000 / ips, 1)})
             print(f"{channels}x{size}x{size} batch {batch:4d}: {ips:8.1f} img/s, {60000 / ips:7.1f} s/epoch", flush=True)

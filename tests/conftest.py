@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from genlab import schema
+from genlab.build import build_trainer
 from genlab.cli import CONFIG_DIR
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -27,6 +29,17 @@ def compose_train(overrides=()):
     schema.register()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=[*TINY, *overrides])
+
+
+def make_trainer(overrides, run_dir, seed=0):
+    """The Trainer `genlab train` would build for these overrides (CPU, fp32, no progress bar), writing into run_dir."""
+    cfg = compose_train(overrides)
+    torch.manual_seed(seed)
+    return build_trainer(cfg, run_dir, torch.device("cpu"))
+
+
+def first_batch(trainer):
+    return next(trainer.loader.epoch(0))
 
 
 @pytest.fixture(autouse=True)

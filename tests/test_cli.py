@@ -68,7 +68,11 @@ def test_resume_continues_the_run(tmp_path):
     assert steps == sorted(steps) and steps[0] < 4 < steps[-1] == 8  # the first run's rows, then more
     assert (first / "checkpoints" / "last.pt").is_file()  # nothing of the first run was touched
     r = genlab("train", f"resume={first}", "model=gan", cwd=tmp_path)
-    assert r.returncode == 1 and "resume=" in r.stderr
+    assert r.returncode == 1 and "resume=" in r.stderr and "would change model._target_" in r.stderr
+    r = genlab("train", f"resume={tmp_path / 'second'}", "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'third'}",
+               cwd=tmp_path)
+    assert r.returncode == 0 and "nothing to train: the run in" in r.stdout + r.stderr
+    assert not (tmp_path / "third" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -92,7 +96,7 @@ def test_resume_continues_the_run(tmp_path):
     (["+optimizer.nets.d.momentum=0.9"], "optimizer.nets.d.momentum is not a setting of Adam"),
     (["dataset=synthetic", "dataset.n=many"], "dataset.n must be int; got 'many'"),
     (["dataset=folder"], "genlab train needs a value for dataset.root"),
-    (["+loss.n_critic=5"], "loss.n_critic is not a setting of GAN; its settings are: gp_weight."),
+    (["+loss.n_critic=5"], "loss.n_critic is not a setting of BCE; its settings are: gp_weight."),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
     r = genlab("train", *args, "trainer.max_steps=1", "device=cpu", cwd=tmp_path)

@@ -3,17 +3,16 @@
 import pytest
 import torch
 
-from genlab.build import build_dataset, build_model, build_optimizers
+from hydra.utils import get_method
+
+from genlab.build import build_dataset, build_model, build_optimizers, build_schedulers
 from genlab.data import ImageData
 from genlab.models import GenerativeModel
 
 from conftest import compose_train, options
 
-GAN_LOSSES = ["bce", "minimax", "wasserstein", "hinge", "lsgan"]
-
-
 def test_groups_are_not_empty():
-    for group in ("model", "dataset", "loss", "optimizer", "experiment"):
+    for group in ("model", "dataset", "loss", "optimizer", "scheduler", "experiment"):
         assert options(group), group
 
 
@@ -51,7 +50,16 @@ def test_dataset_builds(dataset, fake_root, tmp_path):
 @pytest.mark.parametrize("loss", options("loss"))
 def test_loss_builds(loss):
     cfg = compose_train([f"loss={loss}", f"model={'vae' if loss == 'elbo' else 'gan'}"])
-    assert build_model(cfg).loss == loss
+    assert type(build_model(cfg).loss) is get_method(cfg.loss._target_)
+
+
+@pytest.mark.parametrize("scheduler", options("scheduler"))
+def test_scheduler_builds(scheduler):
+    cfg = compose_train([f"scheduler={scheduler}", "scheduler.warmup=10"])
+    opts = build_optimizers(cfg.optimizer, build_model(cfg))
+    schedulers = build_schedulers(cfg.scheduler, opts, total_steps=100)
+    assert set(schedulers) == set(opts)
+    assert all(o.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr / 10) for o in opts.values())  # warm-up
 
 
 @pytest.mark.parametrize("optimizer", options("optimizer"))
@@ -78,9 +86,9 @@ def test_experiment_pins_the_seed_settings():
 
 
 def test_model_picks_its_default_loss():
-    assert compose_train(["model=vae"]).loss.name == "elbo"
-    assert compose_train(["model=dcgan"]).loss.name == "bce"
-    assert compose_train(["model=gan", "loss=hinge"]).loss.name == "hinge"
+    assert compose_train(["model=vae"]).loss._target_ == "genlab.losses.ELBO"
+    assert compose_train(["model=dcgan"]).loss._target_ == "genlab.losses.BCE"
+    assert compose_train(["model=gan", "loss=hinge"]).loss._target_ == "genlab.losses.Hinge"
 
 
 def test_dataset_root_from_environment(monkeypatch):

@@ -77,6 +77,28 @@ def test_folder_reads_classes_and_skips_unreadable(tmp_path, caplog):
     assert "skipped 1 unreadable" in caplog.text
 
 
+def test_folder_with_images_beside_class_folders_is_refused(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "stray.png")  # no class: it would have been taken for a cat
+    with pytest.raises(GenlabError, match="1 image.* at its top level .*stray.png.* beside the class sub-folders cats"):
+        data.folder(tmp_path, image_size=8)
+
+
+def test_folder_is_decoded_once_per_size(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for i in range(6):
+        Image.new("RGB", (30, 20), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    first = data.folder(tmp_path, image_size=8)
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("decoded twice"))
+    assert torch.equal(first.images, data.folder(tmp_path, image_size=8).images)
+    with pytest.raises(pytest.fail.Exception, match="decoded twice"):  # another size is another decoding
+        data.folder(tmp_path, image_size=16)
+
+
 def test_folder_without_images(tmp_path):
     with pytest.raises(GenlabError, match="no images"):
         data.folder(tmp_path)

@@ -6,12 +6,15 @@ import math
 import pytest
 import torch
 
-from genlab.build import build_dataset, build_model, build_optimizers
+from genlab.build import build_model
+from genlab.data import Batch
 from genlab.errors import GenlabError
-from genlab.losses import gradient_penalty
-from genlab.trainer import Trainer
+from genlab.losses import BCE, gradient_penalty
+from genlab.models import GAN
+from genlab.nets import MLPDiscriminator, MLPGenerator
+from genlab.trainer import StepContext
 
-from conftest import compose_train
+from conftest import compose_train, first_batch, make_trainer
 
 CASES = [
     ("gan", "bce"), ("gan", "minimax"), ("gan", "wasserstein"), ("gan", "hinge"), ("gan", "lsgan"),
@@ -21,27 +24,24 @@ CASES = [
 SHAPES = [(1, 28), (3, 32)]
 
 
-def setup(model, loss, channels, size, tmp_path, precision="fp32", **trainer_args):
+def setup(model, loss, channels, size, tmp_path, precision="fp32", *extra):
+    """A trainer for ``model`` with ``loss`` on 16 synthetic images in batches of 8, and its first batch."""
     loss_name, *recon = loss.split()
     overrides = [f"model={model}", f"loss={loss_name}", "dataset=synthetic", "dataset.n=16",
-                 f"dataset.channels={channels}", f"dataset.image_size={size}", f"trainer.precision={precision}"]
+                 f"dataset.channels={channels}", f"dataset.image_size={size}", f"trainer.precision={precision}",
+                 "trainer.batch_size=8", *extra]
     if recon:
         overrides.append(f"loss.recon={recon[0]}")
-    cfg = compose_train(overrides)
-    torch.manual_seed(0)
-    m = build_model(cfg)
-    data = build_dataset(cfg.dataset)
-    trainer = Trainer(m, build_optimizers(cfg.optimizer, m), data.images, tmp_path, device="cpu",
-                      precision=precision, batch_size=8, progress=False, **trainer_args)
-    return m, trainer, data.images[:8].float() / 255
+    trainer = make_trainer(overrides, tmp_path)
+    return trainer.model, trainer, first_batch(trainer)
 
 
 @pytest.mark.parametrize("channels,size", SHAPES)
 @pytest.mark.parametrize("model,loss", CASES)
 def test_training_step_changes_every_part(model, loss, channels, size, tmp_path):
-    m, trainer, x = setup(model, loss, channels, size, tmp_path)
+    m, trainer, batch = setup(model, loss, channels, size, tmp_path)
     before = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
-    out = m.training_step(x, trainer)
+    out = m.training_step(batch, trainer.ctx)
     assert out and all(v.dim() == 0 and math.isfinite(v.item()) for v in out.values())
     unchanged = [k for k, p in m.named_parameters() if torch.equal(p, before[k])]
     if loss in ("wasserstein", "hinge"):
@@ -58,9 +58,9 @@ def test_training_step_changes_every_part(model, loss, channels, size, tmp_path)
 @pytest.mark.parametrize("model,loss", [("gan", "bce"), ("dcgan", "wasserstein"), ("vae", "elbo")])
 def test_low_precision_training_is_finite(model, loss, precision, tmp_path):
     # dcgan + wasserstein has the gradient penalty: with fp16 the gradient scaler starts at 2^16
-    _, trainer, _ = setup(model, loss, 1, 28, tmp_path, precision=precision, max_steps=4, log_every=1)
+    _, trainer, _ = setup(model, loss, 1, 28, tmp_path, precision, "trainer.max_steps=4", "trainer.log_every=1")
     trainer.fit()  # on_nan=stop: a non-finite loss raises
-    losses = [v for row in trainer.rows for k, v in row.items() if k.startswith("train/")]
+    losses = [v for row in trainer.history for k, v in row.items() if k.startswith("train/")]
     assert len(losses) >= 4 and all(math.isfinite(v) for v in losses)
 
 
@@ -75,7 +75,8 @@ def test_gradient_penalty_of_a_linear_critic():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("model", ["gan", "dcgan"])
 def test_gradient_penalty_under_autocast_matches_fp32(model, precision, tmp_path):
-    m, trainer, x = setup(model, "wasserstein", 1, 28, tmp_path, precision=precision)
+    m, trainer, batch = setup(model, "wasserstein", 1, 28, tmp_path, precision)
+    x = batch.x
     m.d.eval()  # no dropout: both passes must see the same critic
     fake = m.g(torch.randn(8, m.z_dim)).detach()
 
@@ -88,7 +89,7 @@ def test_gradient_penalty_under_autocast_matches_fp32(model, precision, tmp_path
         return penalty.item(), torch.cat([p.grad.flatten() for p in m.d.parameters() if p.grad is not None])
 
     exact, exact_grads = penalty_and_grads(contextlib.nullcontext())
-    low, low_grads = penalty_and_grads(trainer.autocast())
+    low, low_grads = penalty_and_grads(trainer.ctx.autocast())
     assert low == pytest.approx(exact, rel=1e-2)
     assert torch.nn.functional.cosine_similarity(low_grads, exact_grads, dim=0) > 0.999
     assert (low_grads.norm() / exact_grads.norm()).item() == pytest.approx(1, rel=1e-2)
@@ -106,12 +107,13 @@ def test_sample_shape_and_range(model, tmp_path):
 
 
 def test_generator_step_only_every_n_critic(tmp_path):
-    m, trainer, x = setup("gan", "wasserstein", 1, 28, tmp_path)
+    m, trainer, batch = setup("gan", "wasserstein", 1, 28, tmp_path)
     m.n_critic = 3
     keys = []
     for i in range(4):
-        trainer.step_index = i
-        keys.append(sorted(m.training_step(x, trainer)))
+        trainer.ctx.begin(i)
+        keys.append(sorted(m.training_step(batch, trainer.ctx)))
+        trainer.ctx.end()
     assert keys == [["loss_d", "loss_g"], ["loss_d"], ["loss_d"], ["loss_d", "loss_g"]]
 
 
@@ -127,3 +129,35 @@ def test_loss_that_does_not_fit_the_model():
         build_model(compose_train(["model=vae", "loss=hinge"]))
     with pytest.raises(GenlabError, match="loss=elbo does not fit"):
         build_model(compose_train(["model=dcgan", "loss=elbo"]))
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_discriminator_passes_fit_its_batch_statistics(batch_norm):
+    """With batch norm, each image's logit depends on the rest of its batch: the discriminator then sees real and
+    fake images in separate passes, so that its generator-step pass (fakes alone) normalises as its
+    discriminator-step pass on fakes did, and that generator-step pass leaves the running statistics alone. A
+    per-sample discriminator keeps the one joint pass (half the kernel launches)."""
+    torch.manual_seed(0)
+    if batch_norm:
+        d = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.LeakyReLU(0.2), torch.nn.Linear(32, 1), torch.nn.Flatten(0))
+    else:
+        d = MLPDiscriminator()
+    model = GAN(MLPGenerator(), d, BCE())
+    ctx = StepContext({k: torch.optim.Adam(p, lr=1e-3) for k, p in model.optimizer_groups().items()})
+    sizes, stats = [], {}
+    d.register_forward_hook(lambda net, args, out: sizes.append(len(args[0])))
+    real_step = ctx.step
+
+    def step(name):  # the discriminator's statistics when its update is applied
+        stats[name] = [b.clone() for b in d.buffers()]
+        real_step(name)
+
+    ctx.step = step
+    model.training_step(Batch(torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)), ctx)
+    if batch_norm:
+        assert sizes == [8, 8, 8]  # real, fake; then fake in the generator step
+        assert all(torch.equal(a, b) for a, b in zip(stats["d"], d.buffers()))  # not moved by the generator step
+        assert not torch.equal(stats["d"][0], torch.zeros(32))  # while the discriminator step did move them
+    else:
+        assert sizes == [16, 8]

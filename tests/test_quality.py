@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from genlab import metrics
-from genlab.classifier import classifier_for, predict
+from genlab.classifier import NoClassifier, classifier_for, predict
 from genlab.data import digits, mnist
 from genlab.errors import GenlabError
 from genlab.inception import inception_features, load_inception
@@ -70,6 +70,30 @@ def test_evaluate_quality_through_the_command(tmp_path):
     assert sum(rep["class_histogram"]) == 500 and rep["protocol"]["n_samples"] == 500
     assert 0 <= rep["precision"] <= 1 and rep["fid"] > 0
     assert (tmp_path / "q" / "classes.png").is_file() and (tmp_path / "q" / "report.md").is_file()
+
+
+def test_quality_needs_a_dataset_that_can_train_its_classifier(tmp_path):
+    """A folder of faces with no sub-folders has one class: a classifier trained on it learns nothing (its loss
+    is 0 from the start), and an FID in its features would be that of a random network. Refused, and so is a
+    training split too small to train one."""
+    from PIL import Image
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i in range(40):
+        Image.new("RGB", (20, 20), (6 * i, 100, 200 - 5 * i)).save(faces / f"{i}.png")
+    cfg = compose_train(["dataset=folder", f"dataset.root={faces}", "dataset.image_size=16"])
+    with pytest.raises(NoClassifier, match="has a single class"):
+        classifier_for(cfg.dataset, "cpu")
+    with pytest.raises(NoClassifier, match="too small to train one: 200 images, the fewest of a class [0-9]+ "):
+        classifier_for(compose_train(["dataset=synthetic", "dataset.n=200"]).dataset, "cpu")
+    # through the command: one clear line that says what would work
+    r = genlab("train", "model=gan", "dataset=folder", f"dataset.root={faces}", "dataset.image_size=16",
+               "trainer.max_steps=1", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = genlab("evaluate", "task=quality", f"ckpt={tmp_path / 'run'}", "n_samples=100", cwd=tmp_path)
+    assert r.returncode == 1 and "has a single class" in r.stderr and "inception_weights=PATH" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_evaluate_quality_of_a_sweep_groups_the_seeds(tmp_path):

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from genlab import checkpoint
-from genlab.build import build_dataset, build_model, build_optimizers
+from genlab.callbacks import Callback
 from genlab.errors import GenlabError
-from genlab.trainer import SKIP_LIMIT, Trainer
+from genlab.train import resumed_config
+from genlab.trainer import SKIP_LIMIT
 
-from conftest import compose_train, genlab
+from conftest import compose_train, genlab, make_trainer
 
 COMMON = ["dataset=synthetic", "dataset.n=96", "trainer.batch_size=32", "device=cpu", "trainer.precision=fp32",
           "trainer.log_every=1", "trainer.n_samples=4"]
@@ -34,10 +36,10 @@ def tensors(obj, prefix=""):
             yield from tensors(v, f"{prefix}/{i}")
 
 
-@pytest.mark.parametrize("model", ["gan", "vae"])
-def test_resume_is_bit_identical(model, tmp_path):
+@pytest.mark.parametrize("model,precision", [("gan", "fp32"), ("vae", "fp32"), ("dcgan", "bf16")])
+def test_resume_is_bit_identical(model, precision, tmp_path):
     """4 steps + resume + 4 steps == 8 steps in one go (3 steps an epoch: the cut is mid-epoch)."""
-    args = [f"model={model}", *COMMON]
+    args = [f"model={model}", *COMMON, f"trainer.precision={precision}"]
     for name, extra in (("whole", ["trainer.max_steps=8"]), ("half", ["trainer.max_steps=4"])):
         r = genlab("train", *args, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
@@ -124,15 +126,15 @@ def test_old_periodic_checkpoints_are_pruned(tmp_path):
 def poisoned_trainer(tmp_path, bad_steps, on_nan="stop", weights_at=None, max_steps=9, seed=0):
     """A VAE on 96 synthetic images, 3 steps an epoch; the batches of ``bad_steps`` (0-based) are NaN,
     and after step ``weights_at`` a weight is set to NaN while that step's loss stays finite."""
-    torch.manual_seed(seed)
-    cfg = compose_train(["model=vae", "dataset=synthetic", "dataset.n=96"])
-    m = build_model(cfg)
-    t = Trainer(m, build_optimizers(cfg.optimizer, m), build_dataset(cfg.dataset).images, tmp_path,
-                max_steps=max_steps, batch_size=32, log_every=50, n_samples=4, progress=False, on_nan=on_nan)
+    t = make_trainer(["model=vae", "dataset=synthetic", "dataset.n=96", f"trainer.max_steps={max_steps}",
+                      "trainer.batch_size=32", "trainer.n_samples=4", f"trainer.on_nan={on_nan}"], tmp_path, seed)
+    m = t.model
     real_step = m.training_step
 
-    def step(x, ctx):
-        out = real_step(x * float("nan") if ctx.step_index in bad_steps else x, ctx)
+    def step(batch, ctx):
+        if ctx.step_index in bad_steps:
+            batch = batch._replace(x=batch.x * float("nan"))
+        out = real_step(batch, ctx)
         if ctx.step_index == weights_at:
             with torch.no_grad():
                 next(m.parameters())[0].fill_(float("nan"))
@@ -168,8 +170,8 @@ def test_on_nan_skip_drops_exactly_the_bad_updates(tmp_path):
     skipping.fit()  # finishes: the three NaN steps are dropped, so the weights are those after step 3
     a, b = clean.model.state_dict(), skipping.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in skipping.rows] == [3, 6]
-    assert "train/loss" not in skipping.rows[1]  # a window of skipped steps has no loss to report
+    assert [r["step"] for r in skipping.history] == [3, 6]
+    assert "train/loss" not in skipping.history[1]  # a window of skipped steps has no loss to report
     stopping = poisoned_trainer(tmp_path / "stop", bad_steps={3, 4, 5}, max_steps=6)
     with pytest.raises(GenlabError, match="at step 4"):  # the same run under on_nan=stop
         stopping.fit()
@@ -220,13 +222,62 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
 def test_on_nan_skip_with_fp16_and_batch_norm(tmp_path):
     """A gradient scaler (fp16) and a generator with batch norm: a step whose latents are infinite is dropped
     whole, batch-norm statistics included, and every tensor saved is finite."""
-    torch.manual_seed(0)
-    cfg = compose_train(["model=dcgan", "dataset=synthetic", "dataset.n=96"])
-    m = build_model(cfg)
-    t = Trainer(m, build_optimizers(cfg.optimizer, m), build_dataset(cfg.dataset).images, tmp_path, precision="fp16",
-                max_steps=6, batch_size=32, log_every=50, n_samples=4, progress=False, on_nan="skip")
-    m.g.register_forward_pre_hook(lambda net, args: (args[0] * float("inf"),) if net.training and t.step_index == 4 else None)
+    t = make_trainer(["model=dcgan", "dataset=synthetic", "dataset.n=96", "trainer.precision=fp16", "trainer.max_steps=6",
+                      "trainer.batch_size=32", "trainer.n_samples=4", "trainer.on_nan=skip"], tmp_path)
+    t.model.g.register_forward_pre_hook(
+        lambda net, args: (args[0] * float("inf"),) if net.training and t.ctx.step_index == 4 else None)
     t.fit()
     state = checkpoint.load(tmp_path)
     assert state["step"] == 6
     assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_on_nan_skip_drops_a_gan_step_whole(tmp_path):
+    """The generator's loss turns NaN after the discriminator has stepped: the whole training step is dropped,
+    the discriminator's update, its optimizer state and the batch-norm statistics included."""
+    t = make_trainer(["model=dcgan", "dataset=synthetic", "dataset.n=96", "trainer.batch_size=32", "trainer.max_steps=4",
+                      "trainer.on_nan=skip", "trainer.log_every=1", "trainer.n_samples=4"], tmp_path)
+    real_g = t.model.loss.g
+    t.model.loss.g = lambda fake, real=None: real_g(fake, real) * (float("nan") if t.ctx.step_index == 2 else 1.0)
+    states = {}
+
+    class Snapshot(Callback):
+        def on_step_end(self, trainer):
+            states[trainer.step] = {k: v.clone() for k, v in tensors({"model": trainer.model.state_dict(),
+                                                                        "ctx": trainer.ctx.state_dict()})}
+
+    t.callbacks.append(Snapshot())
+    t.fit()
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(states[3], states[2])  # step 3 (index 2) left no trace
+    assert not same(states[2], states[1]) and not same(states[4], states[3])  # the others did
+    assert [("train/loss_d" in r) for r in t.history] == [True, True, False, True]
+
+
+RUN = ["model=vae", "dataset=synthetic", "trainer.batch_size=32", "trainer.epochs=2"]
+
+
+def resume_with(*overrides):
+    stored = OmegaConf.to_container(compose_train(RUN), resolve=True)
+    args = [*RUN, *overrides, "resume=somewhere"]
+    return resumed_config(stored, compose_train(args), args)
+
+
+def test_resume_takes_the_runs_own_command_again():
+    """A requeue script re-runs the run's own command with resume= added: its group overrides give the stored
+    values, and are accepted; trainer settings and the device may change."""
+    merged = resume_with("trainer.epochs=9", "trainer.log_every=7", "device=cpu")
+    assert (merged.trainer.epochs, merged.trainer.log_every, merged.device, merged.resume) == (9, 7, "cpu", "somewhere")
+    assert merged.model._target_ == "genlab.models.VAE"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.batch_size=64", "trainer.batch_size"), ("seed=1", "seed"), ("dataset.classes=[1]", "dataset.classes"),
+    ("loss.beta=2.0", "loss.beta"), ("model=gan", "model._target_"), ("optimizer.lr=0.1", "optimizer.lr"),
+    ("scheduler=cosine", "scheduler._target_"),
+])
+def test_resume_refuses_what_would_change_the_run(override, key):
+    """What the data order or the objective depends on cannot change mid-run: the override would be silently
+    ignored (the optimizer state brings its own learning rate) or make the resumed run another experiment."""
+    with pytest.raises(GenlabError, match=f"would change {key} \\(the run has"):
+        resume_with(override)

@@ -109,7 +109,7 @@ def test_sweep_summary_statistics(tmp_path):
     (["score=critic"], "score=critic is not offered"),
     (["normal_classes=[one]"], "could not be converted to Integer"),
     (["n_samples=1.5"], "could not be converted to Integer"),
-    (["+no_such_key=1"], "no_such_key is not a setting of genlab evaluate"),
+    (["+no_such_key=1"], "no_such_key is not a setting of genlab evaluate nor a sampling setting of VAE"),
 ])
 def test_evaluate_bad_input(vae_run, tmp_path, args, message):
     r = genlab("evaluate", f"ckpt={vae_run}", *args, cwd=tmp_path)

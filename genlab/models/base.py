@@ -1,44 +1,42 @@
 """The interface the shared training loop, `sample` and `evaluate` use."""
 
-from typing import Iterable, Protocol
+import inspect
+import math
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-
-class StepContext(Protocol):
-    """What the training loop hands a model each step (see genlab.trainer.Trainer)."""
-
-    step_index: int  # optimisation steps done before this one
-
-    def autocast(self): ...  # the run's mixed-precision context
-
-    def step(self, name: str, loss: Tensor) -> None: ...  # backward + step for one optimizer
+from genlab.data import Batch
 
 
 class GenerativeModel(nn.Module):
     """A model owns its training step; the loop owns everything else.
 
-    Images cross this interface as floats in [0, 1], shape [B, C, H, W].
+    Images cross this interface as floats in [0, 1], shape [B, C, H, W]; labels as int64 [B].
+    ``num_classes`` > 0 marks a class-conditional model: it samples the classes it is given.
+    Sampling settings (a diffusion model's ``steps``, say) are the keyword-only parameters of
+    ``generate``, with their defaults; `genlab sample`, `evaluate` and the per-epoch grids pass them.
     """
 
-    losses: tuple[str, ...] = ()  # the loss configs (loss=NAME) this model trains with
+    num_classes: int = 0
     scores: tuple[str, ...] = ()  # anomaly scores it offers (evaluate score=NAME); the first is the default
 
     def optimizer_groups(self) -> dict[str, Iterable[nn.Parameter]]:
         """The parameters each named optimizer steps, e.g. {"g": ..., "d": ...}."""
         raise NotImplementedError
 
-    def training_step(self, x: Tensor, ctx: StepContext) -> dict[str, Tensor]:
-        """One optimisation step on the batch ``x``; returns detached scalar losses by name."""
+    def training_step(self, batch: Batch, ctx) -> dict[str, Tensor]:
+        """One optimisation step on ``batch`` (``batch.x`` images, ``batch.y`` labels) with the step context
+        ``ctx`` (genlab.trainer.StepContext); returns detached scalar losses by name."""
         raise NotImplementedError
 
     def latent(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws from the prior, on the CPU (move them to the model's device)."""
         raise NotImplementedError
 
-    def generate(self, z: Tensor) -> Tensor:
-        """Images in [0, 1] from latents ``z``."""
+    def generate(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Images in [0, 1] from latents ``z`` (and, for a conditional model, their ``labels``)."""
         raise NotImplementedError
 
     def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
@@ -48,7 +46,25 @@ class GenerativeModel(nn.Module):
     def calibrate(self, x: Tensor) -> None:
         """See normal training images ``x`` before scoring; for scores that need their scale. Optional."""
 
+    @classmethod
+    def sampling_settings(cls) -> dict[str, Any]:
+        """The settings ``generate`` takes, with their defaults."""
+        params = inspect.signature(cls.generate).parameters.values()
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
     @torch.inference_mode()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, labels: Tensor | None = None, generator: torch.Generator | None = None,
+               **settings) -> Tensor:
         device = next(self.parameters()).device
-        return self.generate(self.latent(n, generator).to(device))
+        if labels is not None:
+            labels = labels.to(device)
+        return self.generate(self.latent(n, generator).to(device), labels, **settings)
+
+
+def grid_labels(n: int, num_classes: int) -> tuple[Tensor | None, int]:
+    """Labels and images per row for a grid of about ``n`` samples: a conditional model's grid shows one
+    class per row (``n`` rounded to whole rows); an unconditional one is a square of ``n``."""
+    if not num_classes:
+        return None, math.ceil(math.sqrt(n))
+    per_class = max(1, round(n / num_classes))
+    return torch.arange(num_classes).repeat_interleave(per_class), per_class

@@ -4,25 +4,19 @@ import torch
 from torch import Tensor, nn
 
 from genlab.errors import GenlabError
-from genlab.losses import gaussian_blur, kl_normal, reconstruction_error
+from genlab.losses import ELBO, gaussian_blur, kl_normal, reconstruction_error
 from genlab.models.base import GenerativeModel
 
 
 class VAE(GenerativeModel):
-    """``encoder(x) -> (mu, logvar)``; ``decoder(z) -> pixel logits``; Bernoulli or Gaussian likelihood."""
+    """``encoder(x) -> (mu, logvar)``; ``decoder(z) -> pixel logits``; trained on ``loss``, the negative
+    ELBO with a Bernoulli or Gaussian likelihood."""
 
-    losses = ("elbo",)
     scores = ("elbo", "recon", "mse", "mse_blur", "blur_kl")
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, loss: str = "elbo",
-                 recon: str = "bce", beta: float = 1.0):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, loss: ELBO):
         super().__init__()
-        if loss != "elbo":
-            raise GenlabError(f"a VAE trains with loss=elbo; got loss={loss}.")
-        if recon not in ("bce", "mse"):
-            raise GenlabError(f"loss.recon must be bce or mse; got {recon}.")
-        self.encoder, self.decoder = encoder, decoder
-        self.loss, self.recon, self.beta = loss, recon, beta
+        self.encoder, self.decoder, self.loss = encoder, decoder, loss
         self._scale = None  # (blur, kl) medians on normal images, set by calibrate()
 
     def optimizer_groups(self):
@@ -32,21 +26,22 @@ class VAE(GenerativeModel):
         mu, logvar = self.encoder(x)
         return mu.float(), logvar.float()
 
-    def training_step(self, x: Tensor, ctx) -> dict[str, Tensor]:
+    def training_step(self, batch, ctx) -> dict[str, Tensor]:
+        x = batch.x
         with ctx.autocast():
             mu, logvar = self.encode(x)
             z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
             logits = self.decoder(z)
-        recon = reconstruction_error(x, logits, self.recon).mean()
-        kl = kl_normal(mu, logvar).mean()
-        loss = recon + self.beta * kl
-        ctx.step("vae", loss)
+        recon, kl = (t.mean() for t in self.loss.terms(x, logits, mu, logvar))
+        loss = recon + self.loss.beta * kl
+        ctx.backward(loss, "vae")
+        ctx.step("vae")
         return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
 
     def latent(self, n, generator=None):
         return torch.randn(n, self.decoder.latent_dim, generator=generator)
 
-    def generate(self, z):
+    def generate(self, z, labels=None):
         return torch.sigmoid(self.decoder(z).float())
 
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -69,9 +64,9 @@ class VAE(GenerativeModel):
         mu, logvar = self.encode(x)
         logits = self.decoder(mu)
         if score in (None, "elbo"):
-            return reconstruction_error(x, logits, self.recon) + kl_normal(mu, logvar)
+            return reconstruction_error(x, logits, self.loss.recon) + kl_normal(mu, logvar)
         if score == "recon":
-            return reconstruction_error(x, logits, self.recon)
+            return reconstruction_error(x, logits, self.loss.recon)
         if score == "mse":
             return reconstruction_error(x, logits, "mse")
         if score == "mse_blur":

@@ -1,0 +1,168 @@
+"""What a training run writes, as callbacks of the loop: the progress bar, metrics.csv, the loss curves,
+the per-epoch sample grids and the checkpoints.
+
+The loop (genlab.trainer.Trainer) calls each callback at a few named moments, with itself as the
+argument. A new writer (TensorBoard, MLflow, ...) is one more class here, and nothing in the loop
+changes; under several processes only rank 0 gets the writers.
+"""
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from genlab import checkpoint, plots
+from genlab.images import save_grid
+from genlab.models.base import grid_labels
+
+
+class Callback:
+    """Each hook does nothing unless a subclass overrides it."""
+
+    def on_fit_start(self, trainer) -> None:
+        """Before the first step (of this process: after a resume, the resumed step)."""
+
+    def on_step_end(self, trainer) -> None:
+        """After each training step. Keep it cheap: no host sync."""
+
+    def on_log(self, trainer, row: dict) -> None:
+        """A metrics row: step, epoch, the window's mean losses (``train/...``), img_per_s, wall_time."""
+
+    def on_epoch_end(self, trainer) -> None:
+        """After an epoch's last step, and after the run's last step even mid-epoch (``trainer.done``)."""
+
+    def on_interrupt(self, trainer) -> None:
+        """SIGINT/SIGTERM: the current step has finished; save what is needed to resume."""
+
+    def on_fit_end(self, trainer) -> None:
+        """After the loop, whether it finished or stopped with an error: release what on_fit_start took."""
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the steps, with the latest losses; log lines are printed above it."""
+
+    def on_fit_start(self, trainer):
+        self.bar = tqdm(total=trainer.max_steps, initial=trainer.step, unit="step", dynamic_ncols=True, disable=None)
+        self.redirect = logging_redirect_tqdm()
+        self.redirect.__enter__()
+        self._describe(trainer)
+
+    def _describe(self, trainer):
+        self.bar.set_description(f"epoch {min(trainer.step // trainer.loader.steps_per_epoch + 1, trainer.epochs)}"
+                                 f"/{trainer.epochs}")
+
+    def on_step_end(self, trainer):
+        self.bar.update(1)
+
+    def on_log(self, trainer, row):
+        self.bar.set_postfix({k.removeprefix("train/"): f"{v:.3g}" for k, v in row.items() if k.startswith("train/")})
+
+    def on_epoch_end(self, trainer):
+        self._describe(trainer)
+
+    def on_fit_end(self, trainer):
+        if hasattr(self, "bar"):  # on_fit_start ran
+            self.bar.close()
+            self.redirect.__exit__(None, None, None)
+
+
+class MetricsCSV(Callback):
+    """``metrics.csv``: step, epoch, the mean losses (``train/...``), each scheduled learning rate (``lr/NAME``),
+    img_per_s and wall_time; rewritten whole when a new column appears (e.g. n_critic > 1)."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.columns: list[str] = []
+
+    def on_fit_start(self, trainer):
+        if trainer.history:  # a resumed run: the earlier rows first
+            self._rewrite(trainer.history)
+
+    def on_log(self, trainer, row):
+        if not self.path.exists() or any(k not in self.columns for k in row):
+            self._rewrite(trainer.history)
+        else:
+            with open(self.path, "a", newline="") as fh:
+                csv.DictWriter(fh, self.columns, extrasaction="ignore").writerow(row)
+
+    def _rewrite(self, rows):
+        values = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("train/", "lr/"))))
+        self.columns = ["step", "epoch", *values, "img_per_s", "wall_time"]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+class LossCurves(Callback):
+    """``loss_curves.png``, redrawn at epoch ends (at most every ``every`` seconds) and at the end."""
+
+    def __init__(self, run_dir, title: str = "", every: float = 15.0):
+        self.path, self.title, self.every = Path(run_dir) / "loss_curves.png", title, every
+        self.last = 0.0
+
+    def on_epoch_end(self, trainer):
+        if trainer.done or time.perf_counter() - self.last > self.every:
+            plots.loss_curves(trainer.history, self.path, self.title)
+            self.last = time.perf_counter()
+
+
+class SampleGrids(Callback):
+    """``samples/epoch_NNNN.png`` after each epoch: ``n`` images from one fixed noise batch (seeded), so
+    that progress can be watched; from the moving average of the weights when the run keeps one. A
+    class-conditional model draws one class per row. ``settings``: the model's sampling settings."""
+
+    def __init__(self, run_dir, n: int = 64, seed: int = 0, settings: dict | None = None):
+        self.dir, self.n, self.seed, self.settings = Path(run_dir) / "samples", n, seed, settings or {}
+
+    def on_fit_start(self, trainer):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        model = trainer.model
+        self.labels, self.nrow = grid_labels(self.n, model.num_classes)
+        n = len(self.labels) if self.labels is not None else self.n
+        self.z = model.latent(n, torch.Generator().manual_seed(self.seed)).to(trainer.ctx.device)
+        if self.labels is not None:
+            self.labels = self.labels.to(trainer.ctx.device)
+
+    @torch.inference_mode()
+    def on_epoch_end(self, trainer):
+        model = trainer.ema.model if trainer.ema is not None else trainer.model
+        was_training = model.training
+        model.eval()
+        with trainer.ctx.autocast():
+            images = model.generate(self.z, self.labels, **self.settings).float()
+        model.train(was_training)
+        save_grid(images, self.dir / f"epoch_{trainer.epoch + 1:04d}.png", self.nrow)
+
+
+class Checkpoints(Callback):
+    """``checkpoints/last.pt`` every ``every`` epochs, at the end and on an interrupt; a kept copy
+    ``epoch_NNNN.pt`` every ``keep_every`` whole epochs (0: none), of which the newest ``keep_last`` stay
+    (0: all). A checkpoint holds the trainer's state and the run's resolved ``config``."""
+
+    def __init__(self, run_dir, config: dict, every: int = 1, keep_every: int = 0, keep_last: int = 0):
+        self.dir, self.config = Path(run_dir) / "checkpoints", config
+        self.every, self.keep_every, self.keep_last = max(1, every), keep_every, keep_last
+
+    def save(self, trainer, name: str) -> None:
+        path = self.dir / name
+        checkpoint.save({"config": self.config, **trainer.state_dict()}, path)
+        trainer.saved = (path, trainer.step)
+
+    def on_epoch_end(self, trainer):
+        epochs = trainer.epoch + 1
+        if trainer.done or epochs % self.every == 0:
+            self.save(trainer, "last.pt")
+        whole = trainer.step % trainer.loader.steps_per_epoch == 0
+        if self.keep_every and epochs % self.keep_every == 0 and whole:
+            self.save(trainer, f"epoch_{epochs:04d}.pt")
+            if self.keep_last:
+                for old in sorted(self.dir.glob("epoch_*.pt"))[: -self.keep_last]:
+                    old.unlink()
+
+    def on_interrupt(self, trainer):
+        self.save(trainer, "last.pt")

@@ -1,0 +1,59 @@
+"""Learning-rate schedules: the factor each optimizer's learning rate is multiplied by at a step.
+
+A schedule is any callable ``schedule(step, total) -> factor``, where ``step`` counts the run's
+training steps from 0 and ``total`` is the run's number of steps; a ``scheduler/*.yaml`` config
+names one by ``_target_``. genlab wraps it in a torch LambdaLR per optimizer, stepped once per
+training step, whose state goes into the checkpoint.
+
+genlab's own take ``warmup`` (steps of linear warm-up) and ``steps``: the length the schedule runs
+over, by default the run's. Set it to plan a schedule longer than one run: a resumed run given
+more epochs otherwise stretches what is left of the schedule over its new length.
+"""
+
+import math
+
+
+class Schedule:
+    """A linear warm-up from lr/warmup to lr over ``warmup`` steps, then ``shape(t)`` for t from 0 (the first
+    step after the warm-up) to 1 (the last step of ``steps``, or of the run when it is None)."""
+
+    def __init__(self, warmup: int = 0, steps: int | None = None):
+        self.warmup, self.steps = warmup, steps
+
+    def __call__(self, step: int, total: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        last = (self.steps or total) - 1
+        return self.shape(min(1.0, (step - self.warmup) / max(1, last - self.warmup)))
+
+    def shape(self, t: float) -> float:
+        raise NotImplementedError
+
+
+class Constant(Schedule):
+    """The configured learning rate throughout, after the warm-up."""
+
+    def shape(self, t):
+        return 1.0
+
+
+class Cosine(Schedule):
+    """Half a cosine from 1 down to ``final`` (a fraction of the configured learning rate) at the last step."""
+
+    def __init__(self, warmup: int = 0, steps: int | None = None, final: float = 0.0):
+        super().__init__(warmup, steps)
+        self.final = final
+
+    def shape(self, t):
+        return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class Linear(Schedule):
+    """A straight line from 1 down to ``final`` at the last step."""
+
+    def __init__(self, warmup: int = 0, steps: int | None = None, final: float = 0.0):
+        super().__init__(warmup, steps)
+        self.final = final
+
+    def shape(self, t):
+        return 1 + (self.final - 1) * t
