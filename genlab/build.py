@@ -1,7 +1,9 @@
 """The one place that turns config into objects. Everything it builds takes plain arguments."""
 
+import functools
 import inspect
 import logging
+import re
 import types
 import typing
 
@@ -41,10 +43,7 @@ def check_settings(target, settings: dict, where: str, given=()) -> None:
     traceback from deep inside a constructor. ``given``: parameters genlab passes itself (or another
     config node sets), which this node may not."""
     params = {k: p for k, p in inspect.signature(target).parameters.items() if k not in given}
-    try:
-        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
-    except Exception:  # annotations this Python cannot evaluate: names are still checked
-        hints = {}
+    hints = type_hints(target.__init__ if isinstance(target, type) else target)
     open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
     name = getattr(target, "__qualname__", str(target))
     for key, value in settings.items():
@@ -53,12 +52,24 @@ def check_settings(target, settings: dict, where: str, given=()) -> None:
         if key not in params and not open_ended:
             known = ", ".join(k for k, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY)
             raise GenlabError(f"{where}.{key} is not a setting of {name}; its settings are: {known}.")
-        allowed = _plain_types(hints.get(key))
-        if allowed and not any(_fits(value, t) for t in allowed):
-            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise GenlabError(f"{where}.{key} must be {wanted}; got {value!r}.")
+        check_type(value, hints.get(key), f"{where}.{key}")
         if isinstance(value, dict) and "_target_" in value:
             check_settings(_import(value["_target_"], f"{where}.{key}"), value, f"{where}.{key}")
+
+
+def type_hints(fn) -> dict:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # annotations this Python cannot evaluate: names are still checked
+        return {}
+
+
+def check_type(value, annotation, name: str) -> None:
+    """A value from the command line or a YAML file against a plain annotation (int, float, str, bool, None)."""
+    allowed = _plain_types(annotation)
+    if allowed and not any(_fits(value, t) for t in allowed):
+        wanted = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise GenlabError(f"{name} must be {wanted}; got {value!r}.")
 
 
 def _plain_types(annotation) -> tuple:
@@ -168,10 +179,10 @@ def build_schedulers(cfg: DictConfig | None, optimizers: dict, total_steps: int)
     none where the schedule is constant."""
     if cfg is None:
         return {}
-    cls, settings = per_network(cfg, "scheduler", optimizers, given={"step", "total"})
+    target, settings = per_network(cfg, "scheduler", optimizers, given={"step", "total"})
     schedulers = {}
-    for name, opt in optimizers.items():
-        schedule = cls(**settings[name])
+    for name, opt in optimizers.items():  # a class is built with the settings; a function takes them per call
+        schedule = target(**settings[name]) if isinstance(target, type) else functools.partial(target, **settings[name])
         if isinstance(schedule, Constant) and not schedule.warmup:
             continue
         schedulers[name] = LambdaLR(opt, lambda step, s=schedule: s(step, total_steps))
@@ -202,11 +213,28 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
         callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), t.checkpoint_every, t.keep_every,
                               t.keep_last),
     ]
+    trainer = Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every,
+                      max_time=seconds(t.max_time))
     log.info("%s (%.2fM parameters): %d images %s of %s, device %s, precision %s, %d steps (%d epochs of %d, batch %d)",
              type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(data),
-             "x".join(map(str, data.image_shape)), data.name, device, ctx.precision, max_steps,
-             -(-max_steps // loader.steps_per_epoch), loader.steps_per_epoch, loader.batch_size)
-    return Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every)
+             "x".join(map(str, data.image_shape)), data.name, device, ctx.precision, max_steps, trainer.epochs,
+             loader.steps_per_epoch, loader.batch_size)
+    return trainer
+
+
+def seconds(duration) -> float | None:
+    """``trainer.max_time``: 90 (seconds), "90s", "30m", "2h", "1h30m", or null."""
+    if duration is None:
+        return None
+    text = str(duration).strip().lower()
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not text or not match or not any(match.groups()):
+        raise GenlabError(f"trainer.max_time must be a duration such as 90s, 30m, 2h or 1h30m; got {duration!r}.")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    total = 3600 * h + 60 * m + s
+    if total <= 0:
+        raise GenlabError(f"trainer.max_time must be more than 0; got {duration!r}.")
+    return total
 
 
 def compile_networks(model: GenerativeModel) -> None:
@@ -246,17 +274,14 @@ def check_sampling(model: GenerativeModel, settings: dict, labels=None, where: s
     """Sampling settings must be ones the model's ``generate`` declares, of its types; labels need a
     class-conditional model and must be its classes."""
     known = model.sampling_settings()
-    hints = typing.get_type_hints(type(model).generate)
+    hints = type_hints(type(model).generate)
     name = type(model).__name__
     for key, value in settings.items():
         if key not in known:
             theirs = f"its sampling settings are: {', '.join(known)}" if known else "it has no sampling settings"
             also = f"a setting of genlab {command} nor " if command else ""
             raise GenlabError(f"{where}{key} is not {also}a sampling setting of {name} ({theirs}).")
-        allowed = _plain_types(hints.get(key))
-        if allowed and not any(_fits(value, t) for t in allowed):
-            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise GenlabError(f"{where}{key} must be {wanted}; got {value!r}.")
+        check_type(value, hints.get(key), f"{where}{key}")
     if labels is not None:
         if not model.num_classes:
             raise GenlabError(f"labels= needs a class-conditional model; {name} is unconditional.")

@@ -59,7 +59,9 @@ def main(argv=None) -> int:
     if problem:
         print(f"genlab {verb}: error: {problem}", file=sys.stderr)
         return 1
-    sys.argv = [sys.argv[0], *(schema.free_keys(verb, a) for a in args)]
+    if not set(args) & {"-sc", "--shell-completion"}:  # completion's own query=... must reach Hydra as it is
+        args = [schema.free_keys(verb, a) for a in args]
+    sys.argv = [sys.argv[0], *args]
     _hydra_app(verb)()
     return 0
 

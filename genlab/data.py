@@ -59,13 +59,14 @@ class Loader:
         self.batch_size = min(batch_size, self.n)
         self.steps_per_epoch = self.n // self.batch_size
         self.seed = seed
-        self.images, self.labels = self._place(images), self._place(labels)
+        self.images = self._place(images)
+        self.labels = labels.to(self.images.device)  # where the images are: both are indexed by one order
 
-    def _place(self, t: torch.Tensor) -> torch.Tensor:
+    def _place(self, images: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return t.to(self.device) if t.numel() * t.element_size() < free // 4 else t.pin_memory()
-        return t.to(self.device)
+            return images.to(self.device) if images.numel() < free // 4 else images.pin_memory()
+        return images.to(self.device)
 
     def order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

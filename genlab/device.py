@@ -1,5 +1,6 @@
 """Which device and which precision a command runs in."""
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -62,6 +63,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The mixed-precision context of ``precision`` (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def synchronize(device: torch.device) -> None:

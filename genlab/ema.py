@@ -5,6 +5,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from genlab.errors import GenlabError
+
 
 class EMA:
     """``model`` is a copy of the trained model, kept in eval mode, never trained and never compiled (make
@@ -15,7 +17,8 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1); got {decay}")
+            raise GenlabError(f"trainer.ema.decay must be at least 0 and below 1 (e.g. 0.999), or null for none; "
+                              f"got {decay}.")
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup = decay, warmup
         self.updates = 0
@@ -26,13 +29,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, applied: bool | Tensor = True) -> None:
-        """``applied``: a device flag (fp16: whether the scaler applied the step); a step it skipped leaves
-        the average as it was, without a host sync to find out."""
+        """``applied``: under fp16 a device flag, false when the scaler skipped an update of this step; the
+        average then stays as it was, and finding that out costs no host sync. (The warm-up counts the step.)"""
         weight = 1.0 - self.current_decay()
-        if isinstance(applied, Tensor):
-            weight = applied.float() * weight
         mine, theirs = list(self.model.parameters()), list(model.parameters())
-        torch._foreach_lerp_(mine, theirs, weight)
+        if isinstance(applied, Tensor):  # ema += (weights - ema) * weight * applied, all on the device
+            delta = torch._foreach_sub(theirs, mine)
+            torch._foreach_mul_(delta, applied.float() * weight)
+            torch._foreach_add_(mine, delta)
+        else:
+            torch._foreach_lerp_(mine, theirs, weight)
         for b, source in zip(self.model.buffers(), model.buffers()):
             b.copy_(source)
         self.updates += 1

@@ -12,16 +12,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from tqdm import tqdm
 
 from genlab import checkpoint, metrics, plots, schema
 from genlab.build import check_sampling, load_model, test_split
 from genlab.classifier import NoClassifier, classifier_for, predict
-from genlab.device import resolve_device
+from genlab.device import autocast, resolve_device, resolve_precision
 from genlab.errors import GenlabError
 from genlab.images import save_grid
 from genlab.inception import inception_features, load_inception
+from genlab.models.base import balanced_labels
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def scores_of(model, images: torch.Tensor, score, batch_size: int, device) -> np
 def anomaly_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
     """Score the whole test split; the classes the model was trained on are normal, the rest anomalous."""
     model, train_cfg, state = load_model(ckpt, device, ema=cfg.ema)
-    settings = schema.sampling_settings(cfg, "evaluate")
+    settings = schema.sampling_overrides(cfg, "evaluate")
     check_sampling(model, settings, command="evaluate")
     if settings:
         log.warning("sampling settings (%s) are for task=quality; task=anomaly does not sample", ", ".join(settings))
@@ -281,7 +283,7 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None)
     ``inception``: genlab.inception.load_inception's (net, info), to add the standard FID. A conditional
     model draws every class equally often, and the report says how often the classifier sees the class asked for."""
     model, train_cfg, state = load_model(ckpt, device, ema=cfg.ema)
-    settings = OmegaConf.to_container(OmegaConf.create(schema.sampling_settings(cfg, "evaluate")))
+    settings = schema.sampling_overrides(cfg, "evaluate")
     check_sampling(model, settings, command="evaluate")
     if cfg.dataset_root is not None:
         train_cfg.dataset.root = cfg.dataset_root
@@ -297,10 +299,12 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None)
     ref = test_split(train_cfg, classes=classes)
     g = torch.Generator().manual_seed(cfg.seed)
     n = cfg.n_samples
-    labels = torch.arange(n) % model.num_classes if model.num_classes else None
-    with torch.inference_mode():
+    labels = balanced_labels(n, model.num_classes)
+    torch.manual_seed(cfg.seed)  # the noise a stochastic sampler draws as it goes
+    with torch.inference_mode(), autocast(device, resolve_precision(cfg.precision, device)):
         fake = torch.cat([model.sample(len(idx), labels[idx] if labels is not None else None, g, **settings)
-                          .float().clamp(0, 1).cpu() for idx in torch.arange(n).split(cfg.batch_size)])
+                          .float().clamp(0, 1).cpu() for idx in tqdm(torch.arange(n).split(cfg.batch_size),
+                                                                     desc="sampling", unit="batch", disable=None)])
     report = {"task": "quality", "model": type(model).__name__, "dataset": ref.name,
               "checkpoint": str(checkpoint.resolve(ckpt)), "step": int(state["step"]), "weights": state["weights"],
               "sampling": settings, "overrides": run_overrides(ckpt),

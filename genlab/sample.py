@@ -4,13 +4,14 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from genlab import plots, schema
 from genlab.build import check_sampling, load_model, test_split
-from genlab.device import resolve_device
+from genlab.device import autocast, resolve_device, resolve_precision
 from genlab.images import save_grid
-from genlab.models.base import grid_labels
+from genlab.errors import GenlabError
+from genlab.models.base import balanced_labels, grid_labels
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,11 @@ def sample_labels(model, n: int | None, labels) -> tuple[torch.Tensor | None, in
     """(labels or None, how many samples, images per grid row) for ``genlab sample n=... labels=...``: given
     labels are cycled to ``n`` (default: one sample each); a conditional model without them draws a row per
     class; an unconditional one ``n`` (default 64) in a square."""
+    if n is not None and n < 1:
+        raise GenlabError(f"n must be at least 1; got {n}.")
     if labels is not None:
+        if not len(labels):
+            raise GenlabError("labels=[] names no class: give at least one, e.g. labels=[3], or leave labels out.")
         labels = torch.tensor(list(labels), dtype=torch.long)
         n = n or len(labels)
         return labels.repeat(-(-n // len(labels)))[:n], n, grid_labels(n, 0)[1]
@@ -34,22 +39,24 @@ def sample_labels(model, n: int | None, labels) -> tuple[torch.Tensor | None, in
         labels, nrow = grid_labels(64, model.num_classes)
         return labels, len(labels), nrow
     n = n or 64
-    labels = torch.arange(n) % model.num_classes if model.num_classes else None
-    return labels, n, grid_labels(n, 0)[1]
+    return balanced_labels(n, model.num_classes), n, grid_labels(n, 0)[1]
 
 
 @torch.inference_mode()
 def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     device = resolve_device(cfg.device)
     model, train_cfg, state = load_model(cfg.ckpt, device, ema=cfg.ema)
-    settings = OmegaConf.to_container(OmegaConf.create(schema.sampling_settings(cfg, "sample")))
+    settings = schema.sampling_overrides(cfg, "sample")
     check_sampling(model, settings, cfg.labels, command="sample")
     log.info("%s from %s (step %d, %s weights)%s", type(model).__name__, cfg.ckpt, state["step"], state["weights"],
              "".join(f", {k}={v}" for k, v in settings.items()))
     g = torch.Generator().manual_seed(cfg.seed)
 
+    torch.manual_seed(cfg.seed)  # the noise a stochastic sampler draws as it goes
+    precision = autocast(device, resolve_precision(cfg.precision, device))
     labels, n, nrow = sample_labels(model, cfg.n, cfg.labels)
-    x = model.sample(n, labels, g, **settings).float().cpu()  # [n, C, H, W] in [0, 1]
+    with precision:
+        x = model.sample(n, labels, g, **settings).float().cpu()  # [n, C, H, W] in [0, 1]
     save_grid(x, run_dir / "grid.png", nrow)
     torch.save(x, run_dir / "samples.pt")
     written = ["grid.png", "interpolation.png", "samples.pt"]
@@ -62,7 +69,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     t = torch.linspace(0, 1, steps).view(1, steps, 1)
     z = slerp(z0.flatten(1)[:, None], z1.flatten(1)[:, None], t).reshape(rows * steps, *z0.shape[1:])
     row_labels = (torch.arange(rows) % model.num_classes).repeat_interleave(steps).to(device) if model.num_classes else None
-    save_grid(model.generate(z.to(device), row_labels, **settings).float().cpu(), run_dir / "interpolation.png", steps)
+    with precision:
+        walks = model.generate(z.to(device), row_labels, **settings).float().cpu()
+    save_grid(walks, run_dir / "interpolation.png", steps)
 
     if hasattr(model, "encode"):  # models with an encoder: reconstructions and the latent map
         test = test_split(train_cfg, cfg.dataset_root)

@@ -12,12 +12,17 @@ more epochs otherwise stretches what is left of the schedule over its new length
 
 import math
 
+from genlab.errors import GenlabError
+
 
 class Schedule:
     """A linear warm-up from lr/warmup to lr over ``warmup`` steps, then ``shape(t)`` for t from 0 (the first
     step after the warm-up) to 1 (the last step of ``steps``, or of the run when it is None)."""
 
     def __init__(self, warmup: int = 0, steps: int | None = None):
+        if warmup < 0 or (steps is not None and steps < 1):
+            raise GenlabError(f"scheduler.warmup must be at least 0 and scheduler.steps at least 1 (or null); got "
+                              f"warmup={warmup}, steps={steps}.")
         self.warmup, self.steps = warmup, steps
 
     def __call__(self, step: int, total: int) -> float:
@@ -37,23 +42,25 @@ class Constant(Schedule):
         return 1.0
 
 
-class Cosine(Schedule):
-    """Half a cosine from 1 down to ``final`` (a fraction of the configured learning rate) at the last step."""
+class Decay(Schedule):
+    """Down from the configured learning rate to ``final`` times it at the last step."""
 
     def __init__(self, warmup: int = 0, steps: int | None = None, final: float = 0.0):
         super().__init__(warmup, steps)
+        if final < 0:
+            raise GenlabError(f"scheduler.final is a fraction of the learning rate, at least 0; got {final}.")
         self.final = final
+
+
+class Cosine(Decay):
+    """Half a cosine from 1 down to ``final``."""
 
     def shape(self, t):
         return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-class Linear(Schedule):
-    """A straight line from 1 down to ``final`` at the last step."""
-
-    def __init__(self, warmup: int = 0, steps: int | None = None, final: float = 0.0):
-        super().__init__(warmup, steps)
-        self.final = final
+class Linear(Decay):
+    """A straight line from 1 down to ``final``."""
 
     def shape(self, t):
         return 1 + (self.final - 1) * t

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from genlab.errors import GenlabError
 
@@ -25,6 +25,7 @@ class EMASchema:
 class TrainerSchema:
     epochs: int = MISSING
     max_steps: Optional[int] = MISSING
+    max_time: Optional[str] = MISSING
     batch_size: int = MISSING
     precision: str = MISSING
     on_nan: str = MISSING
@@ -47,7 +48,7 @@ class TrainSchema:
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     model: Any = MISSING  # checked against their constructors (genlab.build)
     dataset: Any = MISSING
-    loss: Any = MISSING
+    loss: Any = None  # null for models that own their objective
     optimizer: Any = MISSING
     scheduler: Any = MISSING
 
@@ -61,6 +62,7 @@ class FromCheckpointSchema:
     device: str = MISSING
     dataset_root: Optional[str] = MISSING
     ema: bool = MISSING
+    precision: str = MISSING
 
 
 @dataclass
@@ -93,13 +95,13 @@ def register() -> None:
         cs.store(name=f"{verb}_schema", node=node)
 
 
-def sampling_settings(cfg: DictConfig, verb: str) -> dict:
+def sampling_overrides(cfg: DictConfig, verb: str) -> dict:
     """`genlab sample steps=20`: the top-level keys of sample and evaluate that are not the command's own
-    are the model's sampling settings (checked against the model once it is loaded)."""
+    are settings for the model's sampler (checked against the model once it is loaded)."""
     if verb == "train":
         return {}
     own = {f.name for f in dataclasses.fields(SCHEMAS[verb])}
-    return {k: cfg[k] for k in cfg if k not in own}
+    return OmegaConf.to_container(OmegaConf.create({k: cfg[k] for k in cfg if k not in own}), resolve=True)
 
 
 def free_keys(verb: str, arg: str) -> str:
@@ -129,5 +131,5 @@ def check_keys(cfg: DictConfig, verb: str) -> None:
             if dataclasses.is_dataclass(fields[key]):
                 walk(node[key], fields[key], f"{prefix}{key}.")
 
-    free = sampling_settings(cfg, verb)
+    free = sampling_overrides(cfg, verb)
     walk(cfg, SCHEMAS[verb], "")

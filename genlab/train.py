@@ -35,12 +35,18 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
         trainer.saved = (path, state["step"])  # the last good checkpoint until this run writes one
         trainer.history = previous_metrics(path, state["step"])
         if trainer.done:
+            more = "trainer.max_steps=N" if cfg.trainer.max_steps else "trainer.epochs=N or trainer.max_steps=N"
             log.warning("nothing to train: the run in %s has done %d steps, and this command asks for %d. Ask for "
-                        "more with trainer.epochs=N or trainer.max_steps=N.", path.parent.parent, trainer.step,
-                        trainer.max_steps)
+                        "more with %s.", path.parent.parent, trainer.step, trainer.max_steps, more)
+            return
+        if trainer.max_time is not None and trainer.wall_time >= trainer.max_time:
+            log.warning("nothing to train: the run in %s has trained for %.0f s, and trainer.max_time=%s. Ask for "
+                        "more time with trainer.max_time=...", path.parent.parent, trainer.wall_time, cfg.trainer.max_time)
             return
         log.info("resuming from %s at step %d", path, state["step"])
     trainer.fit()
+    if trainer.timed_out:
+        log.info("trainer.max_time=%s reached after %d of %d steps", cfg.trainer.max_time, trainer.step, trainer.max_steps)
     log.info("done: %d steps; checkpoint %s", trainer.step, run_dir / "checkpoints" / "last.pt")
 
 
@@ -54,9 +60,6 @@ def check_trainer(t: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
             raise GenlabError(f"trainer.{key} must be a whole number{'' if zero_ok else ' above 0'}; got {value!r}.")
     check_on_nan(t.get("on_nan"))
-    decay = t.ema.decay
-    if decay is not None and not 0 <= decay < 1:
-        raise GenlabError(f"trainer.ema.decay must be at least 0 and below 1 (e.g. 0.999), or null for none; got {decay}.")
 
 
 def resumed_config(stored: dict, cfg: DictConfig, overrides) -> DictConfig:
@@ -66,27 +69,35 @@ def resumed_config(stored: dict, cfg: DictConfig, overrides) -> DictConfig:
     # today's trainer defaults under the stored values: a setting added since the run started has a value
     merged = OmegaConf.merge({"trainer": OmegaConf.to_container(cfg.trainer)}, stored)
     composed = OmegaConf.to_container(cfg, resolve=True)
-    changed = []
+    changed = {}
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra"):
             continue
+        named = "." in key  # a setting named on the command line, not a config group or preset
         root = "" if key == "experiment" else key  # a preset may set anything
         for path, new in leaves(composed if not root else OmegaConf.select(cfg, root), root):
             if path.startswith(CHANGEABLE) and not path.startswith(FIXED):
                 OmegaConf.update(merged, path, new, force_add=True)
                 continue
-            old = OmegaConf.select(merged, path, default=None, throw_on_missing=False)
-            if path_in(merged, path) and old != new:
-                changed.append(f"{path} (the run has {old!r}, this command {new!r})")
+            old = OmegaConf.select(merged, path, default=MISSING_VALUE)
+            if old is MISSING_VALUE and not named:
+                continue  # a default added to genlab since the run started
+            if old is MISSING_VALUE or old != new:
+                changed[path] = f"{path} (the run has {'no such setting' if old is MISSING_VALUE else repr(old)}, " \
+                                f"this command {new!r})"
     if changed:
+        listed = list(changed.values())
         raise GenlabError(
-            f"resume= continues a run as it was configured, and this command would change {', '.join(changed[:4])}"
-            f"{' and more' if len(changed) > 4 else ''}. Start a new run for that, or drop the override. On resume "
+            f"resume= continues a run as it was configured, and this command would change {', '.join(listed[:4])}"
+            f"{' and more' if len(listed) > 4 else ''}. Start a new run for that, or drop the override. On resume "
             "you may change device, dataset.root and trainer settings other than trainer.batch_size."
         )
     merged.resume = cfg.resume
     return merged
+
+
+MISSING_VALUE = object()
 
 
 def leaves(node, prefix: str):
@@ -98,12 +109,6 @@ def leaves(node, prefix: str):
             yield from leaves(v, f"{prefix}.{k}" if prefix else str(k))
     else:
         yield prefix, node
-
-
-def path_in(cfg: DictConfig, path: str) -> bool:
-    parent, _, key = path.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    return isinstance(node, DictConfig) and key in node
 
 
 def previous_metrics(ckpt_path: Path, step: int) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from genlab import checkpoint
-from genlab.device import DTYPES, resolve_precision, synchronize
+from genlab.device import autocast, resolve_precision, synchronize
 from genlab.errors import GenlabError, Interrupted
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,10 @@ class StepContext:
         self.step_index = 0
         self.dropped = False  # on_nan=skip found a non-finite loss or gradient in this training step
         self._applied: dict[str, bool | Tensor] = {}  # name -> applied (a device flag under fp16)
-        self._scaled = False  # the scaler stepped an optimizer in this training step: it must update
+        self._scaled = False  # the scaler unscaled or stepped an optimizer in this training step: it must update
 
     def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+        return autocast(self.device, self.precision)
 
     def backward(self, loss: Tensor, name: str | None = None, retain_graph: bool = False) -> None:
         if self.on_nan == "skip" and not self.dropped and not torch.isfinite(loss):
@@ -83,6 +81,7 @@ class StepContext:
     def clip(self, name: str, max_norm: float) -> Tensor:
         if self.scaler is not None and not self.dropped:
             self.scaler.unscale_(self.optimizers[name])
+            self._scaled = True
         return torch.nn.utils.clip_grad_norm_(self.params[name], max_norm)
 
     def step(self, name: str) -> None:
@@ -114,6 +113,8 @@ class StepContext:
         for s in self.schedulers.values():
             s.step()
         if self.dropped:
+            for o in self.optimizers.values():  # nothing of the dropped step carries over, gradients included
+                o.zero_grad(set_to_none=True)
             return False
         flags = [f for f in self._applied.values() if isinstance(f, Tensor)]
         return torch.stack(flags).all() if flags else True
@@ -147,15 +148,17 @@ class Trainer:
     into a metrics row. ``on_nan=stop`` (the StepContext's) ends the run there if a loss is not finite.
     """
 
-    def __init__(self, model, loader, ctx: StepContext, max_steps: int, *, callbacks=(), ema=None, log_every: int = 50):
+    def __init__(self, model, loader, ctx: StepContext, max_steps: int, *, callbacks=(), ema=None, log_every: int = 50,
+                 max_time: float | None = None):
         self.model, self.loader, self.ctx, self.ema = model, loader, ctx, ema
-        self.max_steps, self.log_every = max_steps, max(1, log_every)
+        self.max_steps, self.log_every, self.max_time = max_steps, max(1, log_every), max_time
         self.callbacks = list(callbacks)
         self.step = 0  # optimisation steps done
         self.wall_time = 0.0  # seconds of training, earlier runs of a resumed one included
         self.history: list[dict] = []  # the metrics rows so far
         self.saved = None  # (path, step) of the newest checkpoint written: the last good one
         self.signal = None  # SIGINT/SIGTERM received: stop after this step
+        self.timed_out = False  # max_time (seconds of training) is spent: the run ends here
         self._dropped_in_a_row = 0  # on_nan=skip
 
     @property
@@ -169,7 +172,7 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.max_steps
+        return self.step >= self.max_steps or self.timed_out
 
     def fit(self) -> None:
         """Train to ``max_steps``. SIGINT/SIGTERM finish the current step, let the callbacks save, then raise
@@ -184,6 +187,7 @@ class Trainer:
                     for batch in self.loader.epoch(epoch, first):
                         self._window.add(self._train_step(batch), self.step, len(batch.x))
                         self.step += 1
+                        self.timed_out = self.max_time is not None and self._window.elapsed() >= self.max_time
                         self._call("on_step_end")
                         stop = self.done or self.signal is not None
                         if stop or self.step % self.log_every == 0 or self.step % self.loader.steps_per_epoch == 0:
@@ -241,12 +245,17 @@ class Trainer:
 
     def _snapshot(self) -> dict:
         return {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
-                "ctx": copy.deepcopy(self.ctx.state_dict())}
+                "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in self.ctx.optimizers.items()}}
 
     def _restore(self, before: dict) -> None:
+        """Weights, batch-norm statistics and optimizer states as they were; the schedules' clock (and so the
+        learning rates they set) and the fp16 scaler move on."""
         self.model.load_state_dict(before["model"])
-        scaler = self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None
-        self.ctx.load_state_dict({**before["ctx"], "scaler": scaler, "schedulers": {}})  # the clock moves on
+        for k, o in self.ctx.optimizers.items():
+            rates = [group["lr"] for group in o.param_groups]
+            o.load_state_dict(before["optimizers"][k])
+            for group, lr in zip(o.param_groups, rates):
+                group["lr"] = lr
 
     # --- signals, errors ------------------------------------------------------------------------
 
@@ -327,6 +336,10 @@ class Window:
 
     def restart(self) -> None:
         self.t0, self.images = time.perf_counter(), 0
+
+    def elapsed(self) -> float:
+        """Seconds of training, earlier runs of a resumed one included."""
+        return time.perf_counter() - self.start
 
     def add(self, out: dict | None, step: int, images: int) -> None:
         self.images += images

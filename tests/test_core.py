@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from genlab import checkpoint
 from genlab.callbacks import Callback
 from genlab.data import Batch
 from genlab.ema import EMA
+from genlab.errors import GenlabError
 from genlab.losses import BCE
 from genlab.schedules import Constant, Cosine, Linear
 from genlab.trainer import StepContext
@@ -86,6 +88,28 @@ def test_applied_says_when_an_update_was_not_made():
     assert not ctx.applied("a") and ctx.end() is False  # on_nan=skip: the step is dropped
 
 
+def test_a_dropped_step_leaves_the_fp16_scaler_ready(tmp_path):
+    """fp16 and on_nan=skip: a step that clips (unscales) one optimizer and is then dropped on a NaN loss of
+    another must leave the scaler ready for the next step, whose update is then of the true size."""
+    a, b, ctx = two_layers("fp16", on_nan="skip")
+    x = torch.ones(8, 4)
+    ctx.begin(0)
+    ctx.backward(b(a(x)).pow(2).mean(), "a")
+    ctx.clip("a", 1.0)
+    ctx.backward(b(a(x)).pow(2).mean() * float("nan"), "b")
+    ctx.step("a")
+    ctx.step("b")
+    assert ctx.end() is False
+    before = torch.cat([p.detach().flatten() for p in a.parameters()])
+    ctx.begin(1)
+    ctx.backward(b(a(x)).pow(2).mean(), "a")
+    ctx.clip("a", 1.0)
+    ctx.step("a")
+    assert ctx.applied("a") and bool(ctx.end())
+    moved = (torch.cat([p.detach().flatten() for p in a.parameters()]) - before).norm()
+    assert 0 < moved <= 0.1 + 1e-6  # lr 0.1 times a gradient clipped to norm 1
+
+
 def test_a_callback_sees_every_row_and_epoch(tmp_path):
     class Recorder(Callback):
         def __init__(self):
@@ -108,6 +132,14 @@ def test_a_callback_sees_every_row_and_epoch(tmp_path):
 # --- schedules and EMA ---------------------------------------------------------------------------
 
 
+class NoHostRead(TorchDispatchMode):
+    """Fails on any read of a tensor's value by the host (.item(), bool(), float() of a tensor)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func is not torch.ops.aten._local_scalar_dense.default, "a host sync"
+        return func(*args, **(kwargs or {}))
+
+
 def test_schedule_values():
     assert [Constant(warmup=4)(s, 100) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert Cosine(steps=11)(5, 1000) == pytest.approx(0.5)  # its own length, whatever the run's
@@ -117,6 +149,25 @@ def test_schedule_values():
     assert cos(110, 111) == pytest.approx(0.1) and cos(500, 111) == pytest.approx(0.1)  # the last step, and beyond
     lin = Linear(final=0.0)
     assert [lin(s, 5) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    for bad in ({"final": -1.0}, {"warmup": -3}, {"steps": 0}):
+        with pytest.raises(GenlabError, match="scheduler"):
+            Cosine(**bad)
+
+
+def half_life(step: int, total: int, every: int = 10) -> float:
+    """A schedule written as a plain function: halve the learning rate every ``every`` steps."""
+    return 0.5 ** (step // every)
+
+
+def test_a_schedule_can_be_a_plain_function(tmp_path):
+    cfg_dir = tmp_path / "configs" / "scheduler"
+    cfg_dir.mkdir(parents=True)
+    (cfg_dir / "half.yaml").write_text("_target_: test_core.half_life\nevery: 2\nnets: {}\n")
+    t = make_trainer(["model=vae", "dataset=synthetic", "dataset.n=64", "trainer.batch_size=16", "trainer.max_steps=5",
+                      "trainer.log_every=1", "scheduler=half", f"hydra.searchpath=[file://{tmp_path / 'configs'}]"],
+                     tmp_path)
+    t.fit()
+    assert [r["lr/vae"] for r in t.history] == pytest.approx([2e-4 * 0.5 ** (s // 2) for s in range(1, 6)])
 
 
 def test_ema_update_with_and_without_warmup():
@@ -129,6 +180,9 @@ def test_ema_update_with_and_without_warmup():
     assert torch.allclose(ema.model.weight, 0.9 * old + 0.1 * (old + 1))
     ema.update(net, applied=torch.tensor(False))  # a step the fp16 scaler skipped leaves the average alone
     assert torch.allclose(ema.model.weight, 0.9 * old + 0.1 * (old + 1))
+    with NoHostRead():  # under fp16 the step's verdict stays on the device
+        ema.update(net, applied=torch.tensor(True))
+    assert torch.allclose(ema.model.weight, 0.9 * (0.9 * old + 0.1 * (old + 1)) + 0.1 * (old + 1))
     warm = EMA(nn.Linear(3, 1), decay=0.999)
     decays = []
     for t in (0, 10, 1000, 100000):
@@ -219,7 +273,8 @@ def test_plugin_model_samples_chosen_labels_and_settings(toy_runs, tmp_path):
     for args, message in ((["temprature=0.5"], "temprature is not a setting of genlab sample nor a sampling setting "
                                                "of ToyCond (its sampling settings are: temperature)"),
                           (["temperature=hot"], "temperature must be float; got 'hot'"),
-                          (["labels=[12]"], "labels [12] are not classes of this model")):
+                          (["labels=[12]"], "labels [12] are not classes of this model"),
+                          (["labels=[]"], "labels=[] names no class"), (["n=0"], "n must be at least 1")):
         r = genlab("sample", f"ckpt={run}", *args, cwd=tmp_path, env=PLUGIN_ENV)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from genlab import checkpoint
+from genlab.build import build_schedulers
 from genlab.callbacks import Callback
 from genlab.errors import GenlabError
 from genlab.train import resumed_config
@@ -254,7 +255,20 @@ def test_on_nan_skip_drops_a_gan_step_whole(tmp_path):
     assert [("train/loss_d" in r) for r in t.history] == [True, True, False, True]
 
 
-RUN = ["model=vae", "dataset=synthetic", "trainer.batch_size=32", "trainer.epochs=2"]
+def test_a_dropped_step_keeps_the_schedules_learning_rate(tmp_path):
+    """The schedule's clock moves on through a dropped step, and the next step trains at its rate."""
+    t = poisoned_trainer(tmp_path, bad_steps={1}, on_nan="skip", max_steps=4)
+    t.callbacks.clear()
+    t.ctx.schedulers = build_schedulers(compose_train(["scheduler=linear"]).scheduler, t.ctx.optimizers, 4)
+    rates = []
+    real_step = t.model.training_step
+    t.model.training_step = lambda batch, ctx: rates.append(ctx.optimizers["vae"].param_groups[0]["lr"]) or \
+        real_step(batch, ctx)
+    t.fit()
+    assert rates == pytest.approx([2e-4 * f for f in (1.0, 2 / 3, 1 / 3, 0.0)])
+
+
+RUN = ["model=gan", "dataset=synthetic", "trainer.batch_size=32", "trainer.epochs=2"]
 
 
 def resume_with(*overrides):
@@ -268,13 +282,14 @@ def test_resume_takes_the_runs_own_command_again():
     values, and are accepted; trainer settings and the device may change."""
     merged = resume_with("trainer.epochs=9", "trainer.log_every=7", "device=cpu")
     assert (merged.trainer.epochs, merged.trainer.log_every, merged.device, merged.resume) == (9, 7, "cpu", "somewhere")
-    assert merged.model._target_ == "genlab.models.VAE"
+    assert merged.model._target_ == "genlab.models.GAN"
 
 
 @pytest.mark.parametrize("override,key", [
     ("trainer.batch_size=64", "trainer.batch_size"), ("seed=1", "seed"), ("dataset.classes=[1]", "dataset.classes"),
-    ("loss.beta=2.0", "loss.beta"), ("model=gan", "model._target_"), ("optimizer.lr=0.1", "optimizer.lr"),
-    ("scheduler=cosine", "scheduler._target_"),
+    ("loss.gp_weight=2.0", "loss.gp_weight"), ("model=vae", "model._target_"), ("optimizer.lr=0.1", "optimizer.lr"),
+    ("scheduler=cosine", "scheduler._target_"), ("+optimizer.nets.d.lr=0.001", "optimizer.nets.d.lr"),
+    ("optimizer.betas.0=0.9", "optimizer.betas.0"),
 ])
 def test_resume_refuses_what_would_change_the_run(override, key):
     """What the data order or the objective depends on cannot change mid-run: the override would be silently

@@ -61,6 +61,11 @@ class GenerativeModel(nn.Module):
         return self.generate(self.latent(n, generator).to(device), labels, **settings)
 
 
+def balanced_labels(n: int, num_classes: int) -> Tensor | None:
+    """``n`` labels taking every class in turn (None for an unconditional model)."""
+    return torch.arange(n) % num_classes if num_classes else None
+
+
 def grid_labels(n: int, num_classes: int) -> tuple[Tensor | None, int]:
     """Labels and images per row for a grid of about ``n`` samples: a conditional model's grid shows one
     class per row (``n`` rounded to whole rows); an unconditional one is a square of ``n``."""
