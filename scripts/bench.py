@@ -35,7 +35,7 @@ from genlab import schema
 from genlab.build import build_dataset, build_model, build_optimizers
 from genlab.cli import CONFIG_DIR
 from genlab.data import Loader
-from genlab.device import DTYPES, resolve_device, resolve_precision, synchronize
+from genlab.device import DTYPES, autocast, resolve_device, resolve_precision, synchronize
 from genlab.evaluate import scores_of
 from genlab.nets.dropout import Dropout
 from genlab.trainer import StepContext, Trainer
@@ -120,41 +120,16 @@ def step_flops(model, opts, data, batch: int, device, precision) -> float:
     return counter.get_total_flops() / batch
 
 
-def reference_steps(model, opts, loader, steps: int, device) -> float:
-    """The tutorial loop; returns images per second over ``steps`` steps."""
-    is_gan = hasattr(model, "g")
+def reference_steps(model, opts, loader, steps: int, device, precision: str = "fp32") -> float:
+    """The tutorial loop, in fp32 or under bf16 autocast; returns images per second over ``steps`` steps."""
     done, t0 = 0, None
     while done < steps:
         for x, _ in loader:
             if done == 1:
                 t0 = time.perf_counter()  # the first step (worker start-up) is not timed
             x = x.to(device)
-            if is_gan:  # x in [-1, 1] from Normalize
-                z = torch.randn(x.shape[0], model.z_dim, device=device)
-                fake = model.g(z)
-                real_out, fake_out = model.d(x), model.d(fake.detach())
-                loss_d = F.binary_cross_entropy_with_logits(real_out, torch.ones_like(real_out)) + \
-                    F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out))
-                opts["d"].zero_grad()
-                loss_d.backward()
-                opts["d"].step()
-                out = model.d(fake)
-                loss_g = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-                opts["g"].zero_grad()
-                loss_g.backward()
-                opts["g"].step()
-                loss_g.item()
-            else:
-                x = x * 0.5 + 0.5  # back to [0, 1] for the Bernoulli likelihood
-                mu, logvar = model.encoder(x)
-                z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-                recon = F.binary_cross_entropy_with_logits(model.decoder(z), x, reduction="sum") / x.shape[0]
-                kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum() / x.shape[0]
-                loss = recon + kl
-                opts["vae"].zero_grad()
-                loss.backward()
-                opts["vae"].step()
-                loss.item()
+            with autocast(device, precision):
+                reference_step(model, opts, x)
             done += 1
             if done == steps + 1:
                 break
@@ -162,6 +137,42 @@ def reference_steps(model, opts, loader, steps: int, device) -> float:
             break
     synchronize(device)
     return steps * loader.batch_size / (time.perf_counter() - t0)
+
+
+def reference_step(model, opts, x) -> None:
+    """One step as a tutorial writes it; ``x`` in [-1, 1] from Normalize."""
+    if hasattr(model, "g"):
+        z = torch.randn(x.shape[0], model.z_dim, device=x.device)
+        fake = model.g(z)
+        real_out, fake_out = model.d(x).float(), model.d(fake.detach()).float()
+        loss_d = F.binary_cross_entropy_with_logits(real_out, torch.ones_like(real_out)) + \
+            F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out))
+        opts["d"].zero_grad()
+        loss_d.backward()
+        opts["d"].step()
+        out = model.d(fake).float()
+        loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        opts["g"].zero_grad()
+        loss.backward()
+        opts["g"].step()
+    elif hasattr(model, "unet"):  # the diffusion model's own noising; network, loss and step written out
+        xt, t, target = model.noised(x, torch.randn_like(x), torch.rand(x.shape[0], device=x.device))
+        loss = F.mse_loss(model.unet(xt, t).float(), target)
+        opts["unet"].zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), 1.0)
+        opts["unet"].step()
+    else:
+        x = x * 0.5 + 0.5  # back to [0, 1] for the Bernoulli likelihood
+        mu, logvar = (t.float() for t in model.encoder(x))
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        recon = F.binary_cross_entropy_with_logits(model.decoder(z).float(), x, reduction="sum") / x.shape[0]
+        kl = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum() / x.shape[0]
+        loss = recon + kl
+        opts["vae"].zero_grad()
+        loss.backward()
+        opts["vae"].step()
+    loss.item()
 
 
 def genlab_steps(model, opts, data, steps: int, batch: int, device, precision) -> float:
@@ -184,7 +195,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None, help="MNIST in torchvision's layout (else synthetic data)")
-    p.add_argument("--models", default="gan,dcgan,vae")
+    p.add_argument("--models", default="gan,dcgan,vae,ddpm")
     p.add_argument("--shapes", default=None, help="mnist,cifar (MNIST-shaped 1x28x28, CIFAR-shaped 3x32x32)")
     p.add_argument("--batch-sizes", default=None)
     args = p.parse_args()
@@ -194,8 +205,12 @@ def main() -> None:
     shapes = (args.shapes or ("mnist" if args.quick else "mnist,cifar")).split(",")
     models = args.models.split(",")
     reps = 2 if args.quick else 3
+    impls = {"genlab": precision, "reference": "fp32", f"reference-{precision}": precision}
+    if precision == "fp32":
+        del impls["reference-fp32"]
     rows, flops = [], []
-    print(f"training: genlab ({precision}) against the reference loop (fp32) on {device}; medians of {reps}")
+    print(f"training: genlab ({precision}) against the reference loop in fp32 and {precision} on {device}; "
+          f"medians of {reps}")
     for shape in shapes:
         for name in models:
             cfg = compose_cfg(name, args.data_root, shape)
@@ -203,9 +218,8 @@ def main() -> None:
             images = data.images
             dataset = "mnist" if args.data_root and shape == "mnist" else f"synthetic-{'x'.join(map(str, images.shape[1:]))}"
             for batch in batches:
-                steps = max(4, (1500 if name == "dcgan" else 6000) // batch) if args.quick else max(8, 12000 // batch)
-                if name == "gan":
-                    steps *= 4
+                work = {"gan": 24000, "dcgan": 1500, "vae": 6000, "ddpm": 500}[name]  # images a timed run trains on
+                steps = max(4, work // batch) if args.quick else max(8, 8 * work // batch)
                 torch.manual_seed(0)
                 m_gen = build_model(cfg).to(device)
                 m_ref = plain(copy.deepcopy(m_gen))
@@ -214,27 +228,31 @@ def main() -> None:
                 o_ref = build_optimizers(ref_opt, m_ref)  # torch's default implementation
                 loader = DataLoader(reference_dataset(args.data_root, len(images), shape), batch_size=batch,
                                     shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
-                genlab_steps(m_gen, o_gen, data, 2, batch, device, precision)  # warm-up
-                reference_steps(m_ref, o_ref, loader, 2, device)
-                results = {"genlab": [], "reference": []}
-                peaks = {"genlab": 0.0, "reference": 0.0}
-                for _ in range(reps):  # A B A B
-                    for impl in results:
+
+                def run(impl, n_steps):
+                    if impl == "genlab":
+                        return genlab_steps(m_gen, o_gen, data, n_steps, batch, device, precision)
+                    return reference_steps(m_ref, o_ref, loader, n_steps, device, impls[impl])
+
+                for impl in impls:
+                    run(impl, 2)  # warm-up
+                results = {impl: [] for impl in impls}
+                peaks = {impl: 0.0 for impl in impls}
+                for _ in range(reps):  # A B C A B C
+                    for impl in impls:
                         reset_peak_memory(device)
-                        if impl == "genlab":
-                            results[impl].append(genlab_steps(m_gen, o_gen, data, steps, batch, device, precision))
-                        else:
-                            results[impl].append(reference_steps(m_ref, o_ref, loader, steps, device))
+                        results[impl].append(run(impl, steps))
                         peaks[impl] = max(peaks[impl], peak_memory_mb(device) or 0.0)
                 for impl, values in results.items():
                     rows.append({"model": name, "dataset": dataset, "impl": impl, "device": str(device),
-                                 "precision": precision if impl == "genlab" else "fp32", "batch_size": batch,
+                                 "precision": impls[impl], "batch_size": batch,
                                  "img_per_s": round(statistics.median(values), 1), "peak_mem_mb": round(peaks[impl])})
-                g, r = rows[-2], rows[-1]
-                print(f"{name:6s} {dataset:18s} batch {batch:4d}: genlab {g['img_per_s']:9.1f} img/s  reference "
-                      f"{r['img_per_s']:9.1f} img/s  speed-up {g['img_per_s'] / r['img_per_s']:5.2f}x  peak memory "
-                      f"{g['peak_mem_mb']} / {r['peak_mem_mb']} MiB", flush=True)
-                if name == "dcgan":
+                mine = rows[-len(impls):]
+                g = mine[0]
+                print(f"{name:6s} {dataset:18s} batch {batch:4d}: genlab {g['img_per_s']:9.1f} img/s, " + ", ".join(
+                    f"{r['impl']} {r['img_per_s']:.1f} ({g['img_per_s'] / r['img_per_s']:.2f}x)" for r in mine[1:])
+                    + f"; peak memory {' / '.join(str(r['peak_mem_mb']) for r in mine)} MiB", flush=True)
+                if name in ("dcgan", "ddpm"):
                     flops.append({"model": name, "dataset": dataset, "batch_size": batch, "precision": precision,
                                   "gflop_per_img": step_flops(m_gen, o_gen, data, batch, device, precision) / 1e9,
                                   "img_per_s": g["img_per_s"]})
@@ -244,24 +262,25 @@ def main() -> None:
         for f in flops:
             f["matmul_gflop_per_s"] = round(rate / 1e9, 1)
             f["share"] = round(f["img_per_s"] * f["gflop_per_img"] * 1e9 / rate, 3)
-            print(f"dcgan  {f['dataset']:18s} batch {f['batch_size']:4d}: {f['gflop_per_img']:.3f} GFLOP/img x "
+            print(f"{f['model']:6s} {f['dataset']:18s} batch {f['batch_size']:4d}: {f['gflop_per_img']:.3f} GFLOP/img x "
                   f"{f['img_per_s']:.0f} img/s = {f['img_per_s'] * f['gflop_per_img']:.0f} GFLOP/s, "
                   f"{100 * f['share']:.0f}% of the matmul rate")
     evaluation = bench_evaluate(args, device, models, reps)
+    sampling = bench_sampling(args, device, precision, models)
     scaling = [] if args.quick else bench_scaling(args, device, precision)
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows, "flops": flops, "evaluate": evaluation,
-                                         "scaling": scaling}, indent=2) + "\n")
+                                         "sampling": sampling, "scaling": scaling}, indent=2) + "\n")
 
 
 def bench_evaluate(args, device, models, reps) -> list[dict]:
     """`genlab evaluate` scoring throughput: its own scoring function over the test split, batch 1000."""
     rows = []
     print("\nevaluate: anomaly scores of the test split (fp32, batch 1000)")
-    for name, score in (("vae", "elbo"), ("vae", "mse_blur"), ("gan", "critic"), ("dcgan", "critic")):
+    for name, score in (("vae", "elbo"), ("vae", "mse_blur"), ("gan", "critic"), ("dcgan", "critic"), ("ddpm", "denoise")):
         if name not in models:
             continue
         cfg = compose_cfg(name, args.data_root)
@@ -279,6 +298,43 @@ def bench_evaluate(args, device, models, reps) -> list[dict]:
         rows.append({"model": name, "score": score, "images": len(test), "device": str(device),
                      "img_per_s": round(len(test) / statistics.median(times), 1)})
         print(f"{name:6s} score={score:9s}: {rows[-1]['img_per_s']:10.1f} img/s over {len(test)} images")
+    return rows
+
+
+def bench_sampling(args, device, precision, models) -> list[dict]:
+    """Sampling throughput of the diffusion models at 50 steps: genlab's (inference mode, ``precision``)
+    against the same sampler in fp32 under no_grad, as a tutorial runs it. Images per second; each image
+    is 50 network evaluations."""
+    rows = []
+    n, steps = (64, 50) if args.quick else (256, 50)
+    print(f"\nsampling: {n} images, {steps} steps, genlab ({precision}) against fp32")
+    for name in ("ddpm", "flow"):
+        if "ddpm" not in models:
+            continue
+        torch.manual_seed(0)
+        model = build_model(compose_cfg(name, None)).to(device).eval()
+        z = model.latent(n).to(device)
+
+        def genlab_sample():
+            with torch.inference_mode(), autocast(device, precision):
+                model.generate(z, steps=steps)
+
+        def reference_sample():
+            with torch.no_grad():
+                model.generate(z, steps=steps)
+
+        for impl, fn in (("genlab", genlab_sample), ("reference", reference_sample)):
+            fn()  # warm-up
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            rows.append({"model": name, "impl": impl, "precision": precision if impl == "genlab" else "fp32",
+                         "steps": steps, "n": n, "img_per_s": round(n / (time.perf_counter() - t0), 2)})
+        g, r = rows[-2], rows[-1]
+        print(f"{name:6s} {steps} steps: genlab {g['img_per_s']:.1f} img/s, reference {r['img_per_s']:.1f} img/s "
+              f"({g['img_per_s'] / r['img_per_s']:.2f}x); 10,000 samples in {10000 / g['img_per_s'] / 60:.1f} min",
+              flush=True)
     return rows
 
 

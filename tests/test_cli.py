@@ -21,9 +21,16 @@ def test_help_and_version(tmp_path):
     r = genlab("--version", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("genlab ")
     r = genlab("train", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "model: dcgan, gan, vae" in r.stdout
+    assert r.returncode == 0 and "model: dcgan, ddpm, flow, gan, vae" in r.stdout
     r = genlab("fly", cwd=tmp_path)
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+@pytest.mark.parametrize("line,expected", [("genlab sa", "sample"), ("genlab sample ", "ckpt="),
+                                           ("genlab train trainer.ep", "trainer.epochs=")])
+def test_shell_completion(tmp_path, line, expected):
+    r = genlab("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": line})
+    assert r.returncode == 0 and expected in r.stdout, r.stderr
 
 
 def test_train_writes_the_run_directory(tmp_path):

@@ -1,7 +1,8 @@
 """GenerativeModel subclasses: how each model trains, samples and scores."""
 
 from genlab.models.base import GenerativeModel
+from genlab.models.diffusion import DDPM, FlowMatching
 from genlab.models.gan import GAN
 from genlab.models.vae import VAE
 
-__all__ = ["GenerativeModel", "GAN", "VAE"]
+__all__ = ["GenerativeModel", "GAN", "VAE", "DDPM", "FlowMatching"]

@@ -3,6 +3,7 @@
 from genlab.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from genlab.nets.mlp import MLPDiscriminator, MLPGenerator
 from genlab.nets.classifier import SmallCNN
+from genlab.nets.unet import UNet
 from genlab.nets.vae import ConvDecoder, ConvEncoder
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "ConvEncoder",
     "ConvDecoder",
     "SmallCNN",
+    "UNet",
 ]

@@ -1,0 +1,209 @@
+"""Diffusion (DDPM, sampled with DDIM or ancestrally) and flow matching on one UNet, unconditional or
+class-conditional with classifier-free guidance.
+
+Both learn to undo noise: the network sees a noisy image x_t and its time t and predicts what was added.
+They differ in the path from image to noise and in how sampling walks it back. Images cross the
+network in [-1, 1].
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genlab.errors import GenlabError
+from genlab.models.base import GenerativeModel
+
+SCORE_TIMES = (0.05, 0.1, 0.2, 0.3, 0.4)  # the `denoise` anomaly score: mean error at these fractions of the path
+
+
+class Denoiser(GenerativeModel):
+    """What DDPM and flow matching share: the UNet, its optimizer, class conditioning with labels dropped at
+    rate ``p_uncond`` in training (label ``num_classes`` means "no class"), classifier-free guidance in one
+    batched forward, gradient clipping at ``clip``, and the ``denoise`` anomaly score."""
+
+    scores = ("denoise",)
+
+    def __init__(self, unet: nn.Module, num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0):
+        super().__init__()
+        if getattr(unet, "num_classes", num_classes) != num_classes:
+            raise GenlabError(f"model.num_classes={num_classes} but the UNet has num_classes={unet.num_classes}; "
+                              "set both (the model config passes ${..num_classes} to the UNet).")
+        if not 0 <= p_uncond < 1:
+            raise GenlabError(f"model.p_uncond must be in [0, 1); got {p_uncond}.")
+        self.unet, self.num_classes, self.p_uncond, self.clip = unet, num_classes, p_uncond, clip
+
+    def optimizer_groups(self):
+        return {"unet": self.unet.parameters()}
+
+    def latent(self, n, generator=None):
+        return torch.randn(n, *self.unet.image_shape, generator=generator)
+
+    def train_labels(self, y: Tensor) -> Tensor | None:
+        if not self.num_classes:
+            return None
+        drop = torch.rand(y.shape, device=y.device) < self.p_uncond
+        return y.masked_fill(drop, self.num_classes)
+
+    def predict(self, x: Tensor, t: Tensor, labels: Tensor | None, guidance: float) -> Tensor:
+        """The network's output (fp32) at x [B, ...] and network times t [B]; with labels and guidance w != 1,
+        uncond + w * (cond - uncond), both from one forward over the doubled batch."""
+        if labels is None or guidance == 1.0:
+            return self.unet(x, t, labels).float()
+        null = torch.full_like(labels, self.num_classes)
+        cond, uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    def step_unet(self, loss: Tensor, ctx) -> None:
+        ctx.backward(loss, "unet")
+        if self.clip:
+            ctx.clip("unet", self.clip)
+        ctx.step("unet")
+
+    def check_sampling(self, steps: int, guidance: float, labels) -> None:
+        if steps < 1:
+            raise GenlabError(f"steps must be at least 1; got {steps}.")
+        if guidance != 1.0 and not self.num_classes:
+            raise GenlabError("guidance needs a class-conditional model (model.num_classes > 0).")
+
+    def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
+        """``denoise``: the mean squared error of the network's prediction over fixed times (SCORE_TIMES) and
+        noises (seeded, so a batch always gets the same ones), unconditional: an image the model did not learn
+        to denoise scores high."""
+        if score not in (None, "denoise"):
+            raise GenlabError(f"score={score} is not offered by {type(self).__name__}: use denoise.")
+        g = torch.Generator().manual_seed(0)
+        x0 = x.float() * 2 - 1
+        errors = []
+        for frac in SCORE_TIMES:
+            noise = torch.randn(x0.shape, generator=g).to(x0.device)
+            xt, t, target = self.noised(x0, noise, torch.full((len(x0),), frac, device=x0.device))
+            errors.append((self.unet(xt, t).float() - target).pow(2).flatten(1).mean(1))
+        return torch.stack(errors).mean(0)
+
+
+class DDPM(Denoiser):
+    """Denoising diffusion (Ho et al. 2020) over ``timesteps`` steps with a ``linear`` or ``cosine`` (Nichol &
+    Dhariwal 2021) noise schedule; the network predicts the noise (``eps``) or the velocity (``v``, Salimans &
+    Ho 2022). Sampling: DDIM (Song et al. 2021) over ``steps`` evenly spaced steps with ``eta`` (0:
+    deterministic), or ``sampler=ddpm``, ancestral sampling (eta 1; with steps=1000, the original)."""
+
+    def __init__(self, unet: nn.Module, schedule: str = "cosine", prediction: str = "v", timesteps: int = 1000,
+                 num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0):
+        super().__init__(unet, num_classes, p_uncond, clip)
+        if prediction not in ("eps", "v"):
+            raise GenlabError(f"model.prediction must be eps or v; got {prediction}.")
+        self.prediction, self.timesteps = prediction, timesteps
+        self.register_buffer("alpha_bar", noise_schedule(schedule, timesteps), persistent=False)
+
+    def noised(self, x0, noise, frac):
+        """x_t, the network's time input and the training target at fractions ``frac`` of the schedule."""
+        t = (frac * self.timesteps).long().clamp(0, self.timesteps - 1)
+        ab = self.alpha_bar[t].view(-1, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        target = noise if self.prediction == "eps" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        return xt, t.float(), target
+
+    def training_step(self, batch, ctx):
+        x0 = batch.x * 2 - 1
+        noise = torch.randn_like(x0)
+        xt, t, target = self.noised(x0, noise, torch.rand(len(x0), device=x0.device))
+        with ctx.autocast():
+            out = self.unet(xt, t, self.train_labels(batch.y)).float()
+        loss = F.mse_loss(out, target)
+        self.step_unet(loss, ctx)
+        return {"loss": loss.detach()}
+
+    def generate(self, z, labels=None, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+                 guidance: float = 1.0):
+        if sampler not in ("ddim", "ddpm"):
+            raise GenlabError(f"sampler={sampler} is not one of ddim, ddpm.")
+        self.check_sampling(steps, guidance, labels)
+        eta = 1.0 if sampler == "ddpm" else eta
+        ts = trailing_steps(self.timesteps, steps).tolist()
+        x = z.float()
+        for i, t in enumerate(ts):
+            ab = self.alpha_bar[t]
+            ab_prev = self.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ab)
+            out = self.predict(x, torch.full((len(x),), float(t), device=x.device), labels, guidance)
+            if self.prediction == "eps":
+                x0 = (x - (1 - ab).sqrt() * out) / ab.sqrt()
+            else:
+                x0 = ab.sqrt() * x - (1 - ab).sqrt() * out
+            x0 = x0.clamp(-1, 1)
+            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+            if eta and i + 1 < len(ts):
+                x = x + sigma * torch.randn_like(x)
+        return (x.clamp(-1, 1) + 1) / 2
+
+
+class FlowMatching(Denoiser):
+    """Flow matching on the straight path x_t = (1 - t) x0 + t * noise (rectified flow, Liu et al. 2022;
+    Lipman et al. 2022): the network predicts the velocity noise - x0 at t ~ U(0, 1) (``logit_normal``:
+    t = sigmoid(N(0, 1)), which weights the middle of the path, Esser et al. 2024). Sampling integrates from
+    noise (t=1) to an image (t=0) in ``steps`` steps with ``euler`` or ``heun`` (two network evaluations a
+    step, but the last)."""
+
+    def __init__(self, unet: nn.Module, time_sampling: str = "uniform", num_classes: int = 0, p_uncond: float = 0.1,
+                 clip: float | None = 1.0):
+        super().__init__(unet, num_classes, p_uncond, clip)
+        if time_sampling not in ("uniform", "logit_normal"):
+            raise GenlabError(f"model.time_sampling must be uniform or logit_normal; got {time_sampling}.")
+        self.time_sampling = time_sampling
+
+    def noised(self, x0, noise, t):
+        tt = t.view(-1, 1, 1, 1)
+        return (1 - tt) * x0 + tt * noise, t * 1000, noise - x0
+
+    def training_step(self, batch, ctx):
+        x0 = batch.x * 2 - 1
+        n = len(x0)
+        t = torch.rand(n, device=x0.device) if self.time_sampling == "uniform" else \
+            torch.sigmoid(torch.randn(n, device=x0.device))
+        xt, t_in, target = self.noised(x0, torch.randn_like(x0), t)
+        with ctx.autocast():
+            out = self.unet(xt, t_in, self.train_labels(batch.y)).float()
+        loss = F.mse_loss(out, target)
+        self.step_unet(loss, ctx)
+        return {"loss": loss.detach()}
+
+    def generate(self, z, labels=None, *, sampler: str = "euler", steps: int = 50, guidance: float = 1.0):
+        if sampler not in ("euler", "heun"):
+            raise GenlabError(f"sampler={sampler} is not one of euler, heun.")
+        self.check_sampling(steps, guidance, labels)
+        ts = torch.linspace(1, 0, steps + 1).tolist()
+        x = z.float()
+
+        def velocity(x, t):
+            return self.predict(x, torch.full((len(x),), t * 1000, device=x.device), labels, guidance)
+
+        for t, t_next in zip(ts, ts[1:]):
+            v = velocity(x, t)
+            x_next = x + (t_next - t) * v
+            if sampler == "heun" and t_next > 0:
+                x_next = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
+            x = x_next
+        return (x.clamp(-1, 1) + 1) / 2
+
+
+def noise_schedule(kind: str, timesteps: int) -> Tensor:
+    """alpha_bar_t, the share of the image left at step t = 0 .. T-1 (float32)."""
+    if kind == "linear":
+        betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64) * 1000 / timesteps
+        return torch.cumprod(1 - betas, 0).float()
+    if kind == "cosine":
+        s = 0.008
+        f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        return torch.cumprod(1 - betas, 0).float()
+    raise GenlabError(f"model.schedule must be linear or cosine; got {kind}.")
+
+
+def trailing_steps(timesteps: int, steps: int) -> Tensor:
+    """``steps`` of the T steps, evenly spaced and starting from the last (pure noise): Lin et al. 2024."""
+    if steps > timesteps:
+        raise GenlabError(f"steps={steps} is more than the model's {timesteps} diffusion steps.")
+    return torch.linspace(timesteps, timesteps / steps, steps).round().long() - 1

@@ -1,0 +1,157 @@
+"""Diffusion and flow matching: the samplers' arithmetic against an oracle network, guidance, training steps,
+the UNet's shapes, the anomaly score, and the commands."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from genlab import checkpoint
+from genlab.errors import GenlabError
+from genlab.models import DDPM, FlowMatching
+from genlab.models.diffusion import noise_schedule, trailing_steps
+from genlab.nets import UNet
+
+from conftest import first_batch, genlab, make_trainer
+
+X0 = torch.linspace(-0.9, 0.9, 2 * 4 * 4).view(2, 1, 4, 4)  # the one pair of images the oracle's data holds
+
+
+class Oracle(nn.Module):
+    """The exact denoiser for a dataset of the single batch X0: what a perfectly trained network predicts."""
+
+    num_classes, image_shape = 0, (1, 4, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.owner = []  # the model this network serves (a list: not a submodule)
+        self.calls = []
+
+    def forward(self, x, t, labels=None):
+        self.calls.append(len(x))
+        x0 = X0.repeat(len(x) // len(X0), 1, 1, 1)
+        model = self.owner[0]
+        if isinstance(model, FlowMatching):
+            tt = (t / 1000).view(-1, 1, 1, 1)
+            return (x - x0) / tt  # the velocity noise - x0, from x_t = (1 - t) x0 + t noise
+        ab = model.alpha_bar[t.long()].view(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return eps if model.prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+
+def with_oracle(cls, **kwargs):
+    oracle = Oracle()
+    model = cls(oracle, **kwargs)
+    oracle.owner.append(model)
+    return model, oracle
+
+
+@pytest.mark.parametrize("cls,kwargs,settings", [
+    (DDPM, {"prediction": "eps"}, {"steps": 10}),
+    (DDPM, {"prediction": "v", "schedule": "linear"}, {"steps": 7}),
+    (DDPM, {"prediction": "eps"}, {"steps": 10, "eta": 1.0}),
+    (DDPM, {"prediction": "v"}, {"sampler": "ddpm", "steps": 25}),
+    (FlowMatching, {}, {"steps": 5}),
+    (FlowMatching, {}, {"sampler": "heun", "steps": 3}),
+])
+def test_samplers_recover_the_data_from_an_exact_denoiser(cls, kwargs, settings):
+    """With the exact denoiser of a one-batch dataset, every sampler must land on that batch from any noise:
+    a sign, a square root or a time index off in the sampler's arithmetic moves it away."""
+    torch.manual_seed(0)
+    model, oracle = with_oracle(cls, **kwargs)
+    x = model.generate(torch.randn(2, 1, 4, 4), **settings)
+    torch.testing.assert_close(x, (X0 + 1) / 2, atol=2e-4, rtol=0)
+    evaluations = settings["steps"] * (2 if settings.get("sampler") == "heun" else 1) - (settings.get("sampler") == "heun")
+    assert len(oracle.calls) == evaluations
+
+
+def test_guidance_is_one_batched_forward():
+    class Split(nn.Module):
+        num_classes, image_shape = 3, (1, 4, 4)
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, x, t, labels):
+            self.calls.append(labels.tolist())
+            return torch.where((labels == 3).view(-1, 1, 1, 1), torch.zeros_like(x), torch.ones_like(x))  # uncond 0, cond 1
+
+    net = Split()
+    model = DDPM(net, num_classes=3)
+    out = model.predict(torch.zeros(2, 1, 4, 4), torch.tensor([5.0, 5.0]), torch.tensor([0, 2]), guidance=3.0)
+    assert net.calls == [[0, 2, 3, 3]]  # conditional and unconditional halves in one forward
+    assert torch.equal(out, torch.full_like(out, 3.0))  # uncond + 3 * (cond - uncond)
+    assert torch.equal(model.predict(torch.zeros(2, 1, 4, 4), torch.tensor([5.0, 5.0]), torch.tensor([0, 2]), 1.0),
+                       torch.ones(2, 1, 4, 4))
+    with pytest.raises(GenlabError, match="guidance needs a class-conditional model"):
+        with_oracle(DDPM)[0].generate(torch.randn(2, 1, 4, 4), steps=2, guidance=2.0)
+
+
+def test_noise_schedules_and_steps():
+    for kind in ("linear", "cosine"):
+        ab = noise_schedule(kind, 1000)
+        assert ab[0] > 0.99 and ab[-1] < 0.01 and (ab[1:] < ab[:-1]).all()
+    assert trailing_steps(1000, 50).tolist()[:3] == [999, 979, 959] and trailing_steps(1000, 50)[-1] == 19
+    assert len(trailing_steps(1000, 3)) == 3 and trailing_steps(1000, 1000).tolist() == list(range(999, -1, -1))
+
+
+@pytest.mark.parametrize("size,channels,levels", [(28, 1, 3), (32, 3, 3), (64, 3, 4)])
+def test_unet_is_sized_from_the_images(size, channels, levels):
+    net = UNet(channels=channels, image_size=size, width=16, num_classes=10)
+    assert len(net.down) == levels
+    x = torch.randn(2, channels, size, size)
+    assert net(x, torch.tensor([3.0, 900.0]), torch.tensor([1, 10])).shape == x.shape
+
+
+@pytest.mark.parametrize("model,extra", [("ddpm", []), ("flow", ["model.num_classes=10"]),
+                                         ("ddpm", ["model.prediction=v", "model.num_classes=10"])])
+def test_a_training_step_changes_every_part_and_samples_fit(model, extra, tmp_path):
+    t = make_trainer([f"model={model}", *extra, "model.unet.width=16", "dataset=synthetic", "dataset.n=16",
+                      "trainer.batch_size=8"], tmp_path)
+    m = t.model
+    before = {k: p.detach().clone() for k, p in m.named_parameters()}
+    # the UNet's output layers start at zero (each block starts as the identity), so the gradient reaches
+    # the layers behind them step by step: a few steps move every part
+    for i in range(6):
+        t.ctx.begin(i)
+        out = m.training_step(first_batch(t), t.ctx)
+        t.ctx.end()
+    assert math.isfinite(out["loss"].item())
+    assert not [k for k, p in m.named_parameters() if torch.equal(p, before[k])]
+    m.eval()
+    labels = torch.tensor([1, 2, 3]) if m.num_classes else None
+    x = m.sample(3, labels, torch.Generator().manual_seed(0), steps=2, guidance=2.0 if m.num_classes else 1.0)
+    assert x.shape == (3, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
+    scores = m.anomaly_score(first_batch(t).x)
+    assert scores.shape == (8,) and torch.equal(scores, m.anomaly_score(first_batch(t).x))  # deterministic
+
+
+def test_train_sample_evaluate_through_the_commands(tmp_path):
+    r = genlab("train", "model=flow", "model.num_classes=10", "model.unet.width=16", "dataset=synthetic",
+               "dataset.n=64", "trainer.batch_size=32", "trainer.max_steps=4", "trainer.sampling.steps=2",
+               "trainer.n_samples=10", "trainer.ema.decay=0.9", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "samples" / "epoch_0002.png").is_file()
+    r = genlab("sample", f"ckpt={tmp_path / 'run'}", "labels=[3,3,7]", "guidance=3", "steps=3", "sampler=heun",
+               f"hydra.run.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True).shape == (3, 1, 28, 28)
+    r = genlab("evaluate", f"ckpt={tmp_path / 'run'}", "normal_classes=[0]", f"hydra.run.dir={tmp_path / 'e'}",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = genlab("sample", f"ckpt={tmp_path / 'run'}", "sampler=ddim", cwd=tmp_path)
+    assert r.returncode == 1 and "sampler=ddim is not one of euler, heun" in r.stderr
+
+
+def test_max_time_ends_the_run_with_a_checkpoint(tmp_path):
+    r = genlab("train", "model=gan", "dataset=synthetic", "dataset.n=64", "trainer.batch_size=32", "trainer.epochs=100000",
+               "trainer.max_time=1s", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    state = checkpoint.load(tmp_path / "run")
+    assert 0 < state["step"] < 200000 and state["wall_time"] >= 1.0
+    assert "trainer.max_time=1s reached after" in r.stdout + r.stderr
+    r = genlab("train", "trainer.max_time=soon", cwd=tmp_path)
+    assert r.returncode == 1 and "trainer.max_time must be a duration such as 90s, 30m" in r.stderr
