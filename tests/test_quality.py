@@ -96,6 +96,7 @@ def test_quality_needs_a_dataset_that_can_train_its_classifier(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # the summary and the Inception FID have faster tests of their own
 def test_evaluate_quality_of_a_sweep_groups_the_seeds(tmp_path):
     r = genlab("train", "-m", "model=gan", "trainer.max_steps=20", "device=cpu", "optimizer.lr=0.0001,0.001", "seed=0,1",
                f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
@@ -179,6 +180,7 @@ def test_inception_weights_that_do_not_fit(tmp_path, inception_weights, monkeypa
         load_inception(inception_weights, "cpu")
 
 
+@pytest.mark.slow  # the summary and the Inception FID have faster tests of their own
 def test_inception_fid_through_the_command(gan_on_ones, inception_weights, tmp_path):
     r = genlab("evaluate", "task=quality", f"ckpt={gan_on_ones}", "n_samples=16",
                f"inception_weights={inception_weights}", f"hydra.run.dir={tmp_path / 'q'}", cwd=tmp_path)
