@@ -237,6 +237,21 @@ def seconds(duration) -> float | None:
     return total
 
 
+def compile_for_sampling(model: GenerativeModel, n: int, settings: dict, choice) -> bool:
+    """``compile=auto|true|false`` of sample and evaluate. auto compiles where it pays: an iterative sampler
+    (a ``steps`` setting) making ``n`` samples at 100,000 network evaluations or more."""
+    choice = str(choice).lower()
+    if choice not in ("auto", "true", "false"):
+        raise GenlabError(f"compile={choice} is not one of auto, true, false.")
+    if choice == "auto":
+        steps = settings.get("steps", model.sampling_settings().get("steps"))
+        choice = "true" if isinstance(steps, int) and n * steps >= 100_000 else "false"
+    if choice == "true":
+        compile_networks(model)
+        log.info("compiling the network for sampling (compile=false to skip)")
+    return choice == "true"
+
+
 def compile_networks(model: GenerativeModel) -> None:
     """torch.compile each network in place: the state dict keys stay as they are, so checkpoints move freely
     between compiled and eager runs."""

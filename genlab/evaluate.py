@@ -17,7 +17,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from tqdm import tqdm
 
 from genlab import checkpoint, metrics, plots, schema
-from genlab.build import check_sampling, load_model, test_split
+from genlab.build import check_sampling, compile_for_sampling, load_model, test_split
 from genlab.classifier import NoClassifier, classifier_for, predict
 from genlab.device import autocast, resolve_device, resolve_precision
 from genlab.errors import GenlabError
@@ -300,6 +300,7 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None)
     g = torch.Generator().manual_seed(cfg.seed)
     n = cfg.n_samples
     labels = balanced_labels(n, model.num_classes)
+    compile_for_sampling(model, n, settings, cfg.compile)
     torch.manual_seed(cfg.seed)  # the noise a stochastic sampler draws as it goes
     with torch.inference_mode(), autocast(device, resolve_precision(cfg.precision, device)):
         fake = torch.cat([model.sample(len(idx), labels[idx] if labels is not None else None, g, **settings)

@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig
 
 from genlab import plots, schema
-from genlab.build import check_sampling, load_model, test_split
+from genlab.build import check_sampling, compile_for_sampling, load_model, test_split
 from genlab.device import autocast, resolve_device, resolve_precision
 from genlab.images import save_grid
 from genlab.errors import GenlabError
@@ -55,6 +55,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     torch.manual_seed(cfg.seed)  # the noise a stochastic sampler draws as it goes
     precision = autocast(device, resolve_precision(cfg.precision, device))
     labels, n, nrow = sample_labels(model, cfg.n, cfg.labels)
+    compile_for_sampling(model, n, settings, cfg.compile)
     with precision:
         x = model.sample(n, labels, g, **settings).float().cpu()  # [n, C, H, W] in [0, 1]
     save_grid(x, run_dir / "grid.png", nrow)

@@ -63,6 +63,7 @@ class FromCheckpointSchema:
     dataset_root: Optional[str] = MISSING
     ema: bool = MISSING
     precision: str = MISSING
+    compile: str = MISSING  # auto | true | false
 
 
 @dataclass
