@@ -89,6 +89,19 @@ def test_guidance_is_one_batched_forward():
         with_oracle(DDPM)[0].generate(torch.randn(2, 1, 4, 4), steps=2, guidance=2.0)
 
 
+def test_the_models_own_guidance_is_the_default():
+    torch.manual_seed(0)
+    model = DDPM(UNet(1, 28, width=8, mults=(1, 2), num_classes=3), num_classes=3, guidance=2.5).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the UNet's output layer starts at zero: every class would predict alike
+            p.normal_(0, 0.1)
+    z, labels = torch.randn(2, 1, 28, 28), torch.tensor([0, 2])
+    with torch.no_grad():
+        default, chosen, plain = (model.generate(z, labels, steps=2, guidance=g) for g in (None, 2.5, 1.0))
+    assert torch.equal(default, chosen) and not torch.allclose(default, plain)
+    assert DDPM(UNet(1, 28, width=8, mults=(1, 2)), guidance=2.5).guidance == 1.0  # nothing to guide without classes
+
+
 def test_noise_schedules_and_steps():
     for kind in ("linear", "cosine"):
         ab = noise_schedule(kind, 1000)

@@ -21,11 +21,13 @@ SCORE_TIMES = (0.05, 0.1, 0.2, 0.3, 0.4)  # the `denoise` anomaly score: mean er
 class Denoiser(GenerativeModel):
     """What DDPM and flow matching share: the UNet, its optimizer, class conditioning with labels dropped at
     rate ``p_uncond`` in training (label ``num_classes`` means "no class"), classifier-free guidance in one
-    batched forward, gradient clipping at ``clip``, and the ``denoise`` anomaly score."""
+    batched forward (``guidance``: the weight sampling uses unless told otherwise), gradient clipping at
+    ``clip``, and the ``denoise`` anomaly score."""
 
     scores = ("denoise",)
 
-    def __init__(self, unet: nn.Module, num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0):
+    def __init__(self, unet: nn.Module, num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0,
+                 guidance: float = 1.0):
         super().__init__()
         if getattr(unet, "num_classes", num_classes) != num_classes:
             raise GenlabError(f"model.num_classes={num_classes} but the UNet has num_classes={unet.num_classes}; "
@@ -33,6 +35,7 @@ class Denoiser(GenerativeModel):
         if not 0 <= p_uncond < 1:
             raise GenlabError(f"model.p_uncond must be in [0, 1); got {p_uncond}.")
         self.unet, self.num_classes, self.p_uncond, self.clip = unet, num_classes, p_uncond, clip
+        self.guidance = guidance if num_classes else 1.0
 
     def optimizer_groups(self):
         return {"unet": self.unet.parameters()}
@@ -61,11 +64,13 @@ class Denoiser(GenerativeModel):
             ctx.clip("unet", self.clip)
         ctx.step("unet")
 
-    def check_sampling(self, steps: int, guidance: float, labels) -> None:
+    def sampling_guidance(self, steps: int, guidance: float | None) -> float:
+        """The guidance weight to sample with (the model's own when None), after checking the settings."""
         if steps < 1:
             raise GenlabError(f"steps must be at least 1; got {steps}.")
-        if guidance != 1.0 and not self.num_classes:
+        if guidance is not None and guidance != 1.0 and not self.num_classes:
             raise GenlabError("guidance needs a class-conditional model (model.num_classes > 0).")
+        return self.guidance if guidance is None else guidance
 
     def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
         """``denoise``: the mean squared error of the network's prediction over fixed times (SCORE_TIMES) and
@@ -90,8 +95,8 @@ class DDPM(Denoiser):
     deterministic), or ``sampler=ddpm``, ancestral sampling (eta 1; with steps=1000, the original)."""
 
     def __init__(self, unet: nn.Module, schedule: str = "cosine", prediction: str = "v", timesteps: int = 1000,
-                 num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0):
-        super().__init__(unet, num_classes, p_uncond, clip)
+                 num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0, guidance: float = 1.0):
+        super().__init__(unet, num_classes, p_uncond, clip, guidance)
         if prediction not in ("eps", "v"):
             raise GenlabError(f"model.prediction must be eps or v; got {prediction}.")
         self.prediction, self.timesteps = prediction, timesteps
@@ -116,10 +121,10 @@ class DDPM(Denoiser):
         return {"loss": loss.detach()}
 
     def generate(self, z, labels=None, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-                 guidance: float = 1.0):
+                 guidance: float | None = None):
         if sampler not in ("ddim", "ddpm"):
             raise GenlabError(f"sampler={sampler} is not one of ddim, ddpm.")
-        self.check_sampling(steps, guidance, labels)
+        guidance = self.sampling_guidance(steps, guidance)
         eta = 1.0 if sampler == "ddpm" else eta
         ts = trailing_steps(self.timesteps, steps).tolist()
         x = z.float()
@@ -148,8 +153,8 @@ class FlowMatching(Denoiser):
     step, but the last)."""
 
     def __init__(self, unet: nn.Module, time_sampling: str = "uniform", num_classes: int = 0, p_uncond: float = 0.1,
-                 clip: float | None = 1.0):
-        super().__init__(unet, num_classes, p_uncond, clip)
+                 clip: float | None = 1.0, guidance: float = 1.0):
+        super().__init__(unet, num_classes, p_uncond, clip, guidance)
         if time_sampling not in ("uniform", "logit_normal"):
             raise GenlabError(f"model.time_sampling must be uniform or logit_normal; got {time_sampling}.")
         self.time_sampling = time_sampling
@@ -170,10 +175,10 @@ class FlowMatching(Denoiser):
         self.step_unet(loss, ctx)
         return {"loss": loss.detach()}
 
-    def generate(self, z, labels=None, *, sampler: str = "euler", steps: int = 50, guidance: float = 1.0):
+    def generate(self, z, labels=None, *, sampler: str = "euler", steps: int = 50, guidance: float | None = None):
         if sampler not in ("euler", "heun"):
             raise GenlabError(f"sampler={sampler} is not one of euler, heun.")
-        self.check_sampling(steps, guidance, labels)
+        guidance = self.sampling_guidance(steps, guidance)
         ts = torch.linspace(1, 0, steps + 1).tolist()
         x = z.float()
 

@@ -1,0 +1,80 @@
+"""Sample quality against the number of sampling steps: a table and a plot.
+
+For each run and sampler, `genlab evaluate task=quality` at each number of steps (the same protocol,
+seed and number of samples throughout), then FID, precision and recall against the network
+evaluations the samples cost (Heun takes two a step, but the last).
+
+    python scripts/sampling_steps.py outputs/train/DDPM_RUN outputs/train/FLOW_RUN --steps 5,10,20,50,100 \\
+        --n 2000 --out docs/sampling_steps
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from genlab import schema  # noqa: E402
+from genlab.build import load_model  # noqa: E402
+from genlab.cli import CONFIG_DIR  # noqa: E402
+from genlab.device import resolve_device  # noqa: E402
+from genlab.evaluate import quality_report  # noqa: E402
+
+SAMPLERS = {"DDPM": ["ddim"], "FlowMatching": ["euler", "heun"]}
+
+
+def evaluations(sampler: str, steps: int) -> int:
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--steps", default="5,10,20,50,100")
+    p.add_argument("--n", type=int, default=2000, help="samples per point")
+    p.add_argument("--out", type=Path, default=Path("sampling_steps"))
+    p.add_argument("--extra", default="", help="more evaluate overrides, comma-separated (e.g. guidance=3)")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device("auto")
+    schema.register()
+    rows = []
+    for run in args.runs:
+        name = type(load_model(run)[0]).__name__
+        for sampler in SAMPLERS[name]:
+            for steps in map(int, args.steps.split(",")):
+                overrides = [f"ckpt={run}", "task=quality", f"n_samples={args.n}", f"++sampler={sampler}",
+                             f"++steps={steps}", *filter(None, args.extra.split(","))]
+                with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+                    cfg = compose("evaluate", overrides=overrides)
+                r = quality_report(run, args.out / f"{run.name}-{sampler}-{steps}", cfg, device)
+                rows.append({"run": run.name, "model": name, "sampler": sampler, "steps": steps,
+                             "evaluations": evaluations(sampler, steps), "fid": r["fid"], "precision": r["precision"],
+                             "recall": r["recall"], "classes_covered": r["classes_covered"]})
+                print(json.dumps(rows[-1]), flush=True)
+    (args.out / "steps.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["| model | sampler | steps | network evaluations | FID | precision | recall | classes |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['evaluations']} | {r['fid']:.2f} | "
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {r['classes_covered']} |" for r in rows]
+    (args.out / "steps.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for key in dict.fromkeys((r["model"], r["sampler"]) for r in rows):
+        pts = [(r["evaluations"], r["fid"]) for r in rows if (r["model"], r["sampler"]) == key]
+        ax.plot(*zip(*pts), marker="o", label=f"{key[0]} ({key[1]})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per sample")
+    ax.set_ylabel(f"FID (genlab classifier, {args.n} samples)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "steps.png")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
