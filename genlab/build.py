@@ -1,15 +1,17 @@
 """The one place that turns config into objects. Everything it builds takes plain arguments."""
 
 import functools
+import importlib
 import inspect
 import logging
+import os
 import re
 import types
 import typing
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_method, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -93,11 +95,32 @@ def _fits(value, t) -> bool:
     return isinstance(value, t)
 
 
+def locate(path: str):
+    """The class or function a dotted path names (``genlab.models.GAN``, ``my_module.MyModel``)."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise  # the module exists but needs one that does not
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(f"No module named '{parts[0]}'", name=parts[0])
+
+
 def _import(path: str, where: str):
     try:
-        return get_method(path)  # a class or a function
+        return locate(path)
     except Exception as e:
-        raise GenlabError(f"{where}: cannot import {path}: {e}") from e
+        raise GenlabError(
+            f"{where}: cannot import {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"genlab looks for it in the current directory ({os.getcwd()}), on PYTHONPATH and among the installed "
+            "packages."
+        ) from e
 
 
 def build_model(cfg: DictConfig) -> GenerativeModel:
@@ -138,7 +161,7 @@ def loss_options() -> dict:
     options = {}
     for path in sorted((CONFIG_DIR / "loss").glob("*.yaml")):
         try:
-            options[path.stem] = get_method(OmegaConf.load(path)["_target_"])
+            options[path.stem] = locate(OmegaConf.load(path)["_target_"])
         except Exception:  # a loss config that does not import is reported where it is used
             continue
     return options

@@ -1,13 +1,14 @@
 """``genlab VERB [hydra overrides]``: each verb is a Hydra app with its own primary config."""
 
 import importlib
+import importlib.resources
 import os
 import sys
 from pathlib import Path
 
 from genlab import __version__, schema
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(str(importlib.resources.files("genlab.configs")))  # configs/ of the checkout, or of the wheel
 
 # verb -> (module with run(cfg, run_dir, overrides), one-line description); config: configs/<verb>.yaml
 VERBS = {
@@ -36,6 +37,8 @@ options:
 
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    if os.getcwd() not in sys.path:  # your own modules in the current directory, as `python -m` finds them
+        sys.path.insert(0, os.getcwd())
     if args[:1] in (["-sc"], ["--shell-completion"]):
         verb = _completion_verb(args)
         if verb is None:
@@ -52,8 +55,8 @@ def main(argv=None) -> int:
         print(f"genlab: unknown command '{verb}'; commands: {', '.join(VERBS)} (genlab --help)", file=sys.stderr)
         return 2
     if not (CONFIG_DIR / f"{verb}.yaml").is_file():
-        print(f"genlab: configs not found at {CONFIG_DIR}; install genlab from its checkout with "
-              "'pip install -e .'", file=sys.stderr)
+        print(f"genlab: configs not found at {CONFIG_DIR}: the installation is incomplete; reinstall genlab "
+              "(pip install genlab-*.whl, or pip install -e . in its checkout).", file=sys.stderr)
         return 2
     problem = None if set(args) & INFO_FLAGS else _unwritable_output(args)
     if problem:
@@ -90,6 +93,19 @@ def _unwritable_output(args) -> str | None:
     return None
 
 
+def execute(verb: str, cfg, run_dir: Path, overrides: list[str]) -> None:
+    """Check a composed config and run the command on it: what `genlab VERB` does, and genlab.api too."""
+    from omegaconf import OmegaConf
+
+    from genlab.errors import GenlabError
+
+    schema.check_keys(cfg, verb)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise GenlabError(f"genlab {verb} needs a value for {', '.join(missing)}: e.g. genlab {verb} {missing[0]}=...")
+    importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, overrides)
+
+
 def _hydra_app(verb: str):
     import hydra
 
@@ -97,19 +113,13 @@ def _hydra_app(verb: str):
 
     def task(cfg):
         from hydra.core.hydra_config import HydraConfig
-        from omegaconf import OmegaConf
 
         from genlab.errors import GenlabError
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         try:
-            schema.check_keys(cfg, verb)
-            missing = sorted(OmegaConf.missing_keys(cfg))
-            if missing:
-                raise GenlabError(f"genlab {verb} needs a value for {', '.join(missing)}: e.g. "
-                                  f"genlab {verb} {missing[0]}=...")
-            importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, list(hc.overrides.task))
+            execute(verb, cfg, run_dir, list(hc.overrides.task))
         except (GenlabError, OSError) as e:  # OSError: a file that cannot be written or read, a full disk
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise

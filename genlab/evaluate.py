@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from tqdm import tqdm
 
@@ -21,7 +21,7 @@ from genlab.build import check_sampling, compile_for_sampling, load_model, test_
 from genlab.classifier import NoClassifier, classifier_for, predict
 from genlab.device import autocast, resolve_device, resolve_precision
 from genlab.errors import GenlabError
-from genlab.images import save_grid
+from genlab.images import read_images, save_grid
 from genlab.inception import inception_features, load_inception
 from genlab.models.base import balanced_labels
 
@@ -38,7 +38,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     else:
         if cfg.inception_weights:
             log.warning("inception_weights= is for task=quality; task=anomaly does not use it")
-        report_of = anomaly_report
+        report_of, inception = anomaly_report, None
+    if cfg.samples is not None:
+        if cfg.task != "quality":
+            raise GenlabError("samples=DIR is measured with task=quality.")
+        log.info("%s", headline(folder_report(cfg.samples, run_dir, cfg, device, inception)))
+        return
+    if cfg.ckpt is None:
+        raise GenlabError("genlab evaluate needs ckpt=RUN (a run, a checkpoint or a multirun directory), or "
+                          "task=quality samples=DIR dataset=NAME for a folder of images.")
     runs = sweep_runs(Path(cfg.ckpt).expanduser())
     if runs is None:
         log.info("%s", headline(report_of(cfg.ckpt, run_dir, cfg, device)))
@@ -279,7 +287,7 @@ def title(r: dict) -> str:
 
 
 def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None) -> dict:
-    """How good and how varied the samples are, against the test split of the run's dataset.
+    """How good and how varied a checkpoint's samples are, against the test split of its run's dataset.
     ``inception``: genlab.inception.load_inception's (net, info), to add the standard FID. A conditional
     model draws every class equally often, and the report says how often the classifier sees the class asked for."""
     model, train_cfg, state = load_model(ckpt, device, ema=cfg.ema)
@@ -287,29 +295,51 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None)
     check_sampling(model, settings, command="evaluate")
     if cfg.dataset_root is not None:
         train_cfg.dataset.root = cfg.dataset_root
+    n = cfg.n_samples
+    labels = balanced_labels(n, model.num_classes)
+    compile_for_sampling(model, n, settings, cfg.compile)
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the noise a stochastic sampler draws as it goes
+    with torch.inference_mode(), autocast(device, resolve_precision(cfg.precision, device)):
+        fake = torch.cat([model.sample(len(idx), labels[idx] if labels is not None else None, g, **settings)
+                          .float().clamp(0, 1).cpu() for idx in tqdm(torch.arange(n).split(cfg.batch_size),
+                                                                     desc="sampling", unit="batch", disable=None)])
+    about = {"model": type(model).__name__, "checkpoint": str(checkpoint.resolve(ckpt)), "step": int(state["step"]),
+             "weights": state["weights"], "sampling": settings, "overrides": run_overrides(ckpt)}
+    return measure(fake, labels, train_cfg.dataset, about, out_dir, cfg, device, inception)
+
+
+def folder_report(folder, out_dir: Path, cfg: DictConfig, device, inception=None) -> dict:
+    """``samples=DIR``: the images in a folder, made by any generator, measured as genlab measures its own
+    samples, against the test split of ``dataset=``."""
+    if cfg.get("dataset") is None:
+        raise GenlabError("samples=DIR is measured against a dataset's test split: name it, e.g. dataset=mnist "
+                          "dataset.root=PATH.")
+    node = cfg.dataset.copy()
+    if cfg.dataset_root is not None:
+        node.root = cfg.dataset_root
+    fake = read_images(folder, node.channels, node.image_size).float().div(255)
+    about = {"model": f"images in {Path(folder).name}", "samples": str(Path(folder).resolve()), "weights": "-",
+             "sampling": {}, "overrides": []}
+    return measure(fake, None, node, about, out_dir, cfg, device, inception)
+
+
+def measure(fake: torch.Tensor, labels, dataset: DictConfig, about: dict, out_dir: Path, cfg: DictConfig, device,
+            inception=None) -> dict:
+    """The quality report of images ``fake`` [N, C, H, W] in [0, 1] (drawn for ``labels`` when conditional)
+    against the test split of ``dataset``: report.json, report.md, classes.png, samples.png."""
     try:
-        stick = classifier_for(train_cfg.dataset, device)
+        stick = classifier_for(dataset, device)
     except NoClassifier as e:
         if inception is None:
             raise GenlabError(f"{e} Give inception_weights=PATH (see README) for the standard Inception FID, "
                               "which needs no labels.") from e
         log.warning("%s Reporting the Inception FID alone.", e)
         stick = None
-    classes = train_cfg.dataset.get("classes")
-    ref = test_split(train_cfg, classes=classes)
-    g = torch.Generator().manual_seed(cfg.seed)
-    n = cfg.n_samples
-    labels = balanced_labels(n, model.num_classes)
-    compile_for_sampling(model, n, settings, cfg.compile)
-    torch.manual_seed(cfg.seed)  # the noise a stochastic sampler draws as it goes
-    with torch.inference_mode(), autocast(device, resolve_precision(cfg.precision, device)):
-        fake = torch.cat([model.sample(len(idx), labels[idx] if labels is not None else None, g, **settings)
-                          .float().clamp(0, 1).cpu() for idx in tqdm(torch.arange(n).split(cfg.batch_size),
-                                                                     desc="sampling", unit="batch", disable=None)])
-    report = {"task": "quality", "model": type(model).__name__, "dataset": ref.name,
-              "checkpoint": str(checkpoint.resolve(ckpt)), "step": int(state["step"]), "weights": state["weights"],
-              "sampling": settings, "overrides": run_overrides(ckpt),
-              "protocol": {"n_samples": n, "seed": cfg.seed,
+    classes = dataset.get("classes")
+    ref = test_split(OmegaConf.create({"dataset": dataset}), classes=classes)
+    report = {"task": "quality", **about, "dataset": ref.name,
+              "protocol": {"n_samples": len(fake), "seed": cfg.seed,
                            "reference": f"{ref.name} test split, {len(ref)} images" + (f", classes {list(classes)}" if classes else "")}}
     if stick is not None:
         net, info = stick
@@ -333,7 +363,7 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None)
     (out_dir / "report.md").write_text(quality_markdown(report))
     if stick is not None:
         plots.class_histogram(report["class_histogram"], report["reference_class_histogram"], out_dir / "classes.png",
-                              f"{report['model']} samples vs {ref.name} test images")
+                              f"{report['model']} vs {ref.name} test images")
     save_grid(fake[:64], out_dir / "samples.png", 8)
     return report
 
@@ -388,5 +418,5 @@ def quality_markdown(r: dict) -> str:
     if r["sampling"]:
         lines += ["", "Sampling settings: " + ", ".join(f"{k}={v}" for k, v in r["sampling"].items())]
     lines += ["", "Protocol:", ""] + [f"- {k}: {v}" for k, v in p.items()]
-    lines += ["", f"Checkpoint: `{r['checkpoint']}` (step {r['step']})"]
+    lines += ["", f"Checkpoint: `{r['checkpoint']}` (step {r['step']})" if "checkpoint" in r else f"Images: `{r['samples']}`"]
     return "\n".join(lines) + "\n"

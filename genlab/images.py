@@ -1,4 +1,4 @@
-"""Pictures of image batches: a grid of images as one PNG."""
+"""Images to and from files: a grid as one PNG, a folder of PNGs, a folder read back."""
 
 import math
 from pathlib import Path
@@ -19,5 +19,48 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
     for i, image in enumerate(images):
         r, col = divmod(i, nrow)
         grid[:, p + r * (h + p):p + r * (h + p) + h, p + col * (w + p):p + col * (w + p) + w] = image
-    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    pixels = to_uint8(grid).permute(1, 2, 0).numpy()
     Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(Path(path))
+
+
+def write_pngs(images: torch.Tensor, folder, labels: torch.Tensor | None = None) -> None:
+    """Images [N, C, H, W] in [0, 1] as ``folder/000000.png``, ... (grey or RGB, 8 bits), and ``samples.npz``
+    beside them: ``images`` uint8 [N, H, W, C] and, when given, ``labels`` [N]. torch-fidelity, clean-fid and
+    pytorch-fid read such a folder."""
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{i:06d}.png")
+    arrays = {"images": pixels} if labels is None else {"images": pixels, "labels": labels.cpu().numpy()}
+    np.savez_compressed(folder.parent / "samples.npz", **arrays)
+
+
+def read_images(folder, channels: int, size: int) -> torch.Tensor:
+    """The images of a folder (png, jpg, ...) as uint8 [N, C, H, W]: grey for 1 channel, RGB for 3; every image
+    must be ``size`` x ``size``."""
+    from genlab.data import IMAGE_SUFFIXES
+    from genlab.errors import GenlabError
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise GenlabError(f"samples={folder} is not a folder of images.")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise GenlabError(f"samples={folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    images = []
+    for p in paths:
+        with Image.open(p) as im:
+            if im.size != (size, size):
+                raise GenlabError(f"{p} is {im.size[0]}x{im.size[1]}, but the dataset's images are {size}x{size} "
+                                  "(set dataset.image_size, or resize the samples).")
+            im = im.convert("L" if channels == 1 else "RGB")
+            images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, channels))
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats to 8-bit values, rounding to nearest, on the CPU."""
+    return images.detach().float().cpu().clamp(0, 1).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)

@@ -9,11 +9,13 @@ from omegaconf import DictConfig
 from genlab import plots, schema
 from genlab.build import check_sampling, compile_for_sampling, load_model, test_split
 from genlab.device import autocast, resolve_device, resolve_precision
-from genlab.images import save_grid
+from genlab.images import save_grid, write_pngs
 from genlab.errors import GenlabError
 from genlab.models.base import balanced_labels, grid_labels
 
 log = logging.getLogger(__name__)
+
+GRID_MAX = 256  # grid.png shows at most this many of the samples
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -43,27 +45,45 @@ def sample_labels(model, n: int | None, labels) -> tuple[torch.Tensor | None, in
 
 
 @torch.inference_mode()
+def draw(model, n: int | None = None, labels=None, seed: int = 0, precision: str = "auto", compile="auto",
+         **settings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images [n, C, H, W] in [0, 1] on the CPU, their labels or None), as `genlab sample` draws them: ``labels``
+    cycled to ``n`` (a conditional model without labels: a row per class), ``settings`` the model's sampling
+    settings, the same ``seed`` the same images."""
+    check_sampling(model, settings, labels, command="sample")
+    labels, n, _ = sample_labels(model, n, labels)
+    device = next(model.parameters()).device
+    compile_for_sampling(model, n, settings, compile)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the noise a stochastic sampler draws as it goes
+    with autocast(device, resolve_precision(precision, device)):
+        x = model.sample(n, labels, g, **settings).float().cpu()
+    return x, labels
+
+
+@torch.inference_mode()
 def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
+    if cfg.format not in ("pt", "png"):
+        raise GenlabError(f"format={cfg.format} is not one of pt, png.")
     device = resolve_device(cfg.device)
     model, train_cfg, state = load_model(cfg.ckpt, device, ema=cfg.ema)
     settings = schema.sampling_overrides(cfg, "sample")
-    check_sampling(model, settings, cfg.labels, command="sample")
     log.info("%s from %s (step %d, %s weights)%s", type(model).__name__, cfg.ckpt, state["step"], state["weights"],
              "".join(f", {k}={v}" for k, v in settings.items()))
-    g = torch.Generator().manual_seed(cfg.seed)
-
-    torch.manual_seed(cfg.seed)  # the noise a stochastic sampler draws as it goes
+    x, labels = draw(model, cfg.n, cfg.labels, cfg.seed, cfg.precision, cfg.compile, **settings)
+    nrow = sample_labels(model, cfg.n, cfg.labels)[2]
+    save_grid(x[:GRID_MAX], run_dir / "grid.png", nrow)
+    if cfg.format == "png":
+        write_pngs(x, run_dir / "samples", labels)
+        written = ["grid.png", f"samples/ ({len(x)} PNG files)", "samples.npz"]
+    else:
+        torch.save(x, run_dir / "samples.pt")
+        written = ["grid.png", "samples.pt"]
+        if labels is not None:
+            torch.save(labels, run_dir / "labels.pt")
+            written.append("labels.pt")
     precision = autocast(device, resolve_precision(cfg.precision, device))
-    labels, n, nrow = sample_labels(model, cfg.n, cfg.labels)
-    compile_for_sampling(model, n, settings, cfg.compile)
-    with precision:
-        x = model.sample(n, labels, g, **settings).float().cpu()  # [n, C, H, W] in [0, 1]
-    save_grid(x, run_dir / "grid.png", nrow)
-    torch.save(x, run_dir / "samples.pt")
-    written = ["grid.png", "interpolation.png", "samples.pt"]
-    if labels is not None:
-        torch.save(labels, run_dir / "labels.pt")
-        written.append("labels.pt")
+    g = torch.Generator().manual_seed(cfg.seed + 1)
 
     rows, steps = cfg.interp_rows, cfg.interp_steps
     z0, z1 = model.latent(rows, g), model.latent(rows, g)
@@ -73,6 +93,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     with precision:
         walks = model.generate(z.to(device), row_labels, **settings).float().cpu()
     save_grid(walks, run_dir / "interpolation.png", steps)
+    written.append("interpolation.png")
 
     if hasattr(model, "encode"):  # models with an encoder: reconstructions and the latent map
         test = test_split(train_cfg, cfg.dataset_root)

@@ -68,6 +68,7 @@ class FromCheckpointSchema:
 
 @dataclass
 class SampleSchema(FromCheckpointSchema):
+    format: str = MISSING
     n: Optional[int] = MISSING
     labels: Optional[list[int]] = MISSING
     interp_rows: int = MISSING
@@ -78,6 +79,9 @@ class SampleSchema(FromCheckpointSchema):
 
 @dataclass
 class EvaluateSchema(FromCheckpointSchema):
+    ckpt: Optional[str] = MISSING
+    samples: Optional[str] = MISSING
+    dataset: Any = None  # with samples=DIR
     task: str = MISSING
     score: Optional[str] = MISSING
     normal_classes: Optional[list[int]] = MISSING

@@ -1,5 +1,5 @@
 """What the core gives a next model: the step API, schedules, EMA, sampling settings and labels, losses as
-config targets, callbacks; and a model defined only in this test suite (tests/plugins), run through the
+config targets, callbacks; and a model from outside genlab (examples/plugin), run through the
 real commands."""
 
 import csv
@@ -24,7 +24,7 @@ from genlab.trainer import StepContext
 from conftest import genlab, make_trainer
 from test_reliability import tensors
 
-PLUGINS = Path(__file__).parent / "plugins"
+PLUGINS = Path(__file__).resolve().parent.parent / "examples" / "plugin"
 PLUGIN_ENV = {"PYTHONPATH": str(PLUGINS)}
 SEARCHPATH = f"hydra.searchpath=[file://{PLUGINS / 'configs'}]"
 TOY = ["experiment=toy_cond", SEARCHPATH, "dataset=synthetic", "dataset.n=96", "trainer.batch_size=32",

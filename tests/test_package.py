@@ -1,0 +1,124 @@
+"""genlab as a user installs it: a wheel in a fresh virtual environment with no checkout on the path, run
+from an empty folder, with the examples/ plug-in; samples written as PNG files and read back; a folder
+of images measured with evaluate samples=DIR."""
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from genlab.data import mnist
+
+from conftest import SHARED_DATA, genlab
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["dataset=synthetic", "dataset.n=64", "trainer.batch_size=32", "trainer.max_steps=2", "device=cpu",
+         "trainer.n_samples=4"]
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A virtual environment with genlab installed from a wheel built from this checkout; its dependencies
+    (torch and the rest) are this environment's, reached through a .pth file, so nothing is downloaded."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"  # a copy: building in the checkout would leave build/ and egg-info there
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "build", "*.egg-info",
+                                                             "__pycache__", "tests", "docs", "scripts"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(src)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    wheel = next((tmp / "dist").glob("genlab-*.whl"))
+    env = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    python = env / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    packages = [p for p in sys.path if p.endswith("site-packages")] or [sysconfig.get_paths()["purelib"]]
+    Path(site, "dependencies.pth").write_text("\n".join(packages) + "\n")
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return env
+
+
+def run(env: Path, *args, cwd: Path):
+    """A command of the wheel's environment, from ``cwd``, with no PYTHONPATH."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
+    clean["PATH"] = f"{env / 'bin'}:{clean['PATH']}"
+    return subprocess.run(list(args), cwd=cwd, env=clean, capture_output=True, text=True, timeout=600)
+
+
+def test_the_wheel_trains_samples_and_evaluates_from_an_empty_folder(venv, tmp_path):
+    where = run(venv, "python", "-c", "import genlab, genlab.cli; print(genlab.__file__, genlab.cli.CONFIG_DIR)",
+                cwd=tmp_path)
+    assert where.returncode == 0 and str(ROOT) not in where.stdout and str(venv) in where.stdout, where.stdout
+    r = run(venv, "genlab", "--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("genlab ")
+    r = run(venv, "genlab", "train", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "model: dcgan, ddpm, flow, gan, vae" in r.stdout
+    r = run(venv, "genlab", "train", "model=vae", "dataset.classes=[0]", *SMALL, "hydra.run.dir=run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run(venv, "genlab", "sample", "ckpt=run", "n=10", "format=png", "hydra.run.dir=s", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    files = sorted((tmp_path / "s" / "samples").glob("*.png"))
+    assert [f.name for f in files[:2]] == ["000000.png", "000001.png"] and len(files) == 10
+    images = [torchvision.io.decode_image(str(f)) for f in files]  # what torch-fidelity and friends read
+    assert all(x.shape == (1, 28, 28) and x.dtype == torch.uint8 for x in images)
+    arrays = np.load(tmp_path / "s" / "samples.npz")
+    assert arrays["images"].shape == (10, 28, 28, 1) and np.array_equal(arrays["images"][0, ..., 0], images[0][0].numpy())
+    r = run(venv, "genlab", "evaluate", "ckpt=run", "hydra.run.dir=e", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["normal_classes"] == [0]
+    api = ("import genlab.api as gl; x, y = gl.sample('run', n=3); "
+           "print(tuple(x.shape), gl.compose('train', ['model=ddpm']).model._target_)")
+    r = run(venv, "python", "-c", api, cwd=tmp_path)
+    assert r.returncode == 0 and "(3, 1, 28, 28) genlab.models.DDPM" in r.stdout, r.stderr
+
+
+def test_the_example_plugin_from_its_own_folder(venv, tmp_path):
+    """The user's own model, loss and configs: --config-dir for the configs, the current folder for the modules."""
+    plugin = tmp_path / "plugin"
+    shutil.copytree(ROOT / "examples" / "plugin", plugin)
+    r = run(venv, "genlab", "train", "--config-dir", "configs", "experiment=toy_cond", *SMALL, "hydra.run.dir=run",
+            cwd=plugin)
+    assert r.returncode == 0, r.stderr
+    r = run(venv, "genlab", "sample", "ckpt=run", "labels=[3,7]", "temperature=0.5", "hydra.run.dir=s", cwd=plugin)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(plugin / "s" / "samples.pt", weights_only=True).shape == (2, 1, 28, 28)
+    r = run(venv, "genlab", "train", "--config-dir", "configs", "model=gan", "loss=user_softplus", *SMALL,
+            "hydra.run.dir=run2", cwd=plugin)
+    assert r.returncode == 0, r.stderr
+    r = run(venv, "genlab", "train", "model._target_=toy_cond.Missing", *SMALL, cwd=tmp_path)
+    assert r.returncode == 1 and "cannot import toy_cond.Missing" in r.stderr and "current directory" in r.stderr
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not in ../shared/data")
+def test_evaluate_a_folder_of_images(tmp_path):
+    """Real MNIST test images measured as samples: an FID near 0 against the test split; noise: a large one."""
+    test = mnist(SHARED_DATA, train=False, download=False)
+    for name, images in (("real", test.images[:2000]),
+                         ("noise", torch.randint(0, 256, (500, 1, 28, 28), generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.uint8))):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image[0].numpy()).save(tmp_path / name / f"{i:06d}.png")
+    fids = {}
+    for name in ("real", "noise"):
+        r = genlab("evaluate", "task=quality", f"samples={tmp_path / name}", "dataset=mnist",
+                   f"dataset.root={SHARED_DATA}", "dataset.download=false", f"hydra.run.dir={tmp_path / ('e' + name)}",
+                   cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        fids[name] = json.loads((tmp_path / f"e{name}" / "report.json").read_text())["fid"]
+    assert fids["real"] < 1.0 and fids["noise"] > 100 * fids["real"], fids
+    r = genlab("evaluate", "task=quality", f"samples={tmp_path / 'real'}", cwd=tmp_path)
+    assert r.returncode == 1 and "dataset=mnist" in r.stderr
