@@ -3,6 +3,7 @@ from an empty folder, with the examples/ plug-in; samples written as PNG files a
 of images measured with evaluate samples=DIR."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,12 +50,11 @@ def venv(tmp_path_factory) -> Path:
     return env
 
 
-def run(env: Path, *args, cwd: Path):
+def run(env: Path, *args, cwd: Path, extra_env=None):
     """A command of the wheel's environment, from ``cwd``, with no PYTHONPATH."""
-    import os
-
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
     clean["PATH"] = f"{env / 'bin'}:{clean['PATH']}"
+    clean.update(extra_env or {})
     return subprocess.run(list(args), cwd=cwd, env=clean, capture_output=True, text=True, timeout=600)
 
 
@@ -66,6 +66,8 @@ def test_the_wheel_trains_samples_and_evaluates_from_an_empty_folder(venv, tmp_p
     assert r.returncode == 0 and r.stdout.startswith("genlab ")
     r = run(venv, "genlab", "train", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "model: dcgan, ddpm, flow, gan, vae" in r.stdout
+    r = run(venv, "genlab", "-sc", "query=bash", cwd=tmp_path, extra_env={"COMP_LINE": "genlab train model=dd"})
+    assert r.returncode == 0 and "model=ddpm" in r.stdout, r.stderr  # completion reads the packaged configs
     r = run(venv, "genlab", "train", "model=vae", "dataset.classes=[0]", *SMALL, "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = run(venv, "genlab", "sample", "ckpt=run", "n=10", "format=png", "hydra.run.dir=s", cwd=tmp_path)
