@@ -106,9 +106,10 @@ def test_the_example_plugin_from_its_own_folder(venv, tmp_path):
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not in ../shared/data")
 def test_evaluate_a_folder_of_images(tmp_path):
-    """Real MNIST test images measured as samples: an FID near 0 against the test split; noise: a large one."""
+    """The MNIST test split written as PNG files and measured as samples: an FID near 0 against the test split
+    (any change to the pixels on the way, a flip, a scale, a channel, moves it away); noise: a large one."""
     test = mnist(SHARED_DATA, train=False, download=False)
-    for name, images in (("real", test.images[:2000]),
+    for name, images in (("real", test.images),
                          ("noise", torch.randint(0, 256, (500, 1, 28, 28), generator=torch.Generator().manual_seed(0),
                                                  dtype=torch.uint8))):
         (tmp_path / name).mkdir()
@@ -121,6 +122,6 @@ def test_evaluate_a_folder_of_images(tmp_path):
                    cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         fids[name] = json.loads((tmp_path / f"e{name}" / "report.json").read_text())["fid"]
-    assert fids["real"] < 1.0 and fids["noise"] > 100 * fids["real"], fids
+    assert fids["real"] < 0.01 and fids["noise"] > 100, fids
     r = genlab("evaluate", "task=quality", f"samples={tmp_path / 'real'}", cwd=tmp_path)
     assert r.returncode == 1 and "dataset=mnist" in r.stderr
