@@ -7,6 +7,7 @@
     report = gl.evaluate(run, ["task=quality", "n_samples=2000"])
 """
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from genlab.sample import draw
 
 def compose(verb: str = "train", overrides=(), config_dir=None) -> DictConfig:
     """The config `genlab VERB OVERRIDES...` runs, composed the same way. ``config_dir``: a folder of your own
-    configs, searched as `--config-dir` and `hydra.searchpath` search it."""
+    configs, as `--config-dir DIR` gives it (searched after genlab's: give your files names of their own)."""
     schema.register()
     overrides = [schema.free_keys(verb, o) for o in overrides]
     if config_dir is not None:
@@ -54,17 +55,24 @@ def load(ckpt, device: str = "auto", ema: bool = True) -> GenerativeModel:
     return load_model(ckpt, resolve_device(device), ema=ema)[0]
 
 
-def sample(model, n: int | None = None, labels=None, seed: int = 0, precision: str = "auto", **settings):
+def sample(model, n: int | None = None, labels=None, seed: int = 0, precision: str = "auto", compile: str = "auto",
+           batch_size: int = 250, **settings):
     """(images [n, C, H, W] in [0, 1], labels or None) from a model or a run, as `genlab sample` draws them;
     ``settings``: the model's sampling settings (steps=20, guidance=3, ...)."""
     if not isinstance(model, torch.nn.Module):
         model = load(model)
-    return draw(model, n, labels, seed, precision, "false", **settings)
+    return draw(model, n, labels, seed, precision, compile, batch_size, **settings)
 
 
 def _run(verb: str, overrides, run_dir, config_dir) -> Path:
     cfg = compose(verb, overrides, config_dir)
-    run_dir = Path(run_dir or Path("outputs") / verb / time.strftime("%Y-%m-%d/%H-%M-%S")).expanduser()
+    if run_dir is None:  # outputs/VERB/DATE/TIME, as the command names it; a second run in the same second gets _1
+        run_dir = base = Path("outputs") / verb / time.strftime("%Y-%m-%d/%H-%M-%S")
+        for i in itertools.count(1):
+            if not run_dir.exists():
+                break
+            run_dir = base.with_name(f"{base.name}_{i}")
+    run_dir = Path(run_dir).expanduser()
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)  # as the command writes it: evaluate reads the overrides
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")

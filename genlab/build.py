@@ -6,6 +6,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 import types
 import typing
 
@@ -96,14 +97,17 @@ def _fits(value, t) -> bool:
 
 
 def locate(path: str):
-    """The class or function a dotted path names (``genlab.models.GAN``, ``my_module.MyModel``)."""
+    """The class or function a dotted path names (``genlab.models.GAN``, ``my_module.MyModel``): from the
+    installed packages, PYTHONPATH, or the current directory."""
+    if os.getcwd() not in sys.path:  # the user's own modules, after the standard library and installed ones
+        sys.path.append(os.getcwd())
     parts = path.split(".")
     for i in range(len(parts), 0, -1):
         module = ".".join(parts[:i])
         try:
             obj = importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if e.name is None or not module.startswith(e.name):
+            if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
                 raise  # the module exists but needs one that does not
             continue
         for attr in parts[i:]:

@@ -8,7 +8,17 @@ from pathlib import Path
 
 from genlab import __version__, schema
 
-CONFIG_DIR = Path(str(importlib.resources.files("genlab.configs")))  # configs/ of the checkout, or of the wheel
+
+
+def _config_dir() -> Path:
+    """configs/ of the checkout (an editable install maps genlab.configs to it), or of the wheel."""
+    try:
+        return Path(str(importlib.resources.files("genlab.configs")))
+    except ModuleNotFoundError:  # an editable install from before configs became genlab.configs, or a bare checkout
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 # verb -> (module with run(cfg, run_dir, overrides), one-line description); config: configs/<verb>.yaml
 VERBS = {
@@ -37,8 +47,6 @@ options:
 
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    if os.getcwd() not in sys.path:  # your own modules in the current directory, as `python -m` finds them
-        sys.path.insert(0, os.getcwd())
     if args[:1] in (["-sc"], ["--shell-completion"]):
         verb = _completion_verb(args)
         if verb is None:

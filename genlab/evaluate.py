@@ -14,16 +14,15 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-from tqdm import tqdm
 
 from genlab import checkpoint, metrics, plots, schema
-from genlab.build import check_sampling, compile_for_sampling, load_model, test_split
+from genlab.build import check_sampling, load_model, test_split
 from genlab.classifier import NoClassifier, classifier_for, predict
-from genlab.device import autocast, resolve_device, resolve_precision
+from genlab.device import resolve_device
 from genlab.errors import GenlabError
 from genlab.images import read_images, save_grid
 from genlab.inception import inception_features, load_inception
-from genlab.models.base import balanced_labels
+from genlab.sample import draw
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     if cfg.samples is not None:
         if cfg.task != "quality":
             raise GenlabError("samples=DIR is measured with task=quality.")
+        if cfg.ckpt is not None:
+            raise GenlabError("give ckpt=RUN (genlab draws the samples) or samples=DIR (a folder of images), not both.")
         log.info("%s", headline(folder_report(cfg.samples, run_dir, cfg, device, inception)))
         return
     if cfg.ckpt is None:
         raise GenlabError("genlab evaluate needs ckpt=RUN (a run, a checkpoint or a multirun directory), or "
                           "task=quality samples=DIR dataset=NAME for a folder of images.")
+    if cfg.get("dataset") is not None:
+        raise GenlabError("dataset= names the test split for samples=DIR; with ckpt= the run's own dataset is used "
+                          "(dataset_root=PATH if it has moved).")
     runs = sweep_runs(Path(cfg.ckpt).expanduser())
     if runs is None:
         log.info("%s", headline(report_of(cfg.ckpt, run_dir, cfg, device)))
@@ -292,18 +296,10 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None)
     model draws every class equally often, and the report says how often the classifier sees the class asked for."""
     model, train_cfg, state = load_model(ckpt, device, ema=cfg.ema)
     settings = schema.sampling_overrides(cfg, "evaluate")
-    check_sampling(model, settings, command="evaluate")
     if cfg.dataset_root is not None:
         train_cfg.dataset.root = cfg.dataset_root
-    n = cfg.n_samples
-    labels = balanced_labels(n, model.num_classes)
-    compile_for_sampling(model, n, settings, cfg.compile)
-    g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the noise a stochastic sampler draws as it goes
-    with torch.inference_mode(), autocast(device, resolve_precision(cfg.precision, device)):
-        fake = torch.cat([model.sample(len(idx), labels[idx] if labels is not None else None, g, **settings)
-                          .float().clamp(0, 1).cpu() for idx in tqdm(torch.arange(n).split(cfg.batch_size),
-                                                                     desc="sampling", unit="batch", disable=None)])
+    fake, labels = draw(model, cfg.n_samples, None, cfg.seed, cfg.precision, cfg.compile, cfg.batch_size,
+                        command="evaluate", **settings)
     about = {"model": type(model).__name__, "checkpoint": str(checkpoint.resolve(ckpt)), "step": int(state["step"]),
              "weights": state["weights"], "sampling": settings, "overrides": run_overrides(ckpt)}
     return measure(fake, labels, train_cfg.dataset, about, out_dir, cfg, device, inception)

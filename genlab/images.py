@@ -1,10 +1,13 @@
 """Images to and from files: a grid as one PNG, a folder of PNGs, a folder read back."""
 
+import logging
 import math
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
@@ -31,6 +34,8 @@ def write_pngs(images: torch.Tensor, folder, labels: torch.Tensor | None = None)
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # a folder written before: leave no stale samples
+        old.unlink()
     pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
     for i, image in enumerate(pixels):
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{i:06d}.png")
@@ -39,24 +44,31 @@ def write_pngs(images: torch.Tensor, folder, labels: torch.Tensor | None = None)
 
 
 def read_images(folder, channels: int, size: int) -> torch.Tensor:
-    """The images of a folder (png, jpg, ...) as uint8 [N, C, H, W]: grey for 1 channel, RGB for 3; every image
-    must be ``size`` x ``size``."""
+    """The images of a folder (png, jpg, ...) as uint8 [N, C, H, W]: grey for 1 channel, RGB for 3 (others are
+    converted, with a warning); every image must be ``size`` x ``size``. A `genlab sample format=png` run
+    directory stands for its ``samples/`` folder."""
     from genlab.data import IMAGE_SUFFIXES
     from genlab.errors import GenlabError
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise GenlabError(f"samples={folder} is not a folder of images.")
+    if (folder / "samples").is_dir() and (folder / "samples.npz").is_file():
+        folder = folder / "samples"
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise GenlabError(f"samples={folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    images = []
+    images, warned = [], False
     for p in paths:
         with Image.open(p) as im:
             if im.size != (size, size):
                 raise GenlabError(f"{p} is {im.size[0]}x{im.size[1]}, but the dataset's images are {size}x{size} "
                                   "(set dataset.image_size, or resize the samples).")
-            im = im.convert("L" if channels == 1 else "RGB")
+            mode = "L" if channels == 1 else "RGB"
+            if im.mode != mode and not warned:
+                warned = True
+                log.warning("%s is %s, the dataset's images are %s: converting it and any other such image", p, im.mode, mode)
+            im = im.convert(mode)
             images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, channels))
     return torch.stack(images).permute(0, 3, 1, 2).contiguous()
 

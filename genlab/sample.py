@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from genlab import plots, schema
 from genlab.build import check_sampling, compile_for_sampling, load_model, test_split
@@ -46,18 +47,23 @@ def sample_labels(model, n: int | None, labels) -> tuple[torch.Tensor | None, in
 
 @torch.inference_mode()
 def draw(model, n: int | None = None, labels=None, seed: int = 0, precision: str = "auto", compile="auto",
-         **settings) -> tuple[torch.Tensor, torch.Tensor | None]:
+         batch_size: int = 250, command: str = "sample", **settings) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images [n, C, H, W] in [0, 1] on the CPU, their labels or None), as `genlab sample` draws them: ``labels``
-    cycled to ``n`` (a conditional model without labels: a row per class), ``settings`` the model's sampling
-    settings, the same ``seed`` the same images."""
-    check_sampling(model, settings, labels, command="sample")
+    cycled to ``n`` (a conditional model without labels: a row per class, or with ``n``: every class equally
+    often), ``batch_size`` images at a time, ``settings`` the model's sampling settings, the same ``seed`` the
+    same images."""
+    if batch_size < 1:
+        raise GenlabError(f"batch_size must be at least 1; got {batch_size}.")
+    check_sampling(model, settings, labels, command=command)
     labels, n, _ = sample_labels(model, n, labels)
-    device = next(model.parameters()).device
     compile_for_sampling(model, n, settings, compile)
+    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the noise a stochastic sampler draws as it goes
+    batches = torch.arange(n).split(batch_size)
     with autocast(device, resolve_precision(precision, device)):
-        x = model.sample(n, labels, g, **settings).float().cpu()
+        x = torch.cat([model.sample(len(i), None if labels is None else labels[i], g, **settings).float().clamp(0, 1).cpu()
+                       for i in tqdm(batches, desc="sampling", unit="batch", disable=None if len(batches) > 1 else True)])
     return x, labels
 
 
@@ -70,8 +76,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     settings = schema.sampling_overrides(cfg, "sample")
     log.info("%s from %s (step %d, %s weights)%s", type(model).__name__, cfg.ckpt, state["step"], state["weights"],
              "".join(f", {k}={v}" for k, v in settings.items()))
-    x, labels = draw(model, cfg.n, cfg.labels, cfg.seed, cfg.precision, cfg.compile, **settings)
-    nrow = sample_labels(model, cfg.n, cfg.labels)[2]
+    x, labels = draw(model, cfg.n, cfg.labels, cfg.seed, cfg.precision, cfg.compile, cfg.batch_size, **settings)
+    nrow = sample_labels(model, min(len(x), GRID_MAX) if cfg.n else None, cfg.labels)[2]
     save_grid(x[:GRID_MAX], run_dir / "grid.png", nrow)
     if cfg.format == "png":
         write_pngs(x, run_dir / "samples", labels)

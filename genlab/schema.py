@@ -64,6 +64,7 @@ class FromCheckpointSchema:
     ema: bool = MISSING
     precision: str = MISSING
     compile: str = MISSING  # auto | true | false
+    batch_size: int = MISSING
 
 
 @dataclass
@@ -86,7 +87,6 @@ class EvaluateSchema(FromCheckpointSchema):
     score: Optional[str] = MISSING
     normal_classes: Optional[list[int]] = MISSING
     n_samples: int = MISSING
-    batch_size: int = MISSING
     inception_weights: Optional[str] = MISSING
 
 

@@ -1,7 +1,6 @@
 """The real `genlab` command, in a subprocess: the files a run writes, sweeps, resume, and errors."""
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch

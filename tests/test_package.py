@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,12 @@ import torch
 import torchvision
 from PIL import Image
 
+from genlab.build import build_model
 from genlab.data import mnist
+from genlab.images import read_images, to_uint8, write_pngs
+from genlab.sample import draw
 
-from conftest import SHARED_DATA, genlab
+from conftest import SHARED_DATA, compose_train, genlab
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["dataset=synthetic", "dataset.n=64", "trainer.batch_size=32", "trainer.max_steps=2", "device=cpu",
@@ -37,6 +41,8 @@ def venv(tmp_path_factory) -> Path:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     wheel = next((tmp / "dist").glob("genlab-*.whl"))
+    shipped = {n.removeprefix("genlab/configs/") for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    assert shipped == {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")}
     env = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
     python = env / "bin" / "python"
@@ -125,3 +131,28 @@ def test_evaluate_a_folder_of_images(tmp_path):
     assert fids["real"] < 0.01 and fids["noise"] > 100, fids
     r = genlab("evaluate", "task=quality", f"samples={tmp_path / 'real'}", cwd=tmp_path)
     assert r.returncode == 1 and "dataset=mnist" in r.stderr
+
+
+def test_samples_drawn_in_batches_written_and_read_back(tmp_path, caplog):
+    """n images in batches of batch_size, the same for a seed; a folder written twice holds only the second
+    set; a sample run directory reads as its samples/ folder (not grid.png); another colour mode is converted
+    with a warning."""
+    model = build_model(compose_train(["model=dcgan"])).eval()
+    x, labels = draw(model, n=10, batch_size=4, compile="false", precision="fp32")
+    again, _ = draw(model, n=10, batch_size=4, compile="false", precision="fp32", seed=0)
+    assert x.shape == (10, 1, 28, 28) and labels is None and torch.equal(x, again)
+    assert 0 <= x.min() and x.max() <= 1
+    write_pngs(x, tmp_path / "samples")
+    write_pngs(x[:3], tmp_path / "samples")
+    Image.new("L", (28, 28)).save(tmp_path / "grid.png")
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert torch.equal(read_images(tmp_path, 1, 28), to_uint8(x[:3]))
+    Image.new("RGB", (28, 28), (255, 0, 0)).save(tmp_path / "samples" / "000003.png")
+    assert read_images(tmp_path, 1, 28).shape == (4, 1, 28, 28) and "converting" in caplog.text
+
+
+def test_evaluate_refuses_a_checkpoint_with_a_folder_or_a_dataset(tmp_path):
+    r = genlab("evaluate", "task=quality", "ckpt=run", "samples=s", cwd=tmp_path)
+    assert r.returncode == 1 and "not both" in r.stderr
+    r = genlab("evaluate", "task=quality", "ckpt=run", "dataset=mnist", cwd=tmp_path)
+    assert r.returncode == 1 and "the run's own dataset" in r.stderr

@@ -1,7 +1,6 @@
 """Exact resume, safe checkpoint loading, interruption and divergence: each shown failing without its guard."""
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
