@@ -12,7 +12,7 @@ class VAE(GenerativeModel):
     """``encoder(x) -> (mu, logvar)``; ``decoder(z) -> pixel logits``; trained on ``loss``, the negative
     ELBO with a Bernoulli or Gaussian likelihood."""
 
-    scores = ("elbo", "recon", "mse", "mse_blur", "blur_kl")
+    scores = ("blur_kl", "elbo", "recon", "mse", "mse_blur")  # the first is the default: the best on MNIST and Fashion-MNIST
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, loss: ELBO):
         super().__init__()
