@@ -409,8 +409,11 @@ def quality_markdown(r: dict) -> str:
              "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     if "class_histogram" in r:
-        lines += ["", "| class | samples | reference images |", "|---|---|---|"]
-        lines += [f"| {c} | {a} | {b} |" for c, (a, b) in enumerate(zip(r["class_histogram"], r["reference_class_histogram"]))]
+        asked = r.get("class_accuracy_per_class")  # conditional: of the samples asked for class c, the share seen as c
+        lines += ["", "| class | samples | reference images |" + (" drawn as the class asked for |" if asked else ""),
+                  "|---|---|---|" + ("---|" if asked else "")]
+        lines += [f"| {c} | {a} | {b} |" + (f" {asked[c]:.3f} |" if asked and c < len(asked) else "")
+                  for c, (a, b) in enumerate(zip(r["class_histogram"], r["reference_class_histogram"]))]
     if r["sampling"]:
         lines += ["", "Sampling settings: " + ", ".join(f"{k}={v}" for k, v in r["sampling"].items())]
     lines += ["", "Protocol:", ""] + [f"- {k}: {v}" for k, v in p.items()]

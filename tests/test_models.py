@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from genlab.build import build_model
+from genlab.build import build_model, load_model
 from genlab.data import Batch
 from genlab.errors import GenlabError
 from genlab.losses import BCE, gradient_penalty
@@ -18,7 +18,7 @@ from conftest import compose_train, first_batch, make_trainer
 
 CASES = [
     ("gan", "bce"), ("gan", "minimax"), ("gan", "wasserstein"), ("gan", "hinge"), ("gan", "lsgan"),
-    ("dcgan", "bce"), ("dcgan", "wasserstein"), ("dcgan", "hinge"),
+    ("dcgan", "bce"), ("dcgan", "wasserstein"), ("dcgan", "hinge"), ("cgan", "bce"), ("cgan", "wasserstein"),
     ("vae", "elbo"), ("vae", "elbo mse"),
 ]
 SHAPES = [(1, 28), (3, 32)]
@@ -47,7 +47,7 @@ def test_training_step_changes_every_part(model, loss, channels, size, tmp_path)
     if loss in ("wasserstein", "hinge"):
         # E[D(fake)] - E[D(real)] does not depend on the critic's last bias; hinge reduces to it
         # while every logit is inside the margin, as at initialisation
-        last_bias = [k for k, _ in m.d.named_parameters()][-1]
+        last_bias = [k for k, _ in m.d.named_parameters() if k.endswith("bias")][-1]
         assert unchanged == [f"d.{last_bias}"]
     else:
         assert not unchanged, f"not updated by one step: {unchanged}"
@@ -161,3 +161,23 @@ def test_discriminator_passes_fit_its_batch_statistics(batch_norm):
         assert not torch.equal(stats["d"][0], torch.zeros(32))  # while the discriminator step did move them
     else:
         assert sizes == [16, 8]
+
+
+def test_cgan_draws_each_label_and_its_critic_reads_the_label(tmp_path):
+    """The conditional DCGAN: samples of the right shape and range for given labels, the class changes the
+    image, the discriminator's logit depends on the label through its projection head, and its checkpoint
+    rebuilds a model that draws the same pictures."""
+    m, trainer, batch = setup("cgan", "bce", 1, 28, tmp_path, "fp32", "trainer.max_steps=2")
+    trainer.fit()
+    m.eval()
+    labels = torch.tensor([0, 1, 2, 3])
+    x = m.sample(4, labels, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 1, 28, 28) and x.min() >= 0 and x.max() <= 1
+    same_z = m.generate(torch.randn(1, m.z_dim).expand(2, -1), torch.tensor([0, 1]))
+    assert not torch.allclose(same_z[0], same_z[1])
+    d = m.logits(batch.x[:1].expand(2, -1, -1, -1) * 2 - 1, torch.tensor([0, 1]))
+    assert d.shape == (2,) and d[0] != d[1]
+    loaded, _, _ = load_model(tmp_path)
+    assert torch.equal(loaded.sample(4, labels, torch.Generator().manual_seed(0)), x)
+    with pytest.raises(GenlabError, match="num_classes"):
+        build_model(compose_train(["model=cgan", "model.generator.num_classes=0"]))

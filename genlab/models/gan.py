@@ -37,46 +37,66 @@ class GAN(GenerativeModel):
     discriminator sees real and fake images in one pass when it is per-sample (half the kernel launches);
     with batch norm, in separate passes, so that its generator-step pass (on fakes alone, batch statistics
     frozen) normalises as its discriminator-step pass on fakes did.
+
+    Class-conditional with ``num_classes`` > 0 (a cGAN): both networks take the labels, ``g(z, y)`` and
+    ``d(x, y)``; fakes are drawn for the real batch's labels, so each class is as common among them as in the data.
     """
 
     scores = ("critic",)
 
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, loss: GANLoss, n_critic: int = 1):
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, loss: GANLoss, n_critic: int = 1,
+                 num_classes: int = 0):
         super().__init__()
         if n_critic < 1:
             raise GenlabError(f"model.n_critic must be at least 1; got {n_critic}.")
+        for name, net in (("generator", generator), ("discriminator", discriminator)):
+            if getattr(net, "num_classes", 0) != num_classes:
+                raise GenlabError(f"model.num_classes={num_classes} but the {name} has num_classes="
+                                  f"{getattr(net, 'num_classes', 0)}; the model config passes ${{..num_classes}} to both "
+                                  "networks (model=cgan), and only the DCGAN networks take labels.")
         self.g, self.d = generator, discriminator
         self.z_dim = generator.z_dim
-        self.loss, self.n_critic = loss, n_critic
+        self.loss, self.n_critic, self.num_classes = loss, n_critic, num_classes
         self.joint = per_sample(discriminator)
 
     def optimizer_groups(self):
         return {"g": self.g.parameters(), "d": self.d.parameters()}
 
-    def critic(self, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
-        """The discriminator's logits on real and fake images, in fp32."""
+    def fakes(self, z: Tensor, y: Tensor | None) -> Tensor:
+        """The generator's images in [-1, 1]; a conditional one given no labels draws every class in turn."""
+        if not self.num_classes:
+            return self.g(z)
+        return self.g(z, torch.arange(len(z), device=z.device) % self.num_classes if y is None else y)
+
+    def logits(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """The discriminator's logits [B] in fp32 (given the labels when conditional)."""
+        return (self.d(x, y) if self.num_classes else self.d(x)).float()
+
+    def critic(self, real: Tensor, fake: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The discriminator's logits on real and fake images (both of labels ``y``), in fp32."""
         if self.joint:
-            return self.d(torch.cat([real, fake])).float().chunk(2)
-        return self.d(real).float(), self.d(fake).float()
+            return self.logits(torch.cat([real, fake]), None if y is None else torch.cat([y, y])).chunk(2)
+        return self.logits(real, y), self.logits(fake, y)
 
     def training_step(self, batch, ctx) -> dict[str, Tensor]:
         x = batch.x * 2 - 1  # the generator's Tanh range
+        y = batch.y if self.num_classes else None
         z = torch.randn(x.shape[0], self.z_dim, device=x.device)
         with ctx.autocast():
-            fake = self.g(z)
-            real_logits, fake_logits = self.critic(x, fake.detach())
+            fake = self.fakes(z, y)
+            real_logits, fake_logits = self.critic(x, fake.detach(), y)
             loss_d = self.loss.d(real_logits, fake_logits)
             if self.loss.gp_weight:
-                loss_d = loss_d + self.loss.gp_weight * gradient_penalty(self.d, x, fake.detach())
+                loss_d = loss_d + self.loss.gp_weight * gradient_penalty(lambda v: self.logits(v, y), x, fake.detach())
         ctx.backward(loss_d, "d")
         ctx.step("d")
         out = {"loss_d": loss_d.detach()}
         if ctx.step_index % self.n_critic == 0:
             with ctx.autocast(), frozen_statistics(self.d):
                 if self.loss.needs_real:
-                    real_logits, fake_logits = self.critic(x, fake)
+                    real_logits, fake_logits = self.critic(x, fake, y)
                 else:
-                    real_logits, fake_logits = None, self.d(fake).float()
+                    real_logits, fake_logits = None, self.logits(fake, y)
                 loss_g = self.loss.g(fake_logits, real_logits)
             ctx.backward(loss_g, "g")  # into the generator's weights only
             ctx.step("g")
@@ -87,8 +107,13 @@ class GAN(GenerativeModel):
         return torch.randn(n, self.z_dim, generator=generator)
 
     def generate(self, z, labels=None):
-        return (self.g(z).float() + 1) / 2
+        return (self.fakes(z, labels).float() + 1) / 2
 
     def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
-        """``critic``: minus the discriminator's logit, so images it finds unreal score high."""
-        return -self.d(x * 2 - 1).float()
+        """``critic``: minus the discriminator's logit, so images it finds unreal score high (conditional: its
+        highest logit over the classes, the class the image looks most like)."""
+        x = x * 2 - 1
+        if not self.num_classes:
+            return -self.logits(x, None)
+        y = torch.arange(self.num_classes, device=x.device)
+        return -torch.stack([self.logits(x, c.expand(len(x))) for c in y]).amax(0)
