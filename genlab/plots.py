@@ -75,6 +75,29 @@ def latent_map(points, labels, path: Path, method: str = "pca", title: str = "")
     plt.close(fig)
 
 
+def traversal(images, row_labels: list[str], values: list[float], path: Path, title: str = "") -> None:
+    """A latent traversal: images [rows, cols, C, H, W] in [0, 1], one latent dimension a row (named by
+    ``row_labels``), the offsets ``values`` along the columns."""
+    rows, cols = images.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(0.75 * cols + 1.2, 0.75 * rows + 0.6), dpi=110, squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            image = images[r, c].permute(1, 2, 0).clamp(0, 1).numpy()
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=7)
+            if r == rows - 1:
+                ax.set_xlabel(f"{round(values[c], 1) + 0.0:+.1f}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(pad=0.3, h_pad=0.1, w_pad=0.1, rect=(0, 0, 1, 0.97 if title else 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def roc(fpr, tpr, auroc: float, path: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
     ax.plot(fpr, tpr, linewidth=1.6, label=f"AUROC = {auroc:.4f}")

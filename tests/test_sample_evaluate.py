@@ -27,7 +27,7 @@ def test_sample_writes_every_picture(vae_run, tmp_path):
     out = tmp_path / "s"
     r = genlab("sample", f"ckpt={vae_run}", "n=16", "seed=3", "n_latent=200", f"hydra.run.dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for f in ("grid.png", "interpolation.png", "reconstructions.png", "latent.png", "samples.pt"):
+    for f in ("grid.png", "interpolation.png", "reconstructions.png", "latent.png", "traversal.png", "samples.pt"):
         assert (out / f).is_file(), f
     x = torch.load(out / "samples.pt", weights_only=True)
     assert x.shape == (16, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
