@@ -18,7 +18,7 @@ def test_groups_are_not_empty():
 
 @pytest.mark.parametrize("model", options("model"))
 def test_model_builds(model):
-    cfg = compose_train([f"model={model}"])
+    cfg = compose_train([f"model={model}", *(["dataset.image_size=32"] if model == "dcgan64" else [])])
     m = build_model(cfg)
     assert isinstance(m, GenerativeModel)
     opts = build_optimizers(cfg.optimizer, m)

@@ -181,3 +181,20 @@ def test_cgan_draws_each_label_and_its_critic_reads_the_label(tmp_path):
     assert torch.equal(loaded.sample(4, labels, torch.Generator().manual_seed(0)), x)
     with pytest.raises(GenlabError, match="num_classes"):
         build_model(compose_train(["model=cgan", "model.generator.num_classes=0"]))
+
+
+@pytest.mark.parametrize("channels,size", [(3, 64), (1, 32)])
+def test_dcgan64_trains_at_powers_of_two_and_refuses_28(channels, size, tmp_path):
+    """Radford et al.'s DCGAN: a step changes every part (batch norm in the discriminator: separate passes),
+    samples fit; 28x28 is one clear error."""
+    m, trainer, batch = setup("dcgan64", "bce", channels, size, tmp_path)
+    assert not m.joint and sum(p.numel() for p in m.g.parameters()) > 0
+    before = {k: p.detach().clone() for k, p in m.named_parameters()}
+    out = m.training_step(batch, trainer.ctx)
+    assert all(math.isfinite(v.item()) for v in out.values())
+    assert not [k for k, p in m.named_parameters() if torch.equal(p, before[k])]
+    m.eval()
+    x = m.sample(3, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, channels, size, size) and 0 <= x.min() and x.max() <= 1
+    with pytest.raises(GenlabError, match="power of two"):
+        build_model(compose_train(["model=dcgan64", "dataset.image_size=28"]))

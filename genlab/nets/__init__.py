@@ -1,6 +1,7 @@
 """Plain nn.Modules: generators, discriminators, encoders. They take plain arguments, no config."""
 
 from genlab.nets.dcgan import DCGANDiscriminator, DCGANGenerator
+from genlab.nets.dcgan64 import DCGAN64Discriminator, DCGAN64Generator
 from genlab.nets.mlp import MLPDiscriminator, MLPGenerator
 from genlab.nets.classifier import SmallCNN
 from genlab.nets.unet import UNet
@@ -11,6 +12,8 @@ __all__ = [
     "MLPDiscriminator",
     "DCGANGenerator",
     "DCGANDiscriminator",
+    "DCGAN64Generator",
+    "DCGAN64Discriminator",
     "ConvEncoder",
     "ConvDecoder",
     "SmallCNN",
