@@ -198,3 +198,42 @@ def test_dcgan64_trains_at_powers_of_two_and_refuses_28(channels, size, tmp_path
     assert x.shape == (3, channels, size, size) and 0 <= x.min() and x.max() <= 1
     with pytest.raises(GenlabError, match="power of two"):
         build_model(compose_train(["model=dcgan64", "dataset.image_size=28"]))
+
+
+def test_vae_gan_takes_every_gradient_before_any_update(tmp_path):
+    """Larsen et al.'s three updates: each loss backpropagated into its own network only, all three before the
+    first optimizer step; one step changes every part; samples and both anomaly scores fit; a checkpoint
+    rebuilds the same model."""
+    m, trainer, batch = setup("vae_gan", "bce", 1, 28, tmp_path, "fp32", "trainer.max_steps=2")
+    ctx, calls = trainer.ctx, []
+    before = {k: p.detach().clone() for k, p in m.named_parameters()}
+
+    def spy(method):
+        def wrapped(*args, **kwargs):
+            name = args[1] if method.__name__ == "backward" else args[0]
+            still = all(torch.equal(p, before[k]) for k, p in m.named_parameters())
+            grads = {k: all(p.grad is not None for p in ps) for k, ps in ctx.params.items()}
+            calls.append((method.__name__, name, still, grads))
+            return method(*args, **kwargs)
+        return wrapped
+
+    ctx.backward, ctx.step = spy(ctx.backward), spy(ctx.step)
+    ctx.begin(0)
+    out = m.training_step(batch, ctx)
+    ctx.end()
+    assert [c[:2] for c in calls] == [("backward", "encoder"), ("backward", "decoder"), ("backward", "d"),
+                                      ("step", "encoder"), ("step", "decoder"), ("step", "d")]
+    _, _, no_weight_moved, every_gradient = calls[3]  # at the first update
+    assert no_weight_moved and all(every_gradient.values())
+    assert calls[1][3] == {"encoder": True, "decoder": False, "d": False}  # the encoder's loss reached it alone
+    assert all(math.isfinite(v.item()) for v in out.values()) and out["feature"] > 0 and out["kl"] > 0
+    assert not [k for k, p in m.named_parameters() if torch.equal(p, before[k])]
+    m.eval()
+    x = m.sample(4, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (4, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
+    for score in m.scores:
+        s = m.anomaly_score(batch.x, score)
+        assert s.shape == (len(batch.x),) and (s >= 0).all()
+    trainer.fit()
+    loaded, _, _ = load_model(tmp_path)
+    assert torch.equal(loaded.reconstruct(batch.x), m.eval().reconstruct(batch.x))

@@ -63,7 +63,15 @@ class DCGANDiscriminator(nn.Module):
             nn.init.normal_(self.embed.weight, std=features ** -0.5)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.score(self.features(x), labels)  # [B] logits
+
+    def features(self, x: Tensor) -> Tensor:
+        """The last convolution's activations, flattened: [B, 2w * (s/4)^2] (the VAE-GAN's measure of likeness)."""
+        return self.net[:-1](x)
+
+    def score(self, h: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The logits [B] from ``features``."""
+        logits = self.net[-1](h).squeeze(1)
         if self.embed is None:
-            return self.net(x).squeeze(1)  # [B] logits
-        h = self.net[:-1](x)
-        return self.net[-1](h).squeeze(1) + (self.embed(labels).to(h.dtype) * h).sum(1)
+            return logits
+        return logits + (self.embed(labels).to(h.dtype) * h).sum(1)

@@ -1,0 +1,88 @@
+"""The VAE-GAN of Larsen et al. 2016: a VAE whose reconstruction error is measured in a discriminator's
+features rather than in pixels, and whose decoder is also the generator of a GAN."""
+
+import torch
+from torch import Tensor, nn
+
+from genlab.errors import GenlabError
+from genlab.losses import GANLoss, gradient_penalty, kl_normal
+from genlab.models.base import GenerativeModel
+
+
+class VAEGAN(GenerativeModel):
+    """``encoder(x) -> (mu, logvar)``, ``decoder(z) -> pixel logits``, and a ``discriminator`` with
+    ``features(x)`` and ``score(features) -> logits``, trained with the GAN ``loss``. One step:
+
+    - feature error: half the squared distance between the discriminator's features of an image and of its
+      reconstruction, summed over features (a Gaussian likelihood in feature space);
+    - encoder: KL + feature error;
+    - decoder: ``gamma`` * feature error + the GAN loss of its reconstructions and prior samples;
+    - discriminator: the GAN loss, real images against reconstructions and prior samples.
+
+    The three losses come from one forward pass, and all three gradients are taken before any optimizer steps.
+    Anomaly scores: ``feature`` (the feature error of the posterior mean's reconstruction) and ``mse`` (its
+    squared pixel error).
+    """
+
+    scores = ("mse", "feature")
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, discriminator: nn.Module, loss: GANLoss,
+                 gamma: float = 0.01):
+        super().__init__()
+        if not (hasattr(discriminator, "features") and hasattr(discriminator, "score")):
+            raise GenlabError(f"the VAE-GAN's discriminator needs features(x) and score(h) methods; "
+                              f"{type(discriminator).__name__} has not both (genlab.nets.DCGANDiscriminator has).")
+        if gamma < 0:
+            raise GenlabError(f"model.gamma must be >= 0; got {gamma}.")
+        self.encoder, self.decoder, self.d, self.loss, self.gamma = encoder, decoder, discriminator, loss, gamma
+
+    def optimizer_groups(self):
+        return {"encoder": self.encoder.parameters(), "decoder": self.decoder.parameters(), "d": self.d.parameters()}
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(x)
+        return mu.float(), logvar.float()
+
+    def training_step(self, batch, ctx) -> dict[str, Tensor]:
+        x, n = batch.x, len(batch.x)
+        with ctx.autocast():
+            mu, logvar = self.encode(x)
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+            recon = torch.sigmoid(self.decoder(z).float())
+            prior = torch.sigmoid(self.decoder(torch.randn_like(mu)).float())
+            h = self.d.features(torch.cat([x, recon, prior]) * 2 - 1)
+            logits = self.d.score(h).float()
+        h = h.float()
+        feature = 0.5 * (h[n:2 * n] - h[:n]).pow(2).sum(1).mean()
+        kl = kl_normal(mu, logvar).mean()
+        real_logits, fake_logits = logits[:n], logits[n:]
+        loss_d = self.loss.d(real_logits, fake_logits)
+        if self.loss.gp_weight:
+            with ctx.autocast():
+                loss_d = loss_d + self.loss.gp_weight * gradient_penalty(self.d, x * 2 - 1, prior.detach() * 2 - 1)
+        loss_g = self.gamma * feature + self.loss.g(fake_logits, real_logits if self.loss.needs_real else None)
+        ctx.backward(kl + feature, "encoder", retain_graph=True)  # each into its own network's weights...
+        ctx.backward(loss_g, "decoder", retain_graph=True)
+        ctx.backward(loss_d, "d")
+        for name in ("encoder", "decoder", "d"):  # ...and only then any update
+            ctx.step(name)
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "feature": feature.detach(), "kl": kl.detach()}
+
+    def latent(self, n, generator=None):
+        return torch.randn(n, self.decoder.latent_dim, generator=generator)
+
+    def generate(self, z, labels=None):
+        return torch.sigmoid(self.decoder(z).float())
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decoded posterior means, in [0, 1]."""
+        return self.generate(self.encode(x)[0])
+
+    def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
+        recon = self.reconstruct(x)
+        if score in (None, "mse"):
+            return (recon - x.float()).pow(2).flatten(1).sum(1)
+        if score == "feature":
+            h = self.d.features(torch.cat([x.float(), recon]) * 2 - 1).float()
+            return 0.5 * (h[len(x):] - h[:len(x)]).pow(2).sum(1)
+        raise GenlabError(f"score={score} is not offered by VAEGAN: use {' | '.join(self.scores)}.")
