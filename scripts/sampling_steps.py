@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from genlab import schema  # noqa: E402
@@ -57,23 +58,35 @@ def main() -> None:
                              "recall": r["recall"], "classes_covered": r["classes_covered"]})
                 print(json.dumps(rows[-1]), flush=True)
     (args.out / "steps.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write(rows, args.out, args.n)
+    print((args.out / "steps.md").read_text())
+
+
+def write(rows: list[dict], out: Path, n: int) -> None:
+    """steps.md (the table) and steps.png (FID against network evaluations, log-log)."""
     lines = ["| model | sampler | steps | network evaluations | FID | precision | recall | classes |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['evaluations']} | {r['fid']:.2f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['classes_covered']} |" for r in rows]
-    (args.out / "steps.md").write_text("\n".join(lines) + "\n")
+    (out / "steps.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for key in dict.fromkeys((r["model"], r["sampler"]) for r in rows):
         pts = [(r["evaluations"], r["fid"]) for r in rows if (r["model"], r["sampler"]) == key]
         ax.plot(*zip(*pts), marker="o", label=f"{key[0]} ({key[1]})")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    lo, hi = min(r["evaluations"] for r in rows), max(r["evaluations"] for r in rows)
+    ax.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if lo / 1.1 <= t <= hi * 1.1])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(which="minor", labelsize=7)
     ax.set_xlabel("network evaluations per sample")
-    ax.set_ylabel(f"FID (genlab classifier, {args.n} samples)")
+    ax.set_ylabel(f"FID (genlab classifier, {n} samples)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "steps.png")
-    print("\n".join(lines))
+    fig.savefig(out / "steps.png")
 
 
 if __name__ == "__main__":
