@@ -9,7 +9,6 @@ from pathlib import Path
 from genlab import __version__, schema
 
 
-
 def _config_dir() -> Path:
     """configs/ of the checkout (an editable install maps genlab.configs to it), or of the wheel."""
     try:
