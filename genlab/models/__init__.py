@@ -3,7 +3,7 @@
 from genlab.models.base import GenerativeModel
 from genlab.models.diffusion import DDPM, FlowMatching
 from genlab.models.gan import GAN
-from genlab.models.vae import VAE
+from genlab.models.vae import VAE, Autoencoder
 from genlab.models.vae_gan import VAEGAN
 
-__all__ = ["GenerativeModel", "GAN", "VAE", "DDPM", "FlowMatching", "VAEGAN"]
+__all__ = ["GenerativeModel", "Autoencoder", "GAN", "VAE", "DDPM", "FlowMatching", "VAEGAN"]

@@ -8,23 +8,42 @@ from genlab.losses import ELBO, gaussian_blur, kl_normal, reconstruction_error
 from genlab.models.base import GenerativeModel
 
 
-class VAE(GenerativeModel):
-    """``encoder(x) -> (mu, logvar)``; ``decoder(z) -> pixel logits``; trained on ``loss``, the negative
-    ELBO with a Bernoulli or Gaussian likelihood."""
+class Autoencoder(GenerativeModel):
+    """What the models with a Gaussian encoder share: ``encoder(x) -> (mu, logvar)``, ``decoder(z) -> pixel
+    logits``, a standard normal prior. `genlab sample` draws reconstructions, a latent map and traversals for
+    any model with ``encode``."""
 
-    scores = ("blur_kl", "elbo", "recon", "mse", "mse_blur")  # the first is the default: the best on MNIST and Fashion-MNIST
-
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, loss: ELBO):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module):
         super().__init__()
-        self.encoder, self.decoder, self.loss = encoder, decoder, loss
-        self._scale = None  # (blur, kl) medians on normal images, set by calibrate()
-
-    def optimizer_groups(self):
-        return {"vae": self.parameters()}
+        self.encoder, self.decoder = encoder, decoder
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.encoder(x)
         return mu.float(), logvar.float()
+
+    def latent(self, n, generator=None):
+        return torch.randn(n, self.decoder.latent_dim, generator=generator)
+
+    def generate(self, z, labels=None):
+        return torch.sigmoid(self.decoder(z).float())
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decoded posterior means, in [0, 1]."""
+        return self.generate(self.encode(x)[0])
+
+
+class VAE(Autoencoder):
+    """An `Autoencoder` trained on ``loss``, the negative ELBO with a Bernoulli or Gaussian likelihood."""
+
+    scores = ("blur_kl", "elbo", "recon", "mse", "mse_blur")  # the first is the default: the best on MNIST and Fashion-MNIST
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, loss: ELBO):
+        super().__init__(encoder, decoder)
+        self.loss = loss
+        self._scale = None  # (blur, kl) medians on normal images, set by calibrate()
+
+    def optimizer_groups(self):
+        return {"vae": self.parameters()}
 
     def training_step(self, batch, ctx) -> dict[str, Tensor]:
         x = batch.x
@@ -37,17 +56,6 @@ class VAE(GenerativeModel):
         ctx.backward(loss, "vae")
         ctx.step("vae")
         return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
-
-    def latent(self, n, generator=None):
-        return torch.randn(n, self.decoder.latent_dim, generator=generator)
-
-    def generate(self, z, labels=None):
-        return torch.sigmoid(self.decoder(z).float())
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Decoded posterior means, in [0, 1]."""
-        mu, _ = self.encode(x)
-        return self.generate(mu)
 
     def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
         """``elbo``: the negative ELBO, decoded at the posterior mean; ``recon``: its reconstruction

@@ -6,11 +6,11 @@ from torch import Tensor, nn
 
 from genlab.errors import GenlabError
 from genlab.losses import GANLoss, gradient_penalty, kl_normal
-from genlab.models.base import GenerativeModel
+from genlab.models.vae import Autoencoder
 
 
-class VAEGAN(GenerativeModel):
-    """``encoder(x) -> (mu, logvar)``, ``decoder(z) -> pixel logits``, and a ``discriminator`` with
+class VAEGAN(Autoencoder):
+    """An `Autoencoder` (``encoder``, ``decoder``) and a ``discriminator`` with
     ``features(x)`` and ``score(features) -> logits``, trained with the GAN ``loss``. One step:
 
     - feature error: half the squared distance between the discriminator's features of an image and of its
@@ -28,20 +28,16 @@ class VAEGAN(GenerativeModel):
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, discriminator: nn.Module, loss: GANLoss,
                  gamma: float = 0.01):
-        super().__init__()
+        super().__init__(encoder, decoder)
         if not (hasattr(discriminator, "features") and hasattr(discriminator, "score")):
             raise GenlabError(f"the VAE-GAN's discriminator needs features(x) and score(h) methods; "
                               f"{type(discriminator).__name__} has not both (genlab.nets.DCGANDiscriminator has).")
         if gamma < 0:
             raise GenlabError(f"model.gamma must be >= 0; got {gamma}.")
-        self.encoder, self.decoder, self.d, self.loss, self.gamma = encoder, decoder, discriminator, loss, gamma
+        self.d, self.loss, self.gamma = discriminator, loss, gamma
 
     def optimizer_groups(self):
         return {"encoder": self.encoder.parameters(), "decoder": self.decoder.parameters(), "d": self.d.parameters()}
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.encoder(x)
-        return mu.float(), logvar.float()
 
     def training_step(self, batch, ctx) -> dict[str, Tensor]:
         x, n = batch.x, len(batch.x)
@@ -67,16 +63,6 @@ class VAEGAN(GenerativeModel):
         for name in ("encoder", "decoder", "d"):  # ...and only then any update
             ctx.step(name)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "feature": feature.detach(), "kl": kl.detach()}
-
-    def latent(self, n, generator=None):
-        return torch.randn(n, self.decoder.latent_dim, generator=generator)
-
-    def generate(self, z, labels=None):
-        return torch.sigmoid(self.decoder(z).float())
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Decoded posterior means, in [0, 1]."""
-        return self.generate(self.encode(x)[0])
 
     def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
         recon = self.reconstruct(x)
