@@ -66,6 +66,20 @@ def test_samplers_recover_the_data_from_an_exact_denoiser(cls, kwargs, settings)
     assert len(oracle.calls) == evaluations
 
 
+@pytest.mark.parametrize("cls,kwargs", [(DDPM, {"prediction": "v"}), (DDPM, {"prediction": "eps"}), (FlowMatching, {})])
+def test_denoise_score_is_zero_on_the_data_and_grows_off_it(cls, kwargs):
+    """The exact denoiser of a one-batch dataset restores that batch from any noise level, so its images
+    score zero; the same images mirrored are not what it learned and score clearly above zero, more so
+    the further they are from the data."""
+    model, _ = with_oracle(cls, **kwargs)
+    data = (X0 + 1) / 2
+    assert model.anomaly_score(data).abs().max() < 1e-6
+    near, far = data * 0.9 + data.flip(-1) * 0.1, data.flip(-1)
+    s_near, s_far = model.anomaly_score(near), model.anomaly_score(far)
+    assert (s_near > 1e-5).all() and (s_far > 4 * s_near).all()
+    assert model.denoise_errors(far, (0.6, 0.9)).shape == (2, 2)
+
+
 def test_guidance_is_one_batched_forward():
     class Split(nn.Module):
         num_classes, image_shape = 3, (1, 4, 4)
