@@ -27,7 +27,7 @@ class VAEGAN(Autoencoder):
     scores = ("feature", "mse")  # the first is the default
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, discriminator: nn.Module, loss: GANLoss,
-                 gamma: float = 0.01):
+                 gamma: float = 0.1):
         super().__init__(encoder, decoder)
         if not (hasattr(discriminator, "features") and hasattr(discriminator, "score")):
             raise GenlabError(f"the VAE-GAN's discriminator needs features(x) and score(h) methods; "
