@@ -9,6 +9,11 @@ from genlab.losses import GANLoss, gradient_penalty, kl_normal
 from genlab.models.vae import Autoencoder
 
 
+def feature_error(h: Tensor, h_recon: Tensor) -> Tensor:
+    """Half the squared distance between two images' discriminator features, summed over features: [B]."""
+    return 0.5 * (h_recon - h).pow(2).sum(1)
+
+
 class VAEGAN(Autoencoder):
     """An `Autoencoder` (``encoder``, ``decoder``) and a ``discriminator`` with
     ``features(x)`` and ``score(features) -> logits``, trained with the GAN ``loss``. One step:
@@ -49,7 +54,7 @@ class VAEGAN(Autoencoder):
             h = self.d.features(torch.cat([x, recon, prior]) * 2 - 1)
             logits = self.d.score(h).float()
         h = h.float()
-        feature = 0.5 * (h[n:2 * n] - h[:n]).pow(2).sum(1).mean()
+        feature = feature_error(h[:n], h[n:2 * n]).mean()
         kl = kl_normal(mu, logvar).mean()
         real_logits, fake_logits = logits[:n], logits[n:]
         loss_d = self.loss.d(real_logits, fake_logits)
@@ -68,7 +73,7 @@ class VAEGAN(Autoencoder):
         recon = self.reconstruct(x)
         if score in (None, "feature"):
             h = self.d.features(torch.cat([x.float(), recon]) * 2 - 1).float()
-            return 0.5 * (h[len(x):] - h[:len(x)]).pow(2).sum(1)
+            return feature_error(h[:len(x)], h[len(x):])
         if score == "mse":
             return (recon - x.float()).pow(2).flatten(1).sum(1)
         raise GenlabError(f"score={score} is not offered by VAEGAN: use {' | '.join(self.scores)}.")
