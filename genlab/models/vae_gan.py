@@ -45,18 +45,18 @@ class VAEGAN(Autoencoder):
         return {"encoder": self.encoder.parameters(), "decoder": self.decoder.parameters(), "d": self.d.parameters()}
 
     def training_step(self, batch, ctx) -> dict[str, Tensor]:
-        x, n = batch.x, len(batch.x)
+        x = batch.x
         with ctx.autocast():
             mu, logvar = self.encode(x)
             z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
             recon = torch.sigmoid(self.decoder(z).float())
             prior = torch.sigmoid(self.decoder(torch.randn_like(mu)).float())
-            h = self.d.features(torch.cat([x, recon, prior]) * 2 - 1)
-            logits = self.d.score(h).float()
-        h = h.float()
-        feature = feature_error(h[:n], h[n:2 * n]).mean()
+            # the discriminator sees each batch apart, so a backward pass runs only over the batches it needs
+            h_real, h_recon, h_prior = (self.d.features(v * 2 - 1) for v in (x, recon, prior))
+            real_logits = self.d.score(h_real).float()
+            fake_logits = self.d.score(torch.cat([h_recon, h_prior])).float()
+        feature = feature_error(h_real.float(), h_recon.float()).mean()
         kl = kl_normal(mu, logvar).mean()
-        real_logits, fake_logits = logits[:n], logits[n:]
         loss_d = self.loss.d(real_logits, fake_logits)
         if self.loss.gp_weight:
             with ctx.autocast():
