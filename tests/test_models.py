@@ -9,7 +9,7 @@ import torch
 from genlab.build import build_model, load_model
 from genlab.data import Batch
 from genlab.errors import GenlabError
-from genlab.losses import BCE, gradient_penalty
+from genlab.losses import BCE, gradient_penalty, kl_normal
 from genlab.models import GAN
 from genlab.nets import MLPDiscriminator, MLPGenerator
 from genlab.trainer import StepContext
@@ -237,3 +237,24 @@ def test_vae_gan_takes_every_gradient_before_any_update(tmp_path):
     trainer.fit()
     loaded, _, _ = load_model(tmp_path)
     assert torch.equal(loaded.reconstruct(batch.x), m.eval().reconstruct(batch.x))
+
+
+def test_vae_gan_beta_weighs_the_kl_in_the_encoders_objective(tmp_path):
+    """The encoder's gradient is that of beta * KL + feature error: raising beta from 1 to 3 adds twice the KL's
+    gradient and nothing else; a negative beta is refused."""
+    m, trainer, batch = setup("vae_gan", "bce", 1, 28, tmp_path, "fp32")
+    ctx = trainer.ctx
+    ctx.step = lambda name: None  # gradients only: the weights stay put between the two steps
+    grads = {}
+    for beta in (1.0, 3.0):
+        m.beta = beta
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same z and prior draws in both steps
+        m.training_step(batch, ctx)
+        grads[beta] = [p.grad.clone() for p in m.encoder.parameters()]
+    m.zero_grad(set_to_none=True)
+    kl_normal(*m.encode(batch.x)).mean().backward()
+    for g1, g3, p in zip(grads[1.0], grads[3.0], m.encoder.parameters()):
+        torch.testing.assert_close(g3 - g1, 2 * p.grad, atol=1e-5, rtol=1e-4)
+    with pytest.raises(GenlabError, match="model.beta"):
+        build_model(compose_train(["model=vae_gan", "model.beta=-1"]))

@@ -20,7 +20,7 @@ class VAEGAN(Autoencoder):
 
     - feature error: half the squared distance between the discriminator's features of an image and of its
       reconstruction, summed over features (a Gaussian likelihood in feature space);
-    - encoder: KL + feature error;
+    - encoder: ``beta`` * KL + feature error;
     - decoder: ``gamma`` * feature error + the GAN loss of its reconstructions and prior samples;
     - discriminator: the GAN loss, real images against reconstructions and prior samples.
 
@@ -32,14 +32,14 @@ class VAEGAN(Autoencoder):
     scores = ("feature", "mse")  # the first is the default
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, discriminator: nn.Module, loss: GANLoss,
-                 gamma: float = 0.1):
+                 gamma: float = 0.1, beta: float = 1.0):
         super().__init__(encoder, decoder)
         if not (hasattr(discriminator, "features") and hasattr(discriminator, "score")):
             raise GenlabError(f"the VAE-GAN's discriminator needs features(x) and score(h) methods; "
                               f"{type(discriminator).__name__} has not both (genlab.nets.DCGANDiscriminator has).")
-        if gamma < 0:
-            raise GenlabError(f"model.gamma must be >= 0; got {gamma}.")
-        self.d, self.loss, self.gamma = discriminator, loss, gamma
+        if gamma < 0 or beta < 0:
+            raise GenlabError(f"model.gamma and model.beta must be >= 0; got {gamma} and {beta}.")
+        self.d, self.loss, self.gamma, self.beta = discriminator, loss, gamma, beta
 
     def optimizer_groups(self):
         return {"encoder": self.encoder.parameters(), "decoder": self.decoder.parameters(), "d": self.d.parameters()}
@@ -62,7 +62,7 @@ class VAEGAN(Autoencoder):
             with ctx.autocast():
                 loss_d = loss_d + self.loss.gp_weight * gradient_penalty(self.d, x * 2 - 1, prior.detach() * 2 - 1)
         loss_g = self.gamma * feature + self.loss.g(fake_logits, real_logits if self.loss.needs_real else None)
-        ctx.backward(kl + feature, "encoder", retain_graph=True)  # each into its own network's weights...
+        ctx.backward(self.beta * kl + feature, "encoder", retain_graph=True)  # each into its own network's weights...
         ctx.backward(loss_g, "decoder", retain_graph=True)
         ctx.backward(loss_d, "d")
         for name in ("encoder", "decoder", "d"):  # ...and only then any update
