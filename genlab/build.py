@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
-from genlab import callbacks
+from genlab import callbacks, dist
 from genlab.data import ImageData, Loader
 from genlab.ema import EMA
 from genlab.errors import GenlabError
@@ -221,30 +221,36 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
     the step context, the moving average of the weights, and the writers into ``run_dir``."""
     t = cfg.trainer
     model = build_model(cfg).to(device)  # first: config mistakes show before any data is read
+    if dist.world() > 1:
+        dist.broadcast_tensors(model.state_dict().values())  # every rank starts from rank 0's weights
+        if device.type == "cuda":  # batch statistics over the whole batch, as one process would have them
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizers = build_optimizers(cfg.optimizer, model)
     check_sampling(model, t.sampling, where="trainer.sampling.")
     data = build_dataset(cfg.dataset, train=True)
-    loader = Loader(data.images, data.labels, t.batch_size, device, cfg.seed)
+    loader = Loader(data.images, data.labels, t.batch_size, device, cfg.seed, dist.rank(), dist.world())
     max_steps = t.max_steps or t.epochs * loader.steps_per_epoch
     ctx = StepContext(optimizers, t.precision, device, build_schedulers(cfg.get("scheduler"), optimizers, max_steps),
                       t.on_nan)
-    ema = EMA(model, t.ema.decay, t.ema.warmup) if t.ema.decay is not None else None  # before compiling
+    main = dist.is_main()  # only rank 0 writes, and keeps the moving average it samples from
+    ema = EMA(model, t.ema.decay, t.ema.warmup) if t.ema.decay is not None and main else None  # before compiling
     if t.compile:
         compile_networks(model)
     loss = f", loss {type(model.loss).__name__}" if getattr(model, "loss", None) is not None else ""
-    writers = [callbacks.ProgressBar()] if t.progress else []
-    writers += [
+    writers = [
+        *([callbacks.ProgressBar()] if t.progress else []),
         callbacks.MetricsCSV(run_dir),
         callbacks.LossCurves(run_dir, f"{type(model).__name__} on {data.name}{loss}"),
         callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling)),
         callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), t.checkpoint_every, t.keep_every,
                               t.keep_last),
-    ]
+    ] if main else []
     trainer = Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every,
-                      max_time=seconds(t.max_time))
-    log.info("%s (%.2fM parameters): %d images %s of %s, device %s, precision %s, %d steps (%d epochs of %d, batch %d)",
+                      max_time=seconds(t.max_time), seed=cfg.seed)
+    ranks = f" x {dist.world()} processes ({dist.backend()})" if dist.world() > 1 else ""
+    log.info("%s (%.2fM parameters): %d images %s of %s, device %s%s, precision %s, %d steps (%d epochs of %d, batch %d)",
              type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(data),
-             "x".join(map(str, data.image_shape)), data.name, device, ctx.precision, max_steps, trainer.epochs,
+             "x".join(map(str, data.image_shape)), data.name, device, ranks, ctx.precision, max_steps, trainer.epochs,
              loader.steps_per_epoch, loader.batch_size)
     return trainer
 

@@ -4,7 +4,9 @@ A checkpoint is a dict of plain data and tensors, read back with ``weights_only=
 ``format``, ``version``, ``config`` (the resolved run config as plain containers),
 ``model`` (state dict), ``optimizers`` and ``schedulers`` ({name: state dict}), ``scaler``,
 ``ema`` (the moving average's state dict and update count, or None), ``step``, ``epoch``,
-``wall_time`` and ``rng`` (torch's CPU and CUDA generator states).
+``wall_time`` and ``processes`` (how many trained it). No random state: each training step draws from a
+seed made of the run's seed, the process's rank and the step (genlab.trainer.step_seed), so a resumed
+run on as many processes draws what the first would have, whatever GPUs it finds.
 """
 
 import os
@@ -17,7 +19,7 @@ import torch
 from genlab.errors import GenlabError
 
 FORMAT = "genlab-checkpoint"
-VERSION = 2
+VERSION = 3  # 3: no random state (the steps' draws are seeded by step)
 
 # version 1 named a loss by its config name; version 2 by the _target_ its config names
 LOSS_TARGETS = {"bce": "BCE", "minimax": "Minimax", "wasserstein": "Wasserstein", "hinge": "Hinge", "lsgan": "LSGAN",
@@ -90,16 +92,3 @@ def upgrade(state: dict) -> dict:
         state.setdefault("schedulers", {})
         state.setdefault("ema", None)
     return state
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

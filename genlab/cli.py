@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.resources
+import logging
 import os
 import sys
 from pathlib import Path
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
               "(pip install genlab-*.whl, or pip install -e . in its checkout).", file=sys.stderr)
         return 2
     problem = None if set(args) & INFO_FLAGS else _unwritable_output(args)
+    if problem is None and not set(args) & INFO_FLAGS:
+        args, problem = _one_of_several(verb, args)
     if problem:
         print(f"genlab {verb}: error: {problem}", file=sys.stderr)
         return 1
@@ -77,6 +80,27 @@ def main(argv=None) -> int:
 
 
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+
+# a process of a multi-process run other than rank 0 writes nothing: no run directory of its own, no .hydra/,
+# no log file; it learns rank 0's run directory once the processes have met (genlab.train)
+QUIET_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "~hydra.job_logging.handlers.file",
+              "hydra.job_logging.root.handlers=[console]", "hydra.job_logging.root.level=WARNING"]
+
+
+def _one_of_several(verb: str, args: list[str]) -> tuple[list[str], str | None]:
+    """Under torchrun or srun (several processes), only `genlab train` of one run; ranks above 0 stay quiet."""
+    from genlab import dist
+
+    launched = dist.launched()
+    if launched is None:
+        return args, None
+    if verb != "train":
+        return args, f"genlab {verb} runs in one process; start it without torchrun or srun."
+    if {"-m", "--multirun"} & set(args):
+        return args, ("a sweep (-m) cannot run inside torchrun or srun: each run of it would need its own processes. "
+                      "Start one torchrun per setting, or sweep with hydra/launcher=submitit_slurm, which gives each "
+                      "run its own GPUs.")
+    return (args + QUIET_RANK if launched[0] > 0 else args), None
 
 
 def _unwritable_output(args) -> str | None:
@@ -123,19 +147,27 @@ def _hydra_app(verb: str):
 
         from genlab.errors import GenlabError
 
+        from genlab import dist
+
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
+        launched = dist.launched()
+        who = f"genlab {verb}" + (f" (rank {launched[0]})" if launched and launched[0] > 0 else "")
+        if launched and launched[0] > 0:  # rank 0 logs for the run (a SLURM job's tasks share one train.log)
+            logging.getLogger().setLevel(logging.WARNING)
         try:
             execute(verb, cfg, run_dir, list(hc.overrides.task))
         except (GenlabError, OSError) as e:  # OSError: a file that cannot be written or read, a full disk
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print(f"genlab {verb}: error: {e}", file=sys.stderr)
+            if not (launched and launched[0] > 0 and getattr(e, "shared", False)):  # rank 0 says what all ranks met
+                print(f"{who}: error: {e}", file=sys.stderr)
             sys.exit(getattr(e, "exit_code", 1))
         except KeyboardInterrupt:
-            print(f"genlab {verb}: interrupted; the run directory is {run_dir}", file=sys.stderr)
+            print(f"{who}: interrupted; the run directory is {run_dir}", file=sys.stderr)
             sys.exit(130)
-        print(f"genlab {verb}: run directory {run_dir}")
+        if dist.is_main():
+            print(f"genlab {verb}: run directory {run_dir}")
 
     task.__module__ = f"genlab.{verb}"
     return hydra.main(config_path=str(CONFIG_DIR), config_name=verb, version_base="1.3")(task)

@@ -47,18 +47,28 @@ class Batch(NamedTuple):
 class Loader:
     """Batches drawn by index from a uint8 dataset kept on the training device (on a GPU it does not fit
     easily: pinned host memory), normalised there a whole batch at a time. The order of epoch ``e`` is a
-    function of (seed, e) alone, so a run resumed mid-epoch replays it. Incomplete last batches are dropped."""
+    function of (seed, e) alone, so a run resumed mid-epoch replays it. Incomplete last batches are dropped.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device="cpu", seed: int = 0):
+    ``batch_size`` is the batch of one optimisation step over all ``world`` processes: rank ``r`` takes the
+    r-th of ``world`` equal slices of each batch, so that the ranks together see what one process would."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device="cpu", seed: int = 0,
+                 rank: int = 0, world: int = 1):
         self.device = torch.device(device)
         self.n = images.shape[0]
         if self.n == 0:
             raise GenlabError("the training split has no images.")
+        if batch_size % world:
+            raise GenlabError(f"trainer.batch_size={batch_size} is the batch of each step over all {world} processes, "
+                              f"so it must be a multiple of {world}; e.g. trainer.batch_size={batch_size // world * world or world}.")
         if batch_size > self.n:
-            log.warning("trainer.batch_size=%d is more than the %d training images; using %d", batch_size, self.n, self.n)
-        self.batch_size = min(batch_size, self.n)
+            log.warning("trainer.batch_size=%d is more than the %d training images; using %d", batch_size, self.n,
+                        self.n // world * world)
+        self.batch_size = min(batch_size, self.n // world * world)
+        if self.batch_size == 0:
+            raise GenlabError(f"the training split has {self.n} images, fewer than the {world} processes.")
         self.steps_per_epoch = self.n // self.batch_size
-        self.seed = seed
+        self.seed, self.rank, self.local = seed, rank, self.batch_size // world
         self.images = self._place(images)
         self.labels = labels.to(self.images.device)  # where the images are: both are indexed by one order
 
@@ -73,10 +83,11 @@ class Loader:
         return torch.randperm(self.n, generator=g).to(self.images.device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """The batches of ``epoch`` from its ``start``-th on."""
+        """This rank's share of the batches of ``epoch``, from its ``start``-th on."""
         order = self.order(epoch)
         for i in range(start, self.steps_per_epoch):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            lo = i * self.batch_size + self.rank * self.local
+            idx = order[lo:lo + self.local]
             x = self.images.index_select(0, idx).to(self.device, non_blocking=True).float().div_(255)
             yield Batch(x, self.labels.index_select(0, idx).to(self.device, non_blocking=True))
 

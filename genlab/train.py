@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genlab import checkpoint
+from genlab import checkpoint, dist
 from genlab.build import build_trainer
-from genlab.device import resolve_device
 from genlab.errors import GenlabError
 from genlab.trainer import check_on_nan
 
@@ -22,6 +21,8 @@ FIXED = ("trainer.batch_size",)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
+    device = dist.setup(cfg.device)  # one process, or one of several started by torchrun / srun
+    run_dir = Path(dist.broadcast(str(run_dir)))  # rank 0's run directory is the run's; only rank 0 writes there
     state = None
     if cfg.get("resume"):
         path = checkpoint.resolve(cfg.resume)
@@ -29,7 +30,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
         cfg = resumed_config(state["config"], cfg, overrides)
     check_trainer(cfg.trainer)
     torch.manual_seed(cfg.seed)
-    trainer = build_trainer(cfg, run_dir, resolve_device(cfg.device))
+    trainer = build_trainer(cfg, run_dir, device)
     if state is not None:
         trainer.load_state_dict(state)
         trainer.saved = (path, state["step"])  # the last good checkpoint until this run writes one
@@ -45,6 +46,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
             return
         log.info("resuming from %s at step %d", path, state["step"])
     trainer.fit()
+    dist.finish()
     if trainer.timed_out:
         log.info("trainer.max_time=%s reached after %d of %d steps", cfg.trainer.max_time, trainer.step, trainer.max_steps)
     log.info("done: %d steps; checkpoint %s", trainer.step, run_dir / "checkpoints" / "last.pt")

