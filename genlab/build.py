@@ -240,6 +240,7 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
         callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), t.checkpoint_every, t.keep_every,
                               t.keep_last),
     ]
+    writers = [*build_evaluation(cfg, model, data, device), *writers]  # in-loop measurements first: they add to the rows
     trainer = Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every,
                       max_time=seconds(t.max_time))
     log.info("%s (%.2fM parameters): %d images %s of %s, device %s, precision %s, %d steps (%d epochs of %d, batch %d)",
@@ -340,3 +341,46 @@ def test_split(cfg: DictConfig, root=None, classes=None, train=False) -> ImageDa
     if root is not None:
         node.root = root
     return build_dataset(node, train=train)
+
+
+def build_evaluation(cfg: DictConfig, model: GenerativeModel, data: ImageData, device) -> list:
+    """The in-loop measurements on the test split that ``cfg.evaluation.metrics`` asks for: a genlab.search.Evaluation,
+    or nothing."""
+    from genlab import search
+    from genlab.classifier import classifier_for
+
+    node = cfg.get("evaluation") or {}
+    wanted = list(dict.fromkeys(node.get("metrics") or []))
+    for name in wanted:
+        if name not in search.METRICS:
+            raise GenlabError(f"evaluation.metrics: {name} is not a metric genlab measures; they are: "
+                              f"{', '.join(search.METRICS)}.")
+    if not wanted:
+        return []
+    every, n = node.get("every"), node.get("n_samples")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise GenlabError(f"evaluation.every must be a whole number of epochs above 0; got {every!r}.")
+    classes = cfg.dataset.get("classes")
+    name = type(model).__name__
+    measures = []
+    if "val/loss" in wanted:
+        if "elbo" not in model.scores:
+            raise GenlabError(f"val/loss is the negative ELBO on the test split, and {name} has none (a VAE has); "
+                              "measure eval/fid instead.")
+        measures.append(search.ValidationLoss(test_split(cfg, classes=classes).images))
+    if {"eval/fid", "eval/kid"} & set(wanted):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise GenlabError(f"evaluation.n_samples must be a whole number above 1; got {n!r}.")
+        net, _ = classifier_for(cfg.dataset, device)
+        measures.append(search.SampleQuality(net, test_split(cfg, classes=classes).images, n, cfg.seed,
+                                             OmegaConf.to_container(cfg.trainer.sampling)))
+    if "eval/auroc" in wanted:
+        if not model.scores or not classes:
+            raise GenlabError("eval/auroc is the one-class AUROC: it needs a model with an anomaly score, trained on "
+                              f"some classes (dataset.classes=[3]) so that the others are anomalies; {name} "
+                              f"{'has no anomaly score' if not model.scores else 'is trained on every class'}.")
+        test = test_split(cfg)
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:2000]  # as evaluate calibrates
+        measures.append(search.OneClassAUROC(test.images, test.labels, list(classes), data.images[pick]))
+    return [search.Evaluation(measures, every)]
+

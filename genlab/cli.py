@@ -100,8 +100,9 @@ def _unwritable_output(args) -> str | None:
     return None
 
 
-def execute(verb: str, cfg, run_dir: Path, overrides: list[str]) -> None:
-    """Check a composed config and run the command on it: what `genlab VERB` does, and genlab.api too."""
+def execute(verb: str, cfg, run_dir: Path, overrides: list[str]):
+    """Check a composed config and run the command on it: what `genlab VERB` does, and genlab.api too. Returns
+    what the command's run returns (train: its metrics, which a sweeper reads)."""
     from omegaconf import OmegaConf
 
     from genlab.errors import GenlabError
@@ -110,7 +111,7 @@ def execute(verb: str, cfg, run_dir: Path, overrides: list[str]) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise GenlabError(f"genlab {verb} needs a value for {', '.join(missing)}: e.g. genlab {verb} {missing[0]}=...")
-    importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, overrides)
+    return importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, overrides)
 
 
 def _hydra_app(verb: str):
@@ -126,7 +127,7 @@ def _hydra_app(verb: str):
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         try:
-            execute(verb, cfg, run_dir, list(hc.overrides.task))
+            result = execute(verb, cfg, run_dir, list(hc.overrides.task))
         except (GenlabError, OSError) as e:  # OSError: a file that cannot be written or read, a full disk
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
@@ -136,6 +137,7 @@ def _hydra_app(verb: str):
             print(f"genlab {verb}: interrupted; the run directory is {run_dir}", file=sys.stderr)
             sys.exit(130)
         print(f"genlab {verb}: run directory {run_dir}")
+        return result
 
     task.__module__ = f"genlab.{verb}"
     return hydra.main(config_path=str(CONFIG_DIR), config_name=verb, version_base="1.3")(task)

@@ -41,6 +41,13 @@ class TrainerSchema:
 
 
 @dataclass
+class EvaluationSchema:
+    metrics: list[str] = MISSING
+    every: int = MISSING
+    n_samples: int = MISSING
+
+
+@dataclass
 class TrainSchema:
     seed: int = MISSING
     device: str = MISSING
@@ -51,6 +58,7 @@ class TrainSchema:
     loss: Any = None  # null for models that own their objective
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
 
 
 @dataclass

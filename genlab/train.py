@@ -17,11 +17,13 @@ log = logging.getLogger(__name__)
 
 # what an override may change when a run is resumed: how long and where it trains, and how it reports;
 # everything else (model, loss, data, optimizer, schedule, seed, batch size) must be the run's own
-CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download")
+CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download", "evaluation.")
 FIXED = ("trainer.batch_size",)
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
+    """Train; returns the run's result: the last value of each metric of its rows (``train/...``, ``val/...``,
+    ``eval/...``, step, epoch, ...), which a sweeper reads."""
     state = None
     if cfg.get("resume"):
         path = checkpoint.resolve(cfg.resume)
@@ -38,16 +40,22 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
             more = "trainer.max_steps=N" if cfg.trainer.max_steps else "trainer.epochs=N or trainer.max_steps=N"
             log.warning("nothing to train: the run in %s has done %d steps, and this command asks for %d. Ask for "
                         "more with %s.", path.parent.parent, trainer.step, trainer.max_steps, more)
-            return
+            return result(trainer.history)
         if trainer.max_time is not None and trainer.wall_time >= trainer.max_time:
             log.warning("nothing to train: the run in %s has trained for %.0f s, and trainer.max_time=%s. Ask for "
                         "more time with trainer.max_time=...", path.parent.parent, trainer.wall_time, cfg.trainer.max_time)
-            return
+            return result(trainer.history)
         log.info("resuming from %s at step %d", path, state["step"])
     trainer.fit()
     if trainer.timed_out:
         log.info("trainer.max_time=%s reached after %d of %d steps", cfg.trainer.max_time, trainer.step, trainer.max_steps)
     log.info("done: %d steps; checkpoint %s", trainer.step, run_dir / "checkpoints" / "last.pt")
+    return result(trainer.history)
+
+
+def result(rows: list[dict]) -> dict:
+    """The last value of each metric of the metrics rows."""
+    return {k: v for row in rows for k, v in row.items()}
 
 
 def check_trainer(t: DictConfig) -> None:
