@@ -240,7 +240,8 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
         callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), t.checkpoint_every, t.keep_every,
                               t.keep_last),
     ]
-    writers = [*build_evaluation(cfg, model, data, device), *writers]  # in-loop measurements first: they add to the rows
+    # the in-loop measurements first (they add to the rows the writers write), pruning last (after the epoch's writers)
+    writers = [*build_evaluation(cfg, model, data, device), *writers, *build_pruning(cfg)]
     trainer = Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every,
                       max_time=seconds(t.max_time))
     log.info("%s (%.2fM parameters): %d images %s of %s, device %s, precision %s, %d steps (%d epochs of %d, batch %d)",
@@ -344,13 +345,14 @@ def test_split(cfg: DictConfig, root=None, classes=None, train=False) -> ImageDa
 
 
 def build_evaluation(cfg: DictConfig, model: GenerativeModel, data: ImageData, device) -> list:
-    """The in-loop measurements on the test split that ``cfg.evaluation.metrics`` asks for: a genlab.search.Evaluation,
-    or nothing."""
+    """The in-loop measurements on the test split that ``cfg.evaluation.metrics`` asks for, and a search's objective
+    (``cfg.trial.objective``) when genlab measures it: a genlab.search.Evaluation, or nothing."""
     from genlab import search
     from genlab.classifier import classifier_for
 
     node = cfg.get("evaluation") or {}
-    wanted = list(dict.fromkeys(node.get("metrics") or []))
+    objective = (cfg.get("trial") or {}).get("objective")
+    wanted = list(dict.fromkeys([*(node.get("metrics") or []), *([objective] if objective in search.METRICS else [])]))
     for name in wanted:
         if name not in search.METRICS:
             raise GenlabError(f"evaluation.metrics: {name} is not a metric genlab measures; they are: "
@@ -384,3 +386,17 @@ def build_evaluation(cfg: DictConfig, model: GenerativeModel, data: ImageData, d
         measures.append(search.OneClassAUROC(test.images, test.labels, list(classes), data.images[pick]))
     return [search.Evaluation(measures, every)]
 
+
+def build_pruning(cfg: DictConfig) -> list:
+    """For a trial of hydra/sweeper=optuna (``cfg.trial``, which the sweeper sets): a genlab.search.Pruning that
+    reports the objective to the trial's study, or nothing."""
+    from genlab import search
+
+    trial = cfg.get("trial") or {}
+    if trial.get("number") is None:
+        return []
+    missing = [k for k in ("storage", "study", "objective") if not trial.get(k)]
+    if missing:
+        raise GenlabError(f"trial.number is set, and trial.{missing[0]} is not: the trial settings come from "
+                          "hydra/sweeper=optuna, which sets them all.")
+    return [search.Pruning(trial.storage, trial.study, trial.number, trial.objective)]

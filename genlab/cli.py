@@ -118,6 +118,7 @@ def _hydra_app(verb: str):
     import hydra
 
     schema.register()
+    _register_sweeper()
 
     def task(cfg):
         from hydra.core.hydra_config import HydraConfig
@@ -141,6 +142,16 @@ def _hydra_app(verb: str):
 
     task.__module__ = f"genlab.{verb}"
     return hydra.main(config_path=str(CONFIG_DIR), config_name=verb, version_base="1.3")(task)
+
+
+def _register_sweeper() -> None:
+    """genlab's Optuna sweeper (hydra/sweeper=optuna) for an editable install too: Hydra finds plugins by listing
+    the folders of the hydra_plugins package, and an editable install's import hook lists none."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.genlab_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+    Plugins.instance().register(OptunaSweeper)
 
 
 def _completion_verb(args):

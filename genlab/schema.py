@@ -48,6 +48,14 @@ class EvaluationSchema:
 
 
 @dataclass
+class TrialSchema:
+    storage: Optional[str] = MISSING
+    study: Optional[str] = MISSING
+    number: Optional[int] = MISSING
+    objective: Optional[str] = MISSING
+
+
+@dataclass
 class TrainSchema:
     seed: int = MISSING
     device: str = MISSING
@@ -59,6 +67,7 @@ class TrainSchema:
     optimizer: Any = MISSING
     scheduler: Any = MISSING
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+    trial: TrialSchema = field(default_factory=TrialSchema)
 
 
 @dataclass

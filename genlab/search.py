@@ -1,5 +1,10 @@
 """What a hyperparameter search needs inside a training run, as callbacks of the loop: the objective measured
-on the test split as training goes (``Evaluation``): one of ``METRICS`` below in the metrics rows.
+on the test split as training goes (``Evaluation``), and pruning (``Pruning``: each measurement reported to
+the trial's Optuna study, which may stop the run early).
+
+The search itself, Optuna's ask-and-tell over trials that are ordinary genlab runs, is the Hydra sweeper
+``hydra/sweeper=optuna`` (hydra_plugins/genlab_optuna_sweeper). It names the objective, a metric of the run's
+rows: one of ``METRICS`` below, or a training loss ``train/NAME`` of the model.
 """
 
 import logging
@@ -106,3 +111,49 @@ class Evaluation(Callback):
             checkpoint.set_rng_state(rng)
         log.info("epoch %d: %s", row["epoch"],
                  ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("val/", "eval/"))))
+
+
+class Pruned(Exception):
+    """The trial's study pruned the run after an epoch; genlab.train returns its result marked ``pruned``."""
+
+
+class Pruning(Callback):
+    """Reports ``objective`` to trial ``number`` of the Optuna study ``study`` in ``storage`` at each epoch's end
+    where the row has it (the step reported is the epoch), and stops the run when the study's pruner says so:
+    it raises Pruned after the epoch's writers (it comes last), and genlab.train catches it. The pruner is the
+    one the sweeper stored in the study (its user attribute ``pruner``, a ``_target_`` node)."""
+
+    def __init__(self, storage: str, study: str, number: int, objective: str):
+        self.storage, self.study, self.number, self.objective = storage, study, number, objective
+
+    def on_fit_start(self, trainer):
+        import optuna
+        from hydra.utils import instantiate
+
+        storage = open_storage(self.storage)
+        spec = optuna.load_study(study_name=self.study, storage=storage).user_attrs.get("pruner")
+        study = optuna.load_study(study_name=self.study, storage=storage,
+                                  pruner=instantiate(spec) if spec else optuna.pruners.NopPruner())
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study),
+                                                                   self.number)
+        self.trial = optuna.trial.Trial(study, trial_id)
+
+    def on_epoch_end(self, trainer):
+        row = trainer.history[-1] if trainer.history else {}
+        if row.get("step") != trainer.step or self.objective not in row:
+            return
+        self.trial.report(row[self.objective], row["epoch"])
+        if not trainer.done and self.trial.should_prune():
+            raise Pruned(f"trial {self.number} pruned after epoch {row['epoch']}: {self.objective} "
+                         f"{row[self.objective]:.4g}")
+
+
+def open_storage(spec: str):
+    """An Optuna storage: a database URL (``sqlite:///search.db``, ``postgresql://...``; needs SQLAlchemy) or
+    else the path of a journal file (Optuna's JournalFileBackend: no database, many processes and machines
+    on a shared file system)."""
+    import optuna
+
+    if "://" in spec:
+        return optuna.storages.RDBStorage(spec)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(spec))

@@ -11,6 +11,7 @@ from genlab import checkpoint
 from genlab.build import build_trainer
 from genlab.device import resolve_device
 from genlab.errors import GenlabError
+from genlab.search import Pruned
 from genlab.trainer import check_on_nan
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ FIXED = ("trainer.batch_size",)
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
     """Train; returns the run's result: the last value of each metric of its rows (``train/...``, ``val/...``,
-    ``eval/...``, step, epoch, ...), which a sweeper reads."""
+    ``eval/...``, step, epoch, ...), with ``pruned: True`` when a search's pruner stopped it (genlab.search)."""
     state = None
     if cfg.get("resume"):
         path = checkpoint.resolve(cfg.resume)
@@ -46,7 +47,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
                         "more time with trainer.max_time=...", path.parent.parent, trainer.wall_time, cfg.trainer.max_time)
             return result(trainer.history)
         log.info("resuming from %s at step %d", path, state["step"])
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Pruned as e:
+        log.info("%s", e)
+        return {**result(trainer.history), "pruned": True}
     if trainer.timed_out:
         log.info("trainer.max_time=%s reached after %d of %d steps", cfg.trainer.max_time, trainer.step, trainer.max_steps)
     log.info("done: %d steps; checkpoint %s", trainer.step, run_dir / "checkpoints" / "last.pt")
