@@ -244,7 +244,9 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
         callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling)),
         callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), t.checkpoint_every, t.keep_every,
                               t.keep_last),
-    ] if main else []
+    ]
+    # the in-loop measurements first (they add to the rows the writers write), pruning last (after the epoch's writers)
+    writers = [*build_evaluation(cfg, model, data, device), *writers, *build_pruning(cfg)] if main else []
     trainer = Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every,
                       max_time=seconds(t.max_time), seed=cfg.seed)
     ranks = f" x {dist.world()} processes ({dist.backend()})" if dist.world() > 1 else ""
@@ -346,3 +348,61 @@ def test_split(cfg: DictConfig, root=None, classes=None, train=False) -> ImageDa
     if root is not None:
         node.root = root
     return build_dataset(node, train=train)
+
+
+def build_evaluation(cfg: DictConfig, model: GenerativeModel, data: ImageData, device) -> list:
+    """The in-loop measurements on the test split that ``cfg.evaluation.metrics`` asks for, and a search's objective
+    (``cfg.trial.objective``) when genlab measures it: a genlab.search.Evaluation, or nothing."""
+    from genlab import search
+    from genlab.classifier import classifier_for
+
+    node = cfg.get("evaluation") or {}
+    objective = (cfg.get("trial") or {}).get("objective")
+    wanted = list(dict.fromkeys([*(node.get("metrics") or []), *([objective] if objective in search.METRICS else [])]))
+    for name in wanted:
+        if name not in search.METRICS:
+            raise GenlabError(f"evaluation.metrics: {name} is not a metric genlab measures; they are: "
+                              f"{', '.join(search.METRICS)}.")
+    if not wanted:
+        return []
+    every, n = node.get("every"), node.get("n_samples")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise GenlabError(f"evaluation.every must be a whole number of epochs above 0; got {every!r}.")
+    classes = cfg.dataset.get("classes")
+    name = type(model).__name__
+    measures = []
+    if "val/loss" in wanted:
+        if "elbo" not in model.scores:
+            raise GenlabError(f"val/loss is the negative ELBO on the test split, and {name} has none (a VAE has); "
+                              "measure eval/fid instead.")
+        measures.append(search.ValidationLoss(test_split(cfg, classes=classes).images))
+    if {"eval/fid", "eval/kid"} & set(wanted):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise GenlabError(f"evaluation.n_samples must be a whole number above 1; got {n!r}.")
+        net, _ = classifier_for(cfg.dataset, device)
+        measures.append(search.SampleQuality(net, test_split(cfg, classes=classes).images, n, cfg.seed,
+                                             OmegaConf.to_container(cfg.trainer.sampling)))
+    if "eval/auroc" in wanted:
+        if not model.scores or not classes:
+            raise GenlabError("eval/auroc is the one-class AUROC: it needs a model with an anomaly score, trained on "
+                              f"some classes (dataset.classes=[3]) so that the others are anomalies; {name} "
+                              f"{'has no anomaly score' if not model.scores else 'is trained on every class'}.")
+        test = test_split(cfg)
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:2000]  # as evaluate calibrates
+        measures.append(search.OneClassAUROC(test.images, test.labels, list(classes), data.images[pick]))
+    return [search.Evaluation(measures, every)]
+
+
+def build_pruning(cfg: DictConfig) -> list:
+    """For a trial of hydra/sweeper=optuna (``cfg.trial``, which the sweeper sets): a genlab.search.Pruning that
+    reports the objective to the trial's study, or nothing."""
+    from genlab import search
+
+    trial = cfg.get("trial") or {}
+    if trial.get("number") is None:
+        return []
+    missing = [k for k in ("storage", "study", "objective") if not trial.get(k)]
+    if missing:
+        raise GenlabError(f"trial.number is set, and trial.{missing[0]} is not: the trial settings come from "
+                          "hydra/sweeper=optuna, which sets them all.")
+    return [search.Pruning(trial.storage, trial.study, trial.number, trial.objective)]

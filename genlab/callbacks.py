@@ -70,8 +70,9 @@ class ProgressBar(Callback):
 
 
 class MetricsCSV(Callback):
-    """``metrics.csv``: step, epoch, the mean losses (``train/...``), each scheduled learning rate (``lr/NAME``),
-    img_per_s and wall_time; rewritten whole when a new column appears (e.g. n_critic > 1)."""
+    """``metrics.csv``: step, epoch, the mean losses (``train/...``), measurements on the test split (``val/...``,
+    ``eval/...``: genlab.search.Evaluation), each scheduled learning rate (``lr/NAME``), img_per_s and wall_time;
+    rewritten whole when a new column appears (e.g. n_critic > 1)."""
 
     def __init__(self, run_dir):
         self.path = Path(run_dir) / "metrics.csv"
@@ -89,7 +90,7 @@ class MetricsCSV(Callback):
                 csv.DictWriter(fh, self.columns, extrasaction="ignore").writerow(row)
 
     def _rewrite(self, rows):
-        values = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("train/", "lr/"))))
+        values = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("train/", "val/", "eval/", "lr/"))))
         self.columns = ["step", "epoch", *values, "img_per_s", "wall_time"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="") as fh:

@@ -124,8 +124,9 @@ def _unwritable_output(args) -> str | None:
     return None
 
 
-def execute(verb: str, cfg, run_dir: Path, overrides: list[str]) -> None:
-    """Check a composed config and run the command on it: what `genlab VERB` does, and genlab.api too."""
+def execute(verb: str, cfg, run_dir: Path, overrides: list[str]):
+    """Check a composed config and run the command on it: what `genlab VERB` does, and genlab.api too. Returns
+    what the command's run returns (train: its metrics, which a sweeper reads)."""
     from omegaconf import OmegaConf
 
     from genlab.errors import GenlabError
@@ -134,20 +135,20 @@ def execute(verb: str, cfg, run_dir: Path, overrides: list[str]) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise GenlabError(f"genlab {verb} needs a value for {', '.join(missing)}: e.g. genlab {verb} {missing[0]}=...")
-    importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, overrides)
+    return importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, overrides)
 
 
 def _hydra_app(verb: str):
     import hydra
 
     schema.register()
+    _register_sweeper()
 
     def task(cfg):
         from hydra.core.hydra_config import HydraConfig
 
-        from genlab.errors import GenlabError
-
         from genlab import dist
+        from genlab.errors import GenlabError
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
@@ -156,7 +157,7 @@ def _hydra_app(verb: str):
         if launched and launched[0] > 0:  # rank 0 logs for the run (a SLURM job's tasks share one train.log)
             logging.getLogger().setLevel(logging.WARNING)
         try:
-            execute(verb, cfg, run_dir, list(hc.overrides.task))
+            result = execute(verb, cfg, run_dir, list(hc.overrides.task))
         except (GenlabError, OSError) as e:  # OSError: a file that cannot be written or read, a full disk
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
@@ -168,9 +169,20 @@ def _hydra_app(verb: str):
             sys.exit(130)
         if dist.is_main():
             print(f"genlab {verb}: run directory {run_dir}")
+        return result
 
     task.__module__ = f"genlab.{verb}"
     return hydra.main(config_path=str(CONFIG_DIR), config_name=verb, version_base="1.3")(task)
+
+
+def _register_sweeper() -> None:
+    """genlab's Optuna sweeper (hydra/sweeper=optuna) for an editable install too: Hydra finds plugins by listing
+    the folders of the hydra_plugins package, and an editable install's import hook lists none."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.genlab_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+    Plugins.instance().register(OptunaSweeper)
 
 
 def _completion_verb(args):

@@ -160,3 +160,31 @@ def sweep(values: dict[str, list[float]], metric: str, path: Path, title: str = 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def trials(rows: list[tuple[int, str, float | None]], objective: str, direction: str, path: Path,
+           title: str = "") -> None:
+    """A hyperparameter search: the objective of each trial, ``rows`` of (number, state, value), with pruned
+    trials at the last value they reported, and the best of the completed trials so far."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for state, marker, label in (("COMPLETE", "o", "complete"), ("PRUNED", "x", "pruned: its last value")):
+        pts = [(n, v) for n, s, v in rows if s == state and v is not None]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, s=24, zorder=3, label=label)
+    best, steps = None, []
+    for n, s, v in sorted(rows):
+        if s == "COMPLETE" and v is not None:
+            best = v if best is None else (min if direction == "minimize" else max)(best, v)
+            steps.append((n, best))
+    if steps:
+        ax.step(*zip(*steps), where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("trial")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(f"{objective} ({direction})")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if steps or any(s == "PRUNED" and v is not None for _, s, v in rows):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -41,6 +41,21 @@ class TrainerSchema:
 
 
 @dataclass
+class EvaluationSchema:
+    metrics: list[str] = MISSING
+    every: int = MISSING
+    n_samples: int = MISSING
+
+
+@dataclass
+class TrialSchema:
+    storage: Optional[str] = MISSING
+    study: Optional[str] = MISSING
+    number: Optional[int] = MISSING
+    objective: Optional[str] = MISSING
+
+
+@dataclass
 class TrainSchema:
     seed: int = MISSING
     device: str = MISSING
@@ -51,6 +66,8 @@ class TrainSchema:
     loss: Any = None  # null for models that own their objective
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+    trial: TrialSchema = field(default_factory=TrialSchema)
 
 
 @dataclass

@@ -16,11 +16,13 @@ log = logging.getLogger(__name__)
 
 # what an override may change when a run is resumed: how long and where it trains, and how it reports;
 # everything else (model, loss, data, optimizer, schedule, seed, batch size) must be the run's own
-CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download")
+CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download", "evaluation.")
 FIXED = ("trainer.batch_size",)
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
+    """Train; returns the run's result: the last value of each metric of its rows (``train/...``, ``val/...``,
+    ``eval/...``, step, epoch, ...), with ``stopped``: why a callback ended it early (a search's pruner), or None."""
     device = dist.setup(cfg.device)  # one process, or one of several started by torchrun / srun
     run_dir = Path(dist.broadcast(str(run_dir)))  # rank 0's run directory is the run's; only rank 0 writes there
     state = None
@@ -39,17 +41,25 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
             more = "trainer.max_steps=N" if cfg.trainer.max_steps else "trainer.epochs=N or trainer.max_steps=N"
             log.warning("nothing to train: the run in %s has done %d steps, and this command asks for %d. Ask for "
                         "more with %s.", path.parent.parent, trainer.step, trainer.max_steps, more)
-            return
+            return result(trainer.history)
         if trainer.max_time is not None and trainer.wall_time >= trainer.max_time:
             log.warning("nothing to train: the run in %s has trained for %.0f s, and trainer.max_time=%s. Ask for "
                         "more time with trainer.max_time=...", path.parent.parent, trainer.wall_time, cfg.trainer.max_time)
-            return
+            return result(trainer.history)
         log.info("resuming from %s at step %d", path, state["step"])
     trainer.fit()
     dist.finish()
+    if trainer.stopped is not None:
+        log.info("stopped early: %s", trainer.stopped)
     if trainer.timed_out:
         log.info("trainer.max_time=%s reached after %d of %d steps", cfg.trainer.max_time, trainer.step, trainer.max_steps)
     log.info("done: %d steps; checkpoint %s", trainer.step, run_dir / "checkpoints" / "last.pt")
+    return {**result(trainer.history), "stopped": trainer.stopped}
+
+
+def result(rows: list[dict]) -> dict:
+    """The last value of each metric of the metrics rows."""
+    return {k: v for row in rows for k, v in row.items()}
 
 
 def check_trainer(t: DictConfig) -> None:

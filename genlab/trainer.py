@@ -190,7 +190,9 @@ class Trainer:
         self.saved = None  # (path, step) of the newest checkpoint written: the last good one
         self.signal = None  # a signal (SIGINT, SIGTERM, ...) the ranks agreed to stop for, at the last metrics row
         self.timed_out = False  # max_time (seconds of training) is spent: the run ends here
+        self.stopped = None  # why a callback ended the run early (request_stop), once the ranks agree
         self._received = None  # a signal this process received, not yet agreed
+        self._requested = None  # a callback's request_stop on this process, not yet agreed
         self._dropped_in_a_row = 0  # on_nan=skip
 
     @property
@@ -204,7 +206,14 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.max_steps or self.timed_out
+        return self.step >= self.max_steps or self.timed_out or self.stopped is not None
+
+    def request_stop(self, reason: str) -> None:
+        """A callback ends the run early (a search's pruner, say): alone at once, after the current epoch's
+        writers; under several processes at the next metrics row, where the ranks agree (callbacks run on rank 0)."""
+        self._requested = reason
+        if dist.world() == 1:
+            self.stopped = reason
 
     def fit(self) -> None:
         """Train to ``max_steps``. SIGINT/SIGTERM finish the current step, let the callbacks save, then raise
@@ -265,9 +274,11 @@ class Trainer:
 
     def _log(self) -> None:
         synchronize(self.ctx.device)  # the row reads the losses anyway; the window's time then counts its work
-        row, received = self._window.row(self.step, self.epoch, self._received)
+        row, received, requested = self._window.row(self.step, self.epoch, self._received, self._requested is not None)
         self.timed_out = self._time_spent(row["wall_time"])
         self.signal = received
+        if requested and self.stopped is None:
+            self.stopped = self._requested or "stopped by rank 0"
         if dist.world() > 1:
             dist.broadcast_tensors(list(self.model.buffers()))  # batch-norm statistics: rank 0's (SyncBatchNorm on GPUs)
         bad = [k.removeprefix("train/") for k, v in row.items() if k.startswith("train/") and not math.isfinite(v)]
@@ -408,18 +419,20 @@ class Window:
         at = int(self.first)
         return at if at >= 0 else None
 
-    def row(self, step: int, epoch: int, received: int | None = None) -> tuple[dict, int | None]:
-        """The metrics row of the window, and the signal to stop for. Under several processes the ranks agree
-        here: the losses and images summed over them, the clock the slowest one's, a signal any one received."""
+    def row(self, step: int, epoch: int, received: int | None = None, requested: bool = False) -> tuple[dict, int | None, bool]:
+        """The metrics row of the window, the signal to stop for, and whether a callback asked to stop. Under
+        several processes the ranks agree here: the losses and images summed over them, the clock the slowest
+        one's, a signal any one received, a stop any one's callbacks asked for."""
         keys = list(self.sums)
         now = time.perf_counter()
         total = torch.stack([*(self.sums[k] for k in keys), torch.tensor(float(self.images), device=self.device)])
         first = torch.where(self.first >= 0, -self.first, -2**31).double().view(1)  # max over ranks: the earliest
-        peak = torch.cat([torch.tensor([now - self.start, received or 0], dtype=torch.float64, device=self.device), first])
+        peak = torch.cat([torch.tensor([now - self.start, received or 0, requested], dtype=torch.float64,
+                                       device=self.device), first])
         values = dist.all_reduce(total).tolist()  # the one host sync
-        elapsed, signal, first = dist.all_reduce(peak, "max").tolist()
+        elapsed, signal, requested, first = dist.all_reduce(peak, "max").tolist()
         self.first.fill_(int(-first) if first > -2**31 else -1)
         n = dist.world()
         row = {"step": step, "epoch": epoch + 1, **{f"train/{k}": v / (n * self.counts[k]) for k, v in zip(keys, values)},
                "img_per_s": round(values[-1] / max(now - self.t0, 1e-9), 1), "wall_time": round(elapsed, 3)}
-        return row, int(signal) or None
+        return row, int(signal) or None, bool(requested)

@@ -119,6 +119,8 @@ class OneRank(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
         elif self.what == "clock":
             trainer._window.start -= 3600  # an hour later, for this rank alone
+        elif self.what == "request":  # a search's pruner, say: a callback of rank 0 ends the run
+            trainer.request_stop("asked by a callback")
         elif self.what == "crash":
             raise GenlabError(f"rank {self.rank} broke at step {self.at}")
 
@@ -138,7 +140,7 @@ def decisions(out: Path) -> None:
     stop), the time budget, a signal. Each rank writes where it stopped, how, and a checksum of its weights."""
     device = dist.setup("cpu")
     cases = {"skip": ["trainer.on_nan=skip"], "stop": ["trainer.on_nan=stop"], "clock": ["trainer.max_time=1h"],
-             "signal": []}
+             "signal": [], "request": []}
     for case, overrides in cases.items():
         cfg = compose_train(["model=gan", *COMMON, "trainer.max_steps=8", "trainer.log_every=4", *overrides])
         torch.manual_seed(cfg.seed)
@@ -146,14 +148,15 @@ def decisions(out: Path) -> None:
         if case in ("skip", "stop"):
             poisoned(trainer.loader, rank=1, steps={2} if case == "skip" else {5})
         else:
-            trainer.callbacks.append(OneRank(case))
+            trainer.callbacks.append(OneRank(case, rank=0 if case == "request" else 1))
         try:
             trainer.fit()
             error = None
         except GenlabError as e:
             error = type(e).__name__ + ": " + str(e)
         weights = sum(float(p.detach().double().sum()) for p in trainer.model.parameters())
-        result = {"step": trainer.step, "error": error, "weights": weights, "history": len(trainer.history)}
+        result = {"step": trainer.step, "error": error, "weights": weights, "history": len(trainer.history),
+                  "stopped": trainer.stopped}
         (out / f"{case}-rank{dist.rank()}.json").write_text(json.dumps(result))
 
 

@@ -109,13 +109,14 @@ def test_a_sweep_inside_torchrun_is_refused(tmp_path):
 
 
 def test_what_one_rank_meets_every_rank_decides(tmp_path):
-    """A NaN batch, a spent time budget or a signal on rank 1 alone: both ranks act on it after the same step
-    (on_nan=skip drops the same update, on_nan=stop diverges at the same row, the clock and the signal end the
-    run at the next metrics row) and stay identical; no rank waits forever for the other."""
+    """A NaN batch, a spent time budget or a signal on rank 1 alone, or a stop asked by a callback of rank 0:
+    both ranks act on it after the same step (on_nan=skip drops the same update, on_nan=stop diverges at the same
+    row, the clock, the signal and the request end the run at the next metrics row) and stay identical; no rank
+    waits forever for the other."""
+    cases = ("skip", "stop", "clock", "signal", "request")
     run([*TORCHRUN, str(WORKER), str(tmp_path), "--decisions"], tmp_path)
-    result = {(case, r): json.loads((tmp_path / f"{case}-rank{r}.json").read_text())
-              for case in ("skip", "stop", "clock", "signal") for r in (0, 1)}
-    for case in ("skip", "stop", "clock", "signal"):
+    result = {(case, r): json.loads((tmp_path / f"{case}-rank{r}.json").read_text()) for case in cases for r in (0, 1)}
+    for case in cases:
         a, b = result[case, 0], result[case, 1]
         assert a["step"] == b["step"] and a["history"] == b["history"], case
         assert a["weights"] == b["weights"] or case == "stop", case  # bit-identical weights
@@ -126,6 +127,8 @@ def test_what_one_rank_meets_every_rank_decides(tmp_path):
     assert result["signal", 0]["step"] == 4 and result["signal", 0]["error"].startswith("Interrupted: SIGTERM")
     assert "saved" in result["signal", 0]["error"] and (tmp_path / "signal" / "checkpoints" / "last.pt").is_file()
     assert checkpoint.load(tmp_path / "signal")["step"] == 4
+    assert [result["request", r]["stopped"] for r in (0, 1)] == ["asked by a callback", "stopped by rank 0"]
+    assert result["request", 0]["step"] == 4 and result["request", 0]["error"] is None
 
 
 def test_a_rank_that_fails_stops_the_others(tmp_path):

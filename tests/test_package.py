@@ -41,8 +41,11 @@ def venv(tmp_path_factory) -> Path:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     wheel = next((tmp / "dist").glob("genlab-*.whl"))
-    shipped = {n.removeprefix("genlab/configs/") for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.removeprefix("genlab/configs/") for n in names if n.endswith(".yaml")}
     assert shipped == {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")}
+    # the Optuna sweeper, in Hydra's namespace package for plugins (which has no __init__.py of its own)
+    assert "hydra_plugins/genlab_optuna_sweeper/optuna_sweeper.py" in names and "hydra_plugins/__init__.py" not in names
     env = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
     python = env / "bin" / "python"
@@ -108,6 +111,19 @@ def test_the_example_plugin_from_its_own_folder(venv, tmp_path):
     assert r.returncode == 0, r.stderr
     r = run(venv, "genlab", "train", "model._target_=toy_cond.Missing", *SMALL, cwd=tmp_path)
     assert r.returncode == 1 and "cannot import toy_cond.Missing" in r.stderr and "current directory" in r.stderr
+
+
+def test_the_wheel_searches_with_its_optuna_sweeper(venv, tmp_path):
+    """Hydra finds hydra/sweeper=optuna in the installed wheel by itself; a preset's search of one trial runs."""
+    pytest.importorskip("optuna", reason="the search needs genlab[scale] (optuna)")
+    found = ("from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+             "print([p.__module__ for p in Plugins.instance().discover(Sweeper)])")
+    r = run(venv, "python", "-c", found, cwd=tmp_path)
+    assert r.returncode == 0 and "hydra_plugins.genlab_optuna_sweeper.optuna_sweeper" in r.stdout, r.stdout + r.stderr
+    r = run(venv, "genlab", "train", "hparams_search=vae_digits", "hydra.sweeper.n_trials=1", "model.encoder.width=8",
+            *SMALL[2:], "trainer.progress=false", "hydra.sweep.dir=search", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "search" / "trials.csv").read_text().splitlines()[1].startswith("0,COMPLETE,")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not in ../shared/data")
