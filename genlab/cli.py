@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.resources
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
         print(f"genlab: configs not found at {CONFIG_DIR}: the installation is incomplete; reinstall genlab "
               "(pip install genlab-*.whl, or pip install -e . in its checkout).", file=sys.stderr)
         return 2
-    problem = None if set(args) & INFO_FLAGS else _unwritable_output(args)
+    problem = _missing_plugin(args) or (None if set(args) & INFO_FLAGS else _unwritable_output(args))
     if problem:
         print(f"genlab {verb}: error: {problem}", file=sys.stderr)
         return 1
@@ -77,6 +78,34 @@ def main(argv=None) -> int:
 
 
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+
+
+# (group, option) -> the modules it needs and the package that has them: Hydra's launcher plugins, which genlab's
+# `scale` extra installs. genlab's own presets (launcher=submitit_slurm, configs/launcher/) use the same plugins.
+PLUGINS = {
+    "joblib": (["hydra_plugins.hydra_joblib_launcher"], "hydra-joblib-launcher"),
+    "submitit_slurm": (["hydra_plugins.hydra_submitit_launcher", "submitit"], "hydra-submitit-launcher"),
+    "submitit_local": (["hydra_plugins.hydra_submitit_launcher", "submitit"], "hydra-submitit-launcher"),
+}
+NEEDS_PLUGIN = {(group, option): need for option, need in PLUGINS.items() for group in ("hydra/launcher", "launcher")}
+
+
+def _missing_plugin(args) -> str | None:
+    """Hydra answers a launcher whose plugin is not installed with "Could not find 'hydra/launcher/joblib'" and
+    its search path: name the extra that has it instead."""
+    for a in args:
+        key, _, value = a.partition("=")
+        modules, package = NEEDS_PLUGIN.get((key.lstrip("+~"), value), ([], None))
+        if not all(map(_importable, modules)):
+            return f"{a} needs {package}, which is not installed: pip install 'genlab[scale]'"
+    return None
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing too
+        return False
 
 
 def _unwritable_output(args) -> str | None:
