@@ -3,6 +3,7 @@
 import importlib
 import importlib.resources
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -149,22 +150,41 @@ def _hydra_app(verb: str):
 
     def task(cfg):
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-        from genlab.errors import GenlabError
+        from genlab import sweep
+        from genlab.errors import GenlabError, Interrupted
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
+        job = None
+        if hc.mode == RunMode.MULTIRUN:  # a job of a sweep: it records how it ends, and a failure lets the sweep go on
+            job = sweep.Job(run_dir, hc.job.num, hc.overrides.task)
+            sweep.share_cpus(hc.launcher)
         try:
             execute(verb, cfg, run_dir, list(hc.overrides.task))
-        except (GenlabError, OSError) as e:  # OSError: a file that cannot be written or read, a full disk
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"genlab {verb}: error: {e}", file=sys.stderr)
-            sys.exit(getattr(e, "exit_code", 1))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if job is not None:
+                job.end(e)
             print(f"genlab {verb}: interrupted; the run directory is {run_dir}", file=sys.stderr)
             sys.exit(130)
+        except Exception as e:
+            known = isinstance(e, (GenlabError, OSError))  # OSError: a file that cannot be written or read, a full disk
+            alone = job is None or isinstance(e, Interrupted)  # one run, or a signal: the process ends here
+            record = job.end(e) if job is not None else None
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or (alone and not known):
+                raise
+            if known:
+                print(f"genlab {verb}: error: {e}", file=sys.stderr)
+            elif hasattr(e, "status"):  # an ending that is no failure (a pruned trial)
+                print(f"genlab {verb}: {e.status}: {sweep.one_line(e)}")
+            else:  # a bug, met by one job of a sweep: its traceback, and the sweep goes on
+                logging.getLogger(__name__).exception("genlab %s: error in %s", verb, run_dir)
+            if alone:
+                sys.exit(getattr(e, "exit_code", 1))
+            return record
         print(f"genlab {verb}: run directory {run_dir}")
+        return job.end() if job is not None else None
 
     task.__module__ = f"genlab.{verb}"
     return hydra.main(config_path=str(CONFIG_DIR), config_name=verb, version_base="1.3")(task)
