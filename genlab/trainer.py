@@ -25,6 +25,9 @@ from genlab.errors import GenlabError, Interrupted
 log = logging.getLogger(__name__)
 
 ON_NAN = ("stop", "skip")
+# the signals that stop a run after its current step, with a checkpoint: Ctrl-C, a kill, and the user signals a
+# cluster sends before a time limit or a preemption (submitit's SIGUSR2; SIGUSR1 in many sbatch scripts)
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 SKIP_LIMIT = 50  # on_nan=skip gives up after this many dropped steps in a row
 
 
@@ -175,8 +178,8 @@ class Trainer:
         return self.step >= self.max_steps or self.timed_out
 
     def fit(self) -> None:
-        """Train to ``max_steps``. SIGINT/SIGTERM finish the current step, let the callbacks save, then raise
-        Interrupted."""
+        """Train to ``max_steps``. A signal (SIGNALS) finishes the current step and lets the callbacks save; then
+        the signal's earlier handler takes over (submitit's requeues the job), or Interrupted is raised."""
         self.model.train()
         self._window = Window(self.ctx.device, self.wall_time)
         try:
@@ -196,7 +199,10 @@ class Trainer:
                             break
                     if self.signal is not None:
                         self._call("on_interrupt")
-                        raise self._interrupted()
+                        if not self._hand_over():
+                            raise self._interrupted()
+                        if self.step % self.loader.steps_per_epoch and not self.done:  # on with the rest of the epoch
+                            continue
                     self._call("on_epoch_end")
                     self._window.restart()  # the pictures and checkpoints are not training time
         finally:
@@ -261,22 +267,41 @@ class Trainer:
 
     @contextlib.contextmanager
     def _signals(self):
-        self.signal = None
+        """SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 finish the current step and save (fit); the handlers that were
+        installed before genlab's are put back at the end, and meanwhile take over after the save (_hand_over)."""
+        self.signal, self._received, self._earlier = None, [], {}
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def on_signal(signum, frame):
-            if self.signal is not None:  # a second signal: stop now
+            if signum in self._received:  # the same signal again: stop now
                 raise KeyboardInterrupt
-            self.signal = signum
+            self._received.append(signum)
+            self.signal = self._received[0]
 
-        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._earlier = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}
         try:
             yield
         finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+            for sig, handler in self._earlier.items():
+                if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                    signal.signal(sig, handler)
+
+    def _hand_over(self) -> bool:
+        """After a signal's checkpoint, each signal received goes on to the Python handler installed before genlab's,
+        where there is one: submitit's requeues the job on SIGUSR2 and exits, and only logs SIGTERM. True when all
+        of them returned (their owner keeps the process running, and so does the run); False when genlab owns one
+        of the signals: the run stops."""
+        received, self._received = self._received, []
+        theirs = [s for s in received  # Python's own SIGINT handler (KeyboardInterrupt) is no owner: genlab stops
+                  if callable(self._earlier.get(s)) and self._earlier[s] is not signal.default_int_handler]
+        for s in theirs:
+            log.info("%s: checkpoint saved at step %d; handing the signal on", signal.Signals(s).name, self.step)
+            self._earlier[s](s, None)
+        mine = [s for s in received if s not in theirs]
+        self.signal = mine[0] if mine else None
+        return not mine
 
     def _interrupted(self) -> Interrupted:
         name = signal.Signals(self.signal).name

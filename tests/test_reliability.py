@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from genlab import checkpoint
 from genlab.build import build_schedulers
 from genlab.callbacks import Callback
-from genlab.errors import GenlabError
+from genlab.errors import GenlabError, Interrupted
 from genlab.train import resumed_config
 from genlab.trainer import SKIP_LIMIT
 
@@ -112,6 +112,60 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code):
     assert f"genlab train resume={run}" in err
     state = checkpoint.load(run)
     assert 0 < state["step"] < 1000 * 64
+
+
+def signalled_trainer(tmp_path, signals: dict):
+    """A GAN of 3 steps an epoch that sends itself ``signals[i]`` (a list) during step index i."""
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=30"], tmp_path)
+    real_step = t.model.training_step
+
+    def step(batch, ctx):
+        for sig in signals.get(ctx.step_index, ()):
+            os.kill(os.getpid(), sig)
+        return real_step(batch, ctx)
+
+    t.model.training_step = step
+    return t
+
+
+def test_a_signal_goes_on_to_the_handler_installed_before_genlabs(tmp_path):
+    """submitit installs its handlers before the job runs: on SIGUSR2 it requeues the job and exits, SIGTERM it only
+    logs. genlab finishes the step and saves first, then calls them; when the handler returns, the run goes on."""
+    calls = []
+
+    def requeue(signum, frame):
+        calls.append((signal.Signals(signum).name, checkpoint.load(tmp_path)["step"]))
+        sys.exit(-1)
+
+    def bypass(signum, frame):
+        calls.append((signal.Signals(signum).name, checkpoint.load(tmp_path)["step"]))
+
+    t = signalled_trainer(tmp_path, {4: [signal.SIGTERM], 10: [signal.SIGTERM, signal.SIGUSR2]})
+    earlier = {signal.SIGUSR2: signal.signal(signal.SIGUSR2, requeue), signal.SIGTERM: signal.signal(signal.SIGTERM, bypass)}
+    try:
+        with pytest.raises(SystemExit):
+            t.fit()
+        assert signal.getsignal(signal.SIGUSR2) is requeue and signal.getsignal(signal.SIGTERM) is bypass  # put back
+    finally:
+        for sig, handler in earlier.items():
+            signal.signal(sig, handler)
+    # each signal reaches its handler after the checkpoint of the step it came in (step 5 is mid-epoch)
+    assert calls == [("SIGTERM", 5), ("SIGTERM", 11), ("SIGUSR2", 11)]
+    assert (tmp_path / "samples" / "epoch_0002.png").is_file() and t.step == 11  # the run went on after SIGTERM
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
+def test_a_user_signal_without_a_handler_stops_with_a_checkpoint(tmp_path, sig):
+    """SIGUSR1/SIGUSR2 (a cluster's warning before a time limit) are SIGTERM's equal when nothing else handles them."""
+    t = signalled_trainer(tmp_path, {4: [sig]})
+    earlier = signal.signal(sig, signal.SIG_DFL)
+    try:
+        with pytest.raises(Interrupted) as e:
+            t.fit()
+    finally:
+        signal.signal(sig, earlier)
+    assert e.value.exit_code == 128 + sig and f"{signal.Signals(sig).name} at step 5: saved" in str(e.value)
+    assert checkpoint.load(tmp_path)["step"] == 5
 
 
 def test_old_periodic_checkpoints_are_pruned(tmp_path):
