@@ -91,7 +91,7 @@ class Summary(Callback):
         who = f"genlab {config.hydra.job.name}"
         counts = {s: sum(j["status"] == s for j in jobs) for s in dict.fromkeys(j["status"] for j in jobs)}
         told = ", ".join(f"{n} {'did not finish' if s == 'running' else s}" for s, n in counts.items())
-        print(f"{who}: sweep of {len(jobs)} jobs: {told}; {sweep_dir / 'jobs.csv'} lists them")
+        print(f"{who}: sweep of {len(jobs)} job{'s' * (len(jobs) > 1)}: {told}; {sweep_dir / 'jobs.csv'} lists them")
         failed = [j for j in jobs if j["status"] in FAILED]
         for j in failed:
             print(f"{who}: job #{j['job']} {j['status']} ({' '.join(j['overrides']) or 'no overrides'}) in "

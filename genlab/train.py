@@ -23,8 +23,11 @@ FIXED = ("trainer.batch_size",)
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
     state = None
-    if cfg.get("resume"):
-        path = checkpoint.resolve(cfg.resume)
+    resume = cfg.get("resume")
+    if resume == "auto":  # a requeued job continues from its own run directory, a new one starts
+        resume = run_dir if (run_dir / "checkpoints" / "last.pt").is_file() else None
+    if resume:
+        path = checkpoint.resolve(resume)
         state = checkpoint.load(path)
         cfg = resumed_config(state["config"], cfg, overrides)
     check_trainer(cfg.trainer)

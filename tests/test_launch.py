@@ -4,14 +4,21 @@ executor), a failing job in a sweep, and a job preempted by SIGUSR2 that submiti
 import csv
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
 
-from genlab import checkpoint
+from genlab import checkpoint, schema
+from genlab.cli import CONFIG_DIR
 
-from conftest import genlab
+from conftest import genlab, options
 
 SMALL = ["dataset=synthetic", "dataset.n=64", "trainer.batch_size=32", "trainer.max_steps=4", "trainer.progress=false",
          "trainer.precision=fp32", "trainer.n_samples=4", "device=cpu"]
@@ -37,6 +44,18 @@ def test_a_launcher_without_its_plugin_names_the_extra(tmp_path, choice):
     r = subprocess.run([sys.executable, "-c", "import hydra_plugins.hydra_joblib_launcher"], cwd=tmp_path,
                        env={**os.environ, **hide_plugins(tmp_path)}, capture_output=True)
     assert r.returncode == 1 and b"ModuleNotFoundError" in r.stderr
+
+
+@pytest.mark.parametrize("launcher", options("launcher"))
+def test_launcher_presets_compose(launcher):
+    """launcher=X is hydra/launcher=X with genlab's settings: a requeued job resumes by itself (resume=auto), and on
+    SLURM one rank per GPU."""
+    schema.register()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"launcher={launcher}"], return_hydra_config=True)
+    assert cfg.resume == "auto"
+    assert cfg.hydra.launcher._target_.endswith({"submitit_slurm": "SlurmLauncher", "submitit_local": "LocalLauncher"}[launcher])
+    assert cfg.hydra.launcher.tasks_per_node == (cfg.hydra.launcher.gpus_per_node or 1)
 
 
 def jobs(sweep_dir) -> list[dict]:
@@ -76,3 +95,56 @@ def test_a_sweep_that_goes_well_exits_0(tmp_path):
     r = genlab("train", "-m", *SMALL, "model=gan", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert [j["status"] for j in jobs(tmp_path / "s")] == ["completed", "completed"]
+
+
+def submitit_sweep(tmp_path, *args) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "genlab"
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([str(exe), "train", "-m", "launcher=submitit_local", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_submitit_sweep_completes_and_reports_a_failing_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = submitit_sweep(tmp_path, *SMALL, "model=gan,vae", "loss=hinge", f"hydra.sweep.dir={sweep}")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 1, err
+    assert [(j["job"], j["status"]) for j in jobs(sweep)] == [("0", "completed"), ("1", "failed")]
+    assert_whole(sweep / "0")
+    assert "job #1 failed (" in err and "VAE takes a loss of type ELBO" in err and "Traceback" not in err
+
+
+def holding(path: Path) -> int | None:
+    """The process that has ``path`` open, from /proc."""
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                return int(fd_dir.parent.name)
+        except OSError:  # a process that ended, or is not ours
+            continue
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the job's process in /proc")
+def test_a_preempted_job_is_requeued_and_resumes_by_itself(tmp_path):
+    """Job 0 gets SIGUSR2 (what SLURM sends before a time limit or a preemption) mid-run: genlab saves, submitit
+    requeues it into the same run directory, resume=auto continues it, and it ends with the weights of job 1, the
+    same run uninterrupted (keep_last, the only difference, changes no weight)."""
+    sweep = tmp_path / "sweep"
+    p = submitit_sweep(tmp_path, "model=gan", "dataset=synthetic", "dataset.n=2048", "trainer.batch_size=32",
+                       "trainer.max_steps=200", "trainer.log_every=5", "trainer.progress=false", "trainer.precision=fp32",
+                       "trainer.n_samples=4", "device=cpu", "trainer.keep_last=4,5", f"hydra.sweep.dir={sweep}")
+    log, pid, deadline = sweep / "0" / "train.log", None, time.time() + 300
+    while pid is None and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+        pid = holding(log) if (sweep / "0" / "metrics.csv").exists() else None
+    assert pid is not None, p.communicate()
+    os.kill(pid, signal.SIGUSR2)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    text = log.read_text()
+    saved = int(re.search(r"SIGUSR2: checkpoint saved at step (\d+)", text).group(1))
+    assert f"resuming from {sweep / '0' / 'checkpoints' / 'last.pt'} at step {saved}" in text and 0 < saved < 200
+    a, b = checkpoint.load(sweep / "0"), checkpoint.load(sweep / "1")
+    assert a["step"] == b["step"] == 200
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
