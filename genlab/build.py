@@ -232,13 +232,14 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
     if t.compile:
         compile_networks(model)
     loss = f", loss {type(model.loss).__name__}" if getattr(model, "loss", None) is not None else ""
+    by_time = isinstance(t.checkpoint_every, str)  # trainer.checkpoint_every: a duration (10m), or epochs
     writers = [callbacks.ProgressBar()] if t.progress else []
     writers += [
         callbacks.MetricsCSV(run_dir),
         callbacks.LossCurves(run_dir, f"{type(model).__name__} on {data.name}{loss}"),
         callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling)),
-        callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), t.checkpoint_every, t.keep_every,
-                              t.keep_last),
+        callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), None if by_time else t.checkpoint_every,
+                              t.keep_every, t.keep_last, every_s=seconds(t.checkpoint_every) if by_time else None),
     ]
     trainer = Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every,
                       max_time=seconds(t.max_time))
@@ -249,18 +250,18 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
     return trainer
 
 
-def seconds(duration) -> float | None:
-    """``trainer.max_time``: 90 (seconds), "90s", "30m", "2h", "1h30m", or null."""
+def seconds(duration, key: str = "trainer.max_time") -> float | None:
+    """A duration setting (``trainer.max_time``): 90 (seconds), "90s", "30m", "2h", "1h30m", or null."""
     if duration is None:
         return None
     text = str(duration).strip().lower()
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?", text)
     if not text or not match or not any(match.groups()):
-        raise GenlabError(f"trainer.max_time must be a duration such as 90s, 30m, 2h or 1h30m; got {duration!r}.")
+        raise GenlabError(f"{key} must be a duration such as 90s, 30m, 2h or 1h30m; got {duration!r}.")
     h, m, s = (float(g) if g else 0.0 for g in match.groups())
     total = 3600 * h + 60 * m + s
     if total <= 0:
-        raise GenlabError(f"trainer.max_time must be more than 0; got {duration!r}.")
+        raise GenlabError(f"{key} must be more than 0; got {duration!r}.")
     return total
 
 

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genlab import checkpoint
-from genlab.build import build_trainer
+from genlab.build import build_trainer, seconds
 from genlab.device import resolve_device
 from genlab.errors import GenlabError
 from genlab.trainer import check_on_nan
@@ -55,13 +55,19 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
 
 def check_trainer(t: DictConfig) -> None:
     """Whole numbers where the loop counts things: a typo gives one clear line, not a traceback."""
-    for key in ("epochs", "max_steps", "batch_size", "log_every", "n_samples", "checkpoint_every", "keep_every", "keep_last"):
+    for key in ("epochs", "max_steps", "batch_size", "log_every", "n_samples", "keep_every", "keep_last"):
         value = t.get(key)
         if key == "max_steps" and value is None:
             continue
         zero_ok = key in ("keep_every", "keep_last")
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
             raise GenlabError(f"trainer.{key} must be a whole number{'' if zero_ok else ' above 0'}; got {value!r}.")
+    every = t.get("checkpoint_every")  # epochs, or a duration with its unit
+    if isinstance(every, str) and every.strip()[-1:].lower() in ("h", "m", "s"):
+        seconds(every, "trainer.checkpoint_every")
+    elif isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise GenlabError(f"trainer.checkpoint_every must be a number of epochs above 0 (1) or a duration with its "
+                          f"unit (90s, 10m, 1h); got {every!r}.")
     check_on_nan(t.get("on_nan"))
 
 

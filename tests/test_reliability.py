@@ -11,11 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from genlab import checkpoint
+from genlab import callbacks, checkpoint
 from genlab.build import build_schedulers
 from genlab.callbacks import Callback
 from genlab.errors import GenlabError, Interrupted
-from genlab.train import resumed_config
+from genlab.train import check_trainer, resumed_config
 from genlab.trainer import SKIP_LIMIT
 
 from conftest import compose_train, genlab, make_trainer
@@ -177,11 +177,37 @@ def test_old_periodic_checkpoints_are_pruned(tmp_path):
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "epoch_0004.pt")["step"] == 12
 
 
+@pytest.mark.parametrize("every,saved", [("10m", [2, 4, 6, 8, 10, 12]), (1, [3, 6, 9, 12]), (2, [6, 12])])
+def test_checkpoint_every_takes_epochs_or_training_time(tmp_path, monkeypatch, every, saved):
+    """trainer.checkpoint_every=10m writes last.pt once 10 minutes have passed since the last write, mid-epoch too,
+    so that a hard kill loses at most that; a number is epochs. Here a step takes 5 minutes, an epoch 3 steps."""
+    clock, written = [0.0], []
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda state, path: written.append(state["step"]) or real_save(state, path))
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=12", f"trainer.checkpoint_every={every}"], tmp_path)
+
+    class FiveMinutes(Callback):
+        def on_step_end(self, trainer):
+            clock[0] += 300
+
+    t.callbacks.insert(0, FiveMinutes())
+    t.fit()
+    assert written == saved
+
+
+@pytest.mark.parametrize("every", ["0", "'10'", "1.5", "5x", "true", "1x5m"])
+def test_checkpoint_every_that_is_neither_epochs_nor_a_duration(every):
+    with pytest.raises(GenlabError, match="trainer.checkpoint_every must be"):
+        check_trainer(compose_train([f"trainer.checkpoint_every={every}"]).trainer)
+
+
 def poisoned_trainer(tmp_path, bad_steps, on_nan="stop", weights_at=None, max_steps=9, seed=0):
     """A VAE on 96 synthetic images, 3 steps an epoch; the batches of ``bad_steps`` (0-based) are NaN,
     and after step ``weights_at`` a weight is set to NaN while that step's loss stays finite."""
     t = make_trainer(["model=vae", "dataset=synthetic", "dataset.n=96", f"trainer.max_steps={max_steps}",
-                      "trainer.batch_size=32", "trainer.n_samples=4", f"trainer.on_nan={on_nan}"], tmp_path, seed)
+                      "trainer.batch_size=32", "trainer.n_samples=4", f"trainer.on_nan={on_nan}", "trainer.checkpoint_every=1"],
+                     tmp_path, seed)
     m = t.model
     real_step = m.training_step
 
