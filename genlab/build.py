@@ -216,9 +216,10 @@ def build_schedulers(cfg: DictConfig | None, optimizers: dict, total_steps: int)
     return schedulers
 
 
-def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
+def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None) -> Trainer:
     """Everything a training run needs: the model on ``device``, its optimizers and schedules, the data,
-    the step context, the moving average of the weights, and the writers into ``run_dir``."""
+    the step context, the moving average of the weights, and the writers into ``run_dir``. ``choices``: the config
+    groups' options the run was composed from, kept in its checkpoints."""
     t = cfg.trainer
     model = build_model(cfg).to(device)  # first: config mistakes show before any data is read
     optimizers = build_optimizers(cfg.optimizer, model)
@@ -239,7 +240,8 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
         callbacks.LossCurves(run_dir, f"{type(model).__name__} on {data.name}{loss}"),
         callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling)),
         callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), None if by_time else t.checkpoint_every,
-                              t.keep_every, t.keep_last, every_s=seconds(t.checkpoint_every) if by_time else None),
+                              t.keep_every, t.keep_last, every_s=seconds(t.checkpoint_every) if by_time else None,
+                              choices=choices),
     ]
     trainer = Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every,
                       max_time=seconds(t.max_time))

@@ -22,17 +22,18 @@ FIXED = ("trainer.batch_size",)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
-    state = None
+    state, choices = None, hydra_choices()
     resume = cfg.get("resume")
     if resume == "auto":  # a requeued job continues from its own run directory, a new one starts
         resume = run_dir if (run_dir / "checkpoints" / "last.pt").is_file() else None
     if resume:
         path = checkpoint.resolve(resume)
         state = checkpoint.load(path)
-        cfg = resumed_config(state["config"], cfg, overrides)
+        choices = state.get("choices")  # the run's own
+        cfg = resumed_config(state["config"], cfg, overrides, choices)
     check_trainer(cfg.trainer)
     torch.manual_seed(cfg.seed)
-    trainer = build_trainer(cfg, run_dir, resolve_device(cfg.device))
+    trainer = build_trainer(cfg, run_dir, resolve_device(cfg.device), choices)
     if state is not None:
         trainer.load_state_dict(state)
         trainer.saved = (path, state["step"])  # the last good checkpoint until this run writes one
@@ -71,17 +72,36 @@ def check_trainer(t: DictConfig) -> None:
     check_on_nan(t.get("on_nan"))
 
 
-def resumed_config(stored: dict, cfg: DictConfig, overrides) -> DictConfig:
+def hydra_choices() -> dict | None:
+    """The config groups' options this command was composed from ({"model": "vae_gan", ...}); None outside
+    Hydra's app (genlab.api)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choices = OmegaConf.to_container(HydraConfig.get().runtime.choices)
+    return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+
+
+def resumed_config(stored: dict, cfg: DictConfig, overrides, choices: dict | None = None) -> DictConfig:
     """The stored run's config, with this command's overrides of what may change on resume (CHANGEABLE).
     The other overrides must give the values the run has: re-running the run's own command with resume=
-    added (what a requeue script does) is accepted, a change of what it trains is refused."""
+    added (what a requeue script does) is accepted, a change of what it trains is refused. A config group on
+    the command line (model=vae_gan) must name the option the run was composed from (``choices``, kept in its
+    checkpoint); the run keeps its values, whatever genlab's defaults for that option have become since. A
+    checkpoint without ``choices`` (written before genlab kept them) has the group's values compared instead."""
     # today's trainer defaults under the stored values: a setting added since the run started has a value
     merged = OmegaConf.merge({"trainer": OmegaConf.to_container(cfg.trainer)}, stored)
     composed = OmegaConf.to_container(cfg, resolve=True)
     changed = {}
     for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra"):
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in ("resume", "launcher") or key.startswith("hydra"):  # launcher: where it runs
+            continue
+        if choices is not None and key in choices:  # a config group: the run's own option, not today's values of it
+            if value != ("null" if choices[key] is None else str(choices[key])):
+                changed[key] = f"{key} (the run has {choices[key]}, this command {value})"
             continue
         named = "." in key  # a setting named on the command line, not a config group or preset
         root = "" if key == "experiment" else key  # a preset may set anything

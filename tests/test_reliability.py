@@ -48,6 +48,7 @@ def test_resume_is_bit_identical(model, precision, tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "resumed")
     assert a["step"] == b["step"] == 8
+    assert a["choices"]["model"] == b["choices"]["model"] == model  # the resumed run keeps the run's own record
     ta, tb = dict(tensors({k: a[k] for k in ("model", "optimizers", "rng")})), dict(tensors({k: b[k] for k in ("model", "optimizers", "rng")}))
     assert ta.keys() == tb.keys() and len(ta) > 10
     different = [k for k in ta if not torch.equal(ta[k], tb[k])]
@@ -350,10 +351,10 @@ def test_a_dropped_step_keeps_the_schedules_learning_rate(tmp_path):
 RUN = ["model=gan", "dataset=synthetic", "trainer.batch_size=32", "trainer.epochs=2"]
 
 
-def resume_with(*overrides):
-    stored = OmegaConf.to_container(compose_train(RUN), resolve=True)
+def resume_with(*overrides, choices=None, stored=None):
+    stored = stored or OmegaConf.to_container(compose_train(RUN), resolve=True)
     args = [*RUN, *overrides, "resume=somewhere"]
-    return resumed_config(stored, compose_train(args), args)
+    return resumed_config(stored, compose_train(args), args, choices)
 
 
 def test_resume_takes_the_runs_own_command_again():
@@ -375,3 +376,21 @@ def test_resume_refuses_what_would_change_the_run(override, key):
     ignored (the optimizer state brings its own learning rate) or make the resumed run another experiment."""
     with pytest.raises(GenlabError, match=f"would change {key} \\(the run has"):
         resume_with(override)
+
+
+def test_resume_compares_a_group_by_the_option_the_run_was_composed_from():
+    """A genlab upgrade changed a default of a group's option (as model/vae_gan.yaml's gamma went from 0.01 to 0.1;
+    here adam's lr): the run's own command, group overrides included, still resumes the run, with the run's values.
+    Another option of the group is refused. The checkpoint records the options (choices)."""
+    stored = OmegaConf.to_container(compose_train(RUN), resolve=True)
+    stored["optimizer"]["lr"] = 1e-3  # adam's default when the run started
+    choices = {"model": "gan", "dataset": "synthetic", "optimizer": "adam", "loss": "bce", "scheduler": "constant",
+               "launcher": None, "experiment": None}
+    merged = resume_with("optimizer=adam", "model=gan", "launcher=submitit_local", choices=choices, stored=stored)
+    assert merged.optimizer.lr == 1e-3 and merged.model._target_ == "genlab.models.GAN"
+    with pytest.raises(GenlabError, match="would change optimizer \\(the run has adam, this command sgd\\)"):
+        resume_with("optimizer=sgd", choices=choices, stored=stored)
+    with pytest.raises(GenlabError, match="would change optimizer.lr"):  # a value named on the command line
+        resume_with("optimizer=adam", "optimizer.lr=2e-4", choices=choices, stored=stored)
+    with pytest.raises(GenlabError, match="would change optimizer.lr \\(the run has 0.001"):  # no record: each value
+        resume_with("optimizer=adam", stored=stored)
