@@ -8,6 +8,7 @@ groups' options it was composed from, {"model": "vae_gan", ...}; None when unkno
 ``wall_time`` and ``rng`` (torch's CPU and CUDA generator states).
 """
 
+import logging
 import os
 import pickle
 import shutil
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 
 from genlab.errors import GenlabError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "genlab-checkpoint"
 VERSION = 2
@@ -101,6 +104,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """The CPU generator's state, and each GPU's that this machine has: a run resumed with fewer (or more) GPUs
+    visible gets a warning, not a crash."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda") or []
+    if saved and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        for i, s in enumerate(saved[:n]):
+            torch.cuda.set_rng_state(s, i)
+        if len(saved) != n:
+            log.warning("the checkpoint holds the random states of %d GPUs and %d are visible: restored %d",
+                        len(saved), n, min(len(saved), n))

@@ -58,6 +58,26 @@ def test_resume_is_bit_identical(model, precision, tmp_path):
     assert any(not torch.equal(half[k], ta["/model" + k]) for k in half)
 
 
+def test_resume_with_fewer_gpus_restores_the_random_states_that_fit(monkeypatch, caplog):
+    """A checkpoint from 2 GPUs resumed where 1 is visible: torch.cuda.set_rng_state_all would fail on the second
+    ("invalid device ordinal"); the first is restored, with a warning."""
+    restored = []
+
+    def set_rng_state(state, device):
+        if device >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        restored.append((device, state))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)  # the one set_rng_state_all calls
+    cuda = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    checkpoint.set_rng_state({"torch": torch.get_rng_state(), "cuda": cuda})
+    assert restored == [(0, cuda[0])]
+    assert "random states of 2 GPUs and 1 are visible" in caplog.text
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, (f"touch {MARKER}",))
