@@ -14,14 +14,13 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.optim.lr_scheduler import LambdaLR
 
 from genlab import callbacks
 from genlab.data import ImageData, Loader
 from genlab.ema import EMA
 from genlab.errors import GenlabError
 from genlab.models import GenerativeModel
-from genlab.schedules import Constant
+from genlab.schedules import Constant, ScheduledLR
 from genlab.trainer import StepContext, Trainer
 
 log = logging.getLogger(__name__)
@@ -202,7 +201,7 @@ def build_optimizers(cfg: DictConfig, model: GenerativeModel) -> dict:
 
 
 def build_schedulers(cfg: DictConfig | None, optimizers: dict, total_steps: int) -> dict:
-    """A LambdaLR per optimizer following the schedule of ``cfg`` (genlab.schedules) over ``total_steps``;
+    """A ScheduledLR per optimizer following the schedule of ``cfg`` (genlab.schedules) over ``total_steps``;
     none where the schedule is constant."""
     if cfg is None:
         return {}
@@ -212,7 +211,7 @@ def build_schedulers(cfg: DictConfig | None, optimizers: dict, total_steps: int)
         schedule = target(**settings[name]) if isinstance(target, type) else functools.partial(target, **settings[name])
         if isinstance(schedule, Constant) and not schedule.warmup:
             continue
-        schedulers[name] = LambdaLR(opt, lambda step, s=schedule: s(step, total_steps))
+        schedulers[name] = ScheduledLR(opt, schedule, total_steps)
     return schedulers
 
 

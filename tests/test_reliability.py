@@ -15,6 +15,7 @@ from genlab import callbacks, checkpoint
 from genlab.build import build_schedulers
 from genlab.callbacks import Callback
 from genlab.errors import GenlabError, Interrupted
+from genlab.schedules import Cosine
 from genlab.train import check_trainer, resumed_config
 from genlab.trainer import SKIP_LIMIT
 
@@ -366,6 +367,40 @@ def test_a_dropped_step_keeps_the_schedules_learning_rate(tmp_path):
         real_step(batch, ctx)
     t.fit()
     assert rates == pytest.approx([2e-4 * f for f in (1.0, 2 / 3, 1 / 3, 0.0)])
+
+
+def schedule_rates(overrides, total, first, last, state=None, tmp_path=None):
+    """The learning rate (factor) at steps first..last-1 of a run of ``total`` steps, resumed from ``state``; and the
+    state at ``last``, through a checkpoint file (as a resume reads it, weights_only)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    (s,) = build_schedulers(compose_train(overrides).scheduler, {"g": opt}, total).values()
+    if state is not None:
+        s.load_state_dict(state)
+    rates = []
+    for _ in range(first, last):
+        rates.append(s.get_last_lr()[0])
+        opt.step()
+        s.step()
+    checkpoint.save({"s": s.state_dict()}, tmp_path / "s.pt")
+    return rates, checkpoint.load(tmp_path / "s.pt")["s"]
+
+
+def test_a_resumed_run_of_another_length_stretches_what_is_left_of_the_schedule(tmp_path):
+    """A cosine schedule over 8 steps, resumed after 4 as a run of 16: the rate goes on from where it was, what was
+    left of the cosine (its steps 4 to 7) spreads over steps 4 to 15, and it ends at 0 on the last step. (It used to
+    be recomputed over 16 steps from the start: at step 5 it jumped from 0.39 up to 0.75.)"""
+    cosine = Cosine()
+    before, state = schedule_rates(["scheduler=cosine"], 8, 0, 4, tmp_path=tmp_path)
+    after, _ = schedule_rates(["scheduler=cosine"], 16, 4, 16, state, tmp_path)
+    assert before == pytest.approx([cosine(k, 8) for k in range(4)])
+    assert after == pytest.approx([cosine(4 + (k - 4) * 3 / 11, 8) for k in range(4, 16)])
+    assert after[0] == pytest.approx(cosine(4, 8)) and after[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip([before[-1], *after], after))  # no jump: down all the way
+    # a schedule planned with its own length (scheduler.steps) keeps its clock: nothing is stretched
+    planned = ["scheduler=cosine", "scheduler.steps=16"]
+    _, state = schedule_rates(planned, 8, 0, 4, tmp_path=tmp_path)
+    after, _ = schedule_rates(planned, 16, 4, 16, state, tmp_path)
+    assert after == pytest.approx([Cosine(steps=16)(k, 16) for k in range(4, 16)])
 
 
 RUN = ["model=gan", "dataset=synthetic", "trainer.batch_size=32", "trainer.epochs=2"]
