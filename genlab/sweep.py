@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from hydra.experimental.callback import Callback
 
-from genlab.errors import Interrupted
+from genlab.errors import GenlabError, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ class Job:
 
 
 def one_line(error: BaseException) -> str:
-    from genlab.errors import GenlabError
-
     text = " ".join(str(error).split())
     return text if isinstance(error, (GenlabError, OSError)) else f"{type(error).__name__}: {text}"
 

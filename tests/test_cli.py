@@ -57,6 +57,7 @@ def test_sweep_with_multirun(tmp_path):
     assert r.returncode == 0, r.stderr
     runs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/checkpoints/last.pt"))
     assert len(runs) == 2
+    assert "sweep of 2 jobs: 2 completed;" in r.stdout and (runs[0].parents[2] / "jobs.csv").is_file()
     lrs = [checkpoint.load(p)["config"]["optimizer"]["lr"] for p in runs]
     assert lrs == [1e-4, 1e-3]
 
