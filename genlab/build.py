@@ -14,14 +14,13 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.optim.lr_scheduler import LambdaLR
 
 from genlab import callbacks, dist
 from genlab.data import ImageData, Loader
 from genlab.ema import EMA
 from genlab.errors import GenlabError
 from genlab.models import GenerativeModel
-from genlab.schedules import Constant
+from genlab.schedules import Constant, ScheduledLR
 from genlab.trainer import StepContext, Trainer
 
 log = logging.getLogger(__name__)
@@ -202,7 +201,7 @@ def build_optimizers(cfg: DictConfig, model: GenerativeModel) -> dict:
 
 
 def build_schedulers(cfg: DictConfig | None, optimizers: dict, total_steps: int) -> dict:
-    """A LambdaLR per optimizer following the schedule of ``cfg`` (genlab.schedules) over ``total_steps``;
+    """A ScheduledLR per optimizer following the schedule of ``cfg`` (genlab.schedules) over ``total_steps``;
     none where the schedule is constant."""
     if cfg is None:
         return {}
@@ -212,13 +211,14 @@ def build_schedulers(cfg: DictConfig | None, optimizers: dict, total_steps: int)
         schedule = target(**settings[name]) if isinstance(target, type) else functools.partial(target, **settings[name])
         if isinstance(schedule, Constant) and not schedule.warmup:
             continue
-        schedulers[name] = LambdaLR(opt, lambda step, s=schedule: s(step, total_steps))
+        schedulers[name] = ScheduledLR(opt, schedule, total_steps)
     return schedulers
 
 
-def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
+def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None) -> Trainer:
     """Everything a training run needs: the model on ``device``, its optimizers and schedules, the data,
-    the step context, the moving average of the weights, and the writers into ``run_dir``."""
+    the step context, the moving average of the weights, and the writers into ``run_dir``. ``choices``: the config
+    groups' options the run was composed from, kept in its checkpoints."""
     t = cfg.trainer
     model = build_model(cfg).to(device)  # first: config mistakes show before any data is read
     if dist.world() > 1:
@@ -237,13 +237,15 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
     if t.compile:
         compile_networks(model)
     loss = f", loss {type(model.loss).__name__}" if getattr(model, "loss", None) is not None else ""
+    by_time = isinstance(t.checkpoint_every, str)  # trainer.checkpoint_every: a duration (10m), or epochs
     writers = [
         *([callbacks.ProgressBar()] if t.progress else []),
         callbacks.MetricsCSV(run_dir),
         callbacks.LossCurves(run_dir, f"{type(model).__name__} on {data.name}{loss}"),
         callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling)),
-        callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), t.checkpoint_every, t.keep_every,
-                              t.keep_last),
+        callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), None if by_time else t.checkpoint_every,
+                              t.keep_every, t.keep_last, every_s=seconds(t.checkpoint_every) if by_time else None,
+                              choices=choices),
     ]
     # the in-loop measurements first (they add to the rows the writers write), pruning last (after the epoch's writers)
     writers = [*build_evaluation(cfg, model, data, device), *writers, *build_pruning(cfg)] if main else []
@@ -257,18 +259,18 @@ def build_trainer(cfg: DictConfig, run_dir, device) -> Trainer:
     return trainer
 
 
-def seconds(duration) -> float | None:
-    """``trainer.max_time``: 90 (seconds), "90s", "30m", "2h", "1h30m", or null."""
+def seconds(duration, key: str = "trainer.max_time") -> float | None:
+    """A duration setting (``trainer.max_time``): 90 (seconds), "90s", "30m", "2h", "1h30m", or null."""
     if duration is None:
         return None
     text = str(duration).strip().lower()
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?", text)
     if not text or not match or not any(match.groups()):
-        raise GenlabError(f"trainer.max_time must be a duration such as 90s, 30m, 2h or 1h30m; got {duration!r}.")
+        raise GenlabError(f"{key} must be a duration such as 90s, 30m, 2h or 1h30m; got {duration!r}.")
     h, m, s = (float(g) if g else 0.0 for g in match.groups())
     total = 3600 * h + 60 * m + s
     if total <= 0:
-        raise GenlabError(f"trainer.max_time must be more than 0; got {duration!r}.")
+        raise GenlabError(f"{key} must be more than 0; got {duration!r}.")
     return total
 
 

@@ -141,22 +141,36 @@ class SampleGrids(Callback):
 
 
 class Checkpoints(Callback):
-    """``checkpoints/last.pt`` every ``every`` epochs, at the end and on an interrupt; a kept copy
-    ``epoch_NNNN.pt`` every ``keep_every`` whole epochs (0: none), of which the newest ``keep_last`` stay
-    (0: all). A checkpoint holds the trainer's state and the run's resolved ``config``."""
+    """``checkpoints/last.pt`` every ``every`` epochs, or after ``every_s`` seconds since the last write (checked
+    after each step, so that a hard kill loses at most that much), at the end and on an interrupt; a kept copy
+    ``epoch_NNNN.pt`` every ``keep_every`` whole epochs (0: none), of which the newest ``keep_last`` stay (0: all).
+    A checkpoint holds the trainer's state, the run's resolved ``config`` and the ``choices`` of config groups it
+    was composed from ({"model": "vae_gan", ...}, when known)."""
 
-    def __init__(self, run_dir, config: dict, every: int = 1, keep_every: int = 0, keep_last: int = 0):
-        self.dir, self.config = Path(run_dir) / "checkpoints", config
-        self.every, self.keep_every, self.keep_last = max(1, every), keep_every, keep_last
+    def __init__(self, run_dir, config: dict, every: int | None = 1, keep_every: int = 0, keep_last: int = 0,
+                 every_s: float | None = None, choices: dict | None = None):
+        self.dir, self.config, self.choices = Path(run_dir) / "checkpoints", config, choices
+        self.every, self.every_s, self.keep_every, self.keep_last = every, every_s, keep_every, keep_last
+        self.written = time.monotonic()  # when last.pt was last written
 
     def save(self, trainer, name: str) -> None:
         path = self.dir / name
-        checkpoint.save({"config": self.config, **trainer.state_dict()}, path)
+        checkpoint.save({"config": self.config, "choices": self.choices, **trainer.state_dict()}, path)
         trainer.saved = (path, trainer.step)
+        if name == "last.pt":
+            self.written = time.monotonic()
+
+    def on_fit_start(self, trainer):
+        self.written = time.monotonic()
+
+    def on_step_end(self, trainer):
+        if self.every_s is not None and time.monotonic() - self.written >= self.every_s:
+            self.save(trainer, "last.pt")
 
     def on_epoch_end(self, trainer):
         epochs = trainer.epoch + 1
-        if trainer.done or epochs % self.every == 0:
+        due = trainer.done or (self.every and epochs % self.every == 0)
+        if due and trainer.saved != (self.dir / "last.pt", trainer.step):  # not again at the same step
             self.save(trainer, "last.pt")
         whole = trainer.step % trainer.loader.steps_per_epoch == 0
         if self.keep_every and epochs % self.keep_every == 0 and whole:

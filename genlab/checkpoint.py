@@ -1,7 +1,8 @@
 """Checkpoints: one file with everything needed to rebuild a model and go on training.
 
 A checkpoint is a dict of plain data and tensors, read back with ``weights_only=True``:
-``format``, ``version``, ``config`` (the resolved run config as plain containers),
+``format``, ``version``, ``config`` (the resolved run config as plain containers), ``choices`` (the config
+groups' options it was composed from, {"model": "vae_gan", ...}; None when unknown),
 ``model`` (state dict), ``optimizers`` and ``schedulers`` ({name: state dict}), ``scaler``,
 ``ema`` (the moving average's state dict and update count, or None), ``step``, ``epoch``,
 ``wall_time`` and ``processes`` (how many trained it). No random state: each training step draws from a

@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.resources
+import importlib.util
 import logging
 import os
 import sys
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         print(f"genlab: configs not found at {CONFIG_DIR}: the installation is incomplete; reinstall genlab "
               "(pip install genlab-*.whl, or pip install -e . in its checkout).", file=sys.stderr)
         return 2
-    problem = None if set(args) & INFO_FLAGS else _unwritable_output(args)
+    problem = _missing_plugin(args) or (None if set(args) & INFO_FLAGS else _unwritable_output(args))
     if problem is None and not set(args) & INFO_FLAGS:
         args, problem = _one_of_several(verb, args)
     if problem:
@@ -101,6 +102,34 @@ def _one_of_several(verb: str, args: list[str]) -> tuple[list[str], str | None]:
                       "Start one torchrun per setting, or sweep with hydra/launcher=submitit_slurm, which gives each "
                       "run its own GPUs.")
     return (args + QUIET_RANK if launched[0] > 0 else args), None
+
+
+# (group, option) -> the modules it needs and the package that has them: Hydra's launcher plugins, which genlab's
+# `scale` extra installs. genlab's own presets (launcher=submitit_slurm, configs/launcher/) use the same plugins.
+PLUGINS = {
+    "joblib": (["hydra_plugins.hydra_joblib_launcher"], "hydra-joblib-launcher"),
+    "submitit_slurm": (["hydra_plugins.hydra_submitit_launcher", "submitit"], "hydra-submitit-launcher"),
+    "submitit_local": (["hydra_plugins.hydra_submitit_launcher", "submitit"], "hydra-submitit-launcher"),
+}
+NEEDS_PLUGIN = {(group, option): need for option, need in PLUGINS.items() for group in ("hydra/launcher", "launcher")}
+
+
+def _missing_plugin(args) -> str | None:
+    """Hydra answers a launcher whose plugin is not installed with "Could not find 'hydra/launcher/joblib'" and
+    its search path: name the extra that has it instead."""
+    for a in args:
+        key, _, value = a.partition("=")
+        modules, package = NEEDS_PLUGIN.get((key.lstrip("+~"), value), ([], None))
+        if not all(map(_importable, modules)):
+            return f"{a} needs {package}, which is not installed: pip install 'genlab[scale]'"
+    return None
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing too
+        return False
 
 
 def _unwritable_output(args) -> str | None:
@@ -146,30 +175,45 @@ def _hydra_app(verb: str):
 
     def task(cfg):
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-        from genlab import dist
-        from genlab.errors import GenlabError
+        from genlab import dist, sweep
+        from genlab.errors import GenlabError, Interrupted
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         launched = dist.launched()
-        who = f"genlab {verb}" + (f" (rank {launched[0]})" if launched and launched[0] > 0 else "")
-        if launched and launched[0] > 0:  # rank 0 logs for the run (a SLURM job's tasks share one train.log)
+        rank = launched[0] if launched else 0
+        who = f"genlab {verb}" + (f" (rank {rank})" if rank else "")
+        if rank:  # rank 0 logs for the run (a SLURM job's tasks share one train.log)
             logging.getLogger().setLevel(logging.WARNING)
+        job = None
+        if hc.mode == RunMode.MULTIRUN and not rank:  # a job of a sweep: it records how it ends, and a failure lets
+            job = sweep.Job(run_dir, hc.job.num, hc.overrides.task)  # the sweep go on
+            sweep.share_cpus(hc.launcher)
         try:
             result = execute(verb, cfg, run_dir, list(hc.overrides.task))
-        except (GenlabError, OSError) as e:  # OSError: a file that cannot be written or read, a full disk
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            if not (launched and launched[0] > 0 and getattr(e, "shared", False)):  # rank 0 says what all ranks met
-                print(f"{who}: error: {e}", file=sys.stderr)
-            sys.exit(getattr(e, "exit_code", 1))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if job is not None:
+                job.end(e)
             print(f"{who}: interrupted; the run directory is {run_dir}", file=sys.stderr)
             sys.exit(130)
-        if dist.is_main():
+        except Exception as e:
+            known = isinstance(e, (GenlabError, OSError))  # OSError: a file that cannot be written or read, a full disk
+            alone = job is None or isinstance(e, Interrupted)  # one run, or a signal: the process ends here
+            record = job.end(e) if job is not None else None
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or (alone and not known):
+                raise
+            if known and not (rank and getattr(e, "shared", False)):  # rank 0 says what every rank met
+                print(f"{who}: error: {e}", file=sys.stderr)
+            elif not known:  # a bug, met by one job of a sweep: its traceback, and the sweep goes on
+                logging.getLogger(__name__).exception("genlab %s: error in %s", verb, run_dir)
+            if alone:
+                sys.exit(getattr(e, "exit_code", 1))
+            return record
+        if not rank:
             print(f"genlab {verb}: run directory {run_dir}")
-        return result
+        return {**(result or {}), **job.end()} if job is not None else result
 
     task.__module__ = f"genlab.{verb}"
     return hydra.main(config_path=str(CONFIG_DIR), config_name=verb, version_base="1.3")(task)

@@ -2,15 +2,18 @@
 
 A schedule is any callable ``schedule(step, total) -> factor``, where ``step`` counts the run's
 training steps from 0 and ``total`` is the run's number of steps; a ``scheduler/*.yaml`` config
-names one by ``_target_``. genlab wraps it in a torch LambdaLR per optimizer, stepped once per
-training step, whose state goes into the checkpoint.
+names one by ``_target_``. genlab wraps it in a ScheduledLR (a torch LambdaLR) per optimizer, stepped
+once per training step, whose state goes into the checkpoint.
 
 genlab's own take ``warmup`` (steps of linear warm-up) and ``steps``: the length the schedule runs
 over, by default the run's. Set it to plan a schedule longer than one run: a resumed run given
-more epochs otherwise stretches what is left of the schedule over its new length.
+more epochs otherwise stretches what is left of the schedule over its new length (ScheduledLR; the
+``step`` it passes is then fractional).
 """
 
 import math
+
+from torch.optim.lr_scheduler import LambdaLR
 
 from genlab.errors import GenlabError
 
@@ -64,3 +67,33 @@ class Linear(Decay):
 
     def shape(self, t):
         return 1 + (self.final - 1) * t
+
+
+class ScheduledLR(LambdaLR):
+    """torch's LambdaLR following ``schedule(step, total)`` over a run of ``total`` steps. Its state holds the run's
+    length, so that a run resumed with another length takes the schedule up where it was and stretches what is left
+    of it over what is left of the run; a schedule with its own ``steps`` keeps its own clock."""
+
+    def __init__(self, optimizer, schedule, total: int):
+        self.schedule, self.total = schedule, total
+        # from run step `anchor` on, the schedule's clock goes from `at` to the last step of a run of `length` steps
+        self.anchor, self.at, self.length = 0, 0.0, total
+        super().__init__(optimizer, lambda step: self.schedule(self.position(step), self.length))
+
+    def position(self, step: int) -> float:
+        """Where the schedule's clock is at run step ``step``."""
+        return self.at + (step - self.anchor) * (self.length - 1 - self.at) / max(1, self.total - 1 - self.anchor)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        del state["schedule"]  # code, not data: the config rebuilds it
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        total = self.total
+        super().load_state_dict(state)  # the stored run's length and clock (an older checkpoint has neither: recomputed)
+        if getattr(self.schedule, "steps", None) is not None:  # its own length: nothing to stretch
+            self.anchor, self.at, self.length = 0, 0.0, total
+        elif self.total != total:
+            self.at, self.anchor = self.position(self.last_epoch), self.last_epoch
+        self.total = total

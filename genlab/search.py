@@ -114,9 +114,9 @@ class Evaluation(Callback):
 
 class Pruning(Callback):
     """Reports ``objective`` to trial ``number`` of the Optuna study ``study`` in ``storage`` at each epoch's end
-    where the row has it (the step reported is the epoch), and stops the run when the study's pruner says so
-    (trainer.request_stop, after the epoch's writers: it comes last; genlab.train then marks its result
-    ``pruned``). The pruner is the
+    where the row has it (the step reported is the epoch), and stops the run there when the study's pruner says so
+    (trainer.request_stop: the epoch's writers then save as at a run's end; genlab.train's result names why it
+    stopped). The pruner is the
     one the sweeper stored in the study (its user attribute ``pruner``, a ``_target_`` node)."""
 
     def __init__(self, storage: str, study: str, number: int, objective: str):
@@ -134,9 +134,8 @@ class Pruning(Callback):
                                                                    self.number)
         self.trial = optuna.trial.Trial(study, trial_id)
 
-    def on_epoch_end(self, trainer):
-        row = trainer.history[-1] if trainer.history else {}
-        if row.get("step") != trainer.step or self.objective not in row:
+    def on_log(self, trainer, row):
+        if self.objective not in row:  # measured at an epoch's end (Evaluation, earlier in the list)
             return
         self.trial.report(row[self.objective], row["epoch"])
         if not trainer.done and self.trial.should_prune():

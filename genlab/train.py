@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from genlab import checkpoint, dist
-from genlab.build import build_trainer
+from genlab.build import build_trainer, seconds
 from genlab.errors import GenlabError
 from genlab.trainer import check_on_nan
 
@@ -25,14 +25,18 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
     ``eval/...``, step, epoch, ...), with ``stopped``: why a callback ended it early (a search's pruner), or None."""
     device = dist.setup(cfg.device)  # one process, or one of several started by torchrun / srun
     run_dir = Path(dist.broadcast(str(run_dir)))  # rank 0's run directory is the run's; only rank 0 writes there
-    state = None
-    if cfg.get("resume"):
-        path = checkpoint.resolve(cfg.resume)
+    state, choices = None, hydra_choices()
+    resume = cfg.get("resume")
+    if resume == "auto":  # a requeued job continues from its own run directory, a new one starts
+        resume = run_dir if (run_dir / "checkpoints" / "last.pt").is_file() else None
+    if resume:
+        path = checkpoint.resolve(resume)
         state = checkpoint.load(path)
-        cfg = resumed_config(state["config"], cfg, overrides)
+        choices = state.get("choices")  # the run's own
+        cfg = resumed_config(state["config"], cfg, overrides, choices)
     check_trainer(cfg.trainer)
     torch.manual_seed(cfg.seed)
-    trainer = build_trainer(cfg, run_dir, device)
+    trainer = build_trainer(cfg, run_dir, device, choices)
     if state is not None:
         trainer.load_state_dict(state)
         trainer.saved = (path, state["step"])  # the last good checkpoint until this run writes one
@@ -64,27 +68,52 @@ def result(rows: list[dict]) -> dict:
 
 def check_trainer(t: DictConfig) -> None:
     """Whole numbers where the loop counts things: a typo gives one clear line, not a traceback."""
-    for key in ("epochs", "max_steps", "batch_size", "log_every", "n_samples", "checkpoint_every", "keep_every", "keep_last"):
+    for key in ("epochs", "max_steps", "batch_size", "log_every", "n_samples", "keep_every", "keep_last"):
         value = t.get(key)
         if key == "max_steps" and value is None:
             continue
         zero_ok = key in ("keep_every", "keep_last")
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
             raise GenlabError(f"trainer.{key} must be a whole number{'' if zero_ok else ' above 0'}; got {value!r}.")
+    every = t.get("checkpoint_every")  # epochs, or a duration with its unit
+    if isinstance(every, str) and every.strip()[-1:].lower() in ("h", "m", "s"):
+        seconds(every, "trainer.checkpoint_every")
+    elif isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise GenlabError(f"trainer.checkpoint_every must be a number of epochs above 0 (1) or a duration with its "
+                          f"unit (90s, 10m, 1h); got {every!r}.")
     check_on_nan(t.get("on_nan"))
 
 
-def resumed_config(stored: dict, cfg: DictConfig, overrides) -> DictConfig:
+def hydra_choices() -> dict | None:
+    """The config groups' options this command was composed from ({"model": "vae_gan", ...}); None outside
+    Hydra's app (genlab.api)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choices = OmegaConf.to_container(HydraConfig.get().runtime.choices)
+    return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+
+
+def resumed_config(stored: dict, cfg: DictConfig, overrides, choices: dict | None = None) -> DictConfig:
     """The stored run's config, with this command's overrides of what may change on resume (CHANGEABLE).
     The other overrides must give the values the run has: re-running the run's own command with resume=
-    added (what a requeue script does) is accepted, a change of what it trains is refused."""
+    added (what a requeue script does) is accepted, a change of what it trains is refused. A config group on
+    the command line (model=vae_gan) must name the option the run was composed from (``choices``, kept in its
+    checkpoint); the run keeps its values, whatever genlab's defaults for that option have become since. A
+    checkpoint without ``choices`` (written before genlab kept them) has the group's values compared instead."""
     # today's trainer defaults under the stored values: a setting added since the run started has a value
     merged = OmegaConf.merge({"trainer": OmegaConf.to_container(cfg.trainer)}, stored)
     composed = OmegaConf.to_container(cfg, resolve=True)
     changed = {}
     for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key == "resume" or key.startswith("hydra"):
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in ("resume", "launcher") or key.startswith("hydra"):  # launcher: where it runs
+            continue
+        if choices is not None and key in choices:  # a config group: the run's own option, not today's values of it
+            if value != ("null" if choices[key] is None else str(choices[key])):
+                changed[key] = f"{key} (the run has {choices[key]}, this command {value})"
             continue
         named = "." in key  # a setting named on the command line, not a config group or preset
         root = "" if key == "experiment" else key  # a preset may set anything

@@ -26,6 +26,9 @@ from genlab.errors import GenlabError, Interrupted
 log = logging.getLogger(__name__)
 
 ON_NAN = ("stop", "skip")
+# the signals that stop a run after its current step, with a checkpoint: Ctrl-C, a kill, and the user signals a
+# cluster sends before a time limit or a preemption (submitit's SIGUSR2; SIGUSR1 in many sbatch scripts)
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 SKIP_LIMIT = 50  # on_nan=skip gives up after this many dropped steps in a row
 
 
@@ -191,7 +194,7 @@ class Trainer:
         self.signal = None  # a signal (SIGINT, SIGTERM, ...) the ranks agreed to stop for, at the last metrics row
         self.timed_out = False  # max_time (seconds of training) is spent: the run ends here
         self.stopped = None  # why a callback ended the run early (request_stop), once the ranks agree
-        self._received = None  # a signal this process received, not yet agreed
+        self._received: list[int] = []  # the signals this process received, not yet agreed
         self._requested = None  # a callback's request_stop on this process, not yet agreed
         self._dropped_in_a_row = 0  # on_nan=skip
 
@@ -209,15 +212,14 @@ class Trainer:
         return self.step >= self.max_steps or self.timed_out or self.stopped is not None
 
     def request_stop(self, reason: str) -> None:
-        """A callback ends the run early (a search's pruner, say): alone at once, after the current epoch's
-        writers; under several processes at the next metrics row, where the ranks agree (callbacks run on rank 0)."""
+        """A callback ends the run early (a search's pruner, say): asked from ``on_log``, the run ends at that metrics
+        row (the ranks agree there: callbacks run on rank 0 alone), else at the next; the writers then save as at
+        any run's end."""
         self._requested = reason
-        if dist.world() == 1:
-            self.stopped = reason
 
     def fit(self) -> None:
-        """Train to ``max_steps``. SIGINT/SIGTERM finish the current step, let the callbacks save, then raise
-        Interrupted."""
+        """Train to ``max_steps``. A signal (SIGNALS) finishes the current step and lets the callbacks save; then
+        the signal's earlier handler takes over (submitit's requeues the job), or Interrupted is raised."""
         self.model.train()
         self._window = Window(self.ctx.device, self.wall_time)
         try:
@@ -235,8 +237,11 @@ class Trainer:
                                 break
                     if self.signal is not None:
                         self._call("on_interrupt")
-                        dist.finish()  # the ranks leave together, once rank 0 has saved
-                        raise self._interrupted()
+                        if not self._hand_over():
+                            dist.finish()  # the ranks leave together, once rank 0 has saved
+                            raise self._interrupted()
+                        if self.step % self.loader.steps_per_epoch and not self.done:  # on with the rest of the epoch
+                            continue
                     self._call("on_epoch_end")
                     self._window.restart()  # the pictures and checkpoints are not training time
         finally:
@@ -248,7 +253,8 @@ class Trainer:
         row, so that every rank stops after the same step."""
         if self.step % self.log_every == 0 or self.step % self.loader.steps_per_epoch == 0 or self.step >= self.max_steps:
             return True
-        return dist.world() == 1 and (self._received is not None or self._time_spent(self._window.elapsed()))
+        alone = dist.world() == 1
+        return alone and (bool(self._received) or self._requested is not None or self._time_spent(self._window.elapsed()))
 
     def _time_spent(self, elapsed: float) -> bool:
         return self.max_time is not None and elapsed >= self.max_time
@@ -274,11 +280,9 @@ class Trainer:
 
     def _log(self) -> None:
         synchronize(self.ctx.device)  # the row reads the losses anyway; the window's time then counts its work
-        row, received, requested = self._window.row(self.step, self.epoch, self._received, self._requested is not None)
+        row, received = self._window.row(self.step, self.epoch, self._received[0] if self._received else None)
         self.timed_out = self._time_spent(row["wall_time"])
         self.signal = received
-        if requested and self.stopped is None:
-            self.stopped = self._requested or "stopped by rank 0"
         if dist.world() > 1:
             dist.broadcast_tensors(list(self.model.buffers()))  # batch-norm statistics: rank 0's (SyncBatchNorm on GPUs)
         bad = [k.removeprefix("train/") for k, v in row.items() if k.startswith("train/") and not math.isfinite(v)]
@@ -293,7 +297,15 @@ class Trainer:
         self.wall_time = row["wall_time"]
         self.history.append(row)
         self._call("on_log", row)
+        if self._agree(self._requested is not None) and self.stopped is None:  # a callback (rank 0's) asked to stop
+            self.stopped = self._requested or "stopped by rank 0"
         self._window.clear()
+
+    def _agree(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (alone: on this one)."""
+        if dist.world() == 1:
+            return flag
+        return dist.all_reduce(torch.tensor([float(flag)], device=self.ctx.device), "max").tolist()[0] > 0
 
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
@@ -319,22 +331,42 @@ class Trainer:
 
     @contextlib.contextmanager
     def _signals(self):
-        self.signal = self._received = None
+        """SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 finish the current step and save (fit); the handlers that were
+        installed before genlab's are put back at the end, and meanwhile take over after the save (_hand_over)."""
+        self.signal, self._received, self._earlier = None, [], {}
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def on_signal(signum, frame):
-            if self._received is not None:  # a second signal: stop now
+            if signum in self._received:  # the same signal again: stop now
                 raise KeyboardInterrupt
-            self._received = signum
+            self._received.append(signum)
 
-        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._earlier = {sig: signal.signal(sig, on_signal) for sig in SIGNALS}
         try:
             yield
         finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+            for sig, handler in self._earlier.items():
+                if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                    signal.signal(sig, handler)
+
+    def _hand_over(self) -> bool:
+        """After a signal's checkpoint, each signal received goes on to the Python handler installed before genlab's,
+        where there is one: submitit's requeues the job on SIGUSR2 and exits, and only logs SIGTERM. True when all
+        of them returned (their owner keeps the process running, and so does the run); False when genlab owns one
+        of the signals: the run stops. Under several processes the ranks agree: one rank's own signal stops all
+        (a rank whose earlier handler ended its process ends the others' next collective)."""
+        received, self._received = self._received, []
+        theirs = [s for s in received  # Python's own SIGINT handler (KeyboardInterrupt) is no owner: genlab stops
+                  if callable(self._earlier.get(s)) and self._earlier[s] is not signal.default_int_handler]
+        for s in theirs:
+            log.info("%s: checkpoint saved at step %d; handing the signal on", signal.Signals(s).name, self.step)
+            self._earlier[s](s, None)
+        mine = [s for s in received if s not in theirs]
+        stop = self._agree(bool(mine))
+        self.signal = (mine[0] if mine else self.signal) if stop else None
+        return not stop
 
     def _interrupted(self) -> Interrupted:
         name = signal.Signals(self.signal).name
@@ -419,20 +451,18 @@ class Window:
         at = int(self.first)
         return at if at >= 0 else None
 
-    def row(self, step: int, epoch: int, received: int | None = None, requested: bool = False) -> tuple[dict, int | None, bool]:
-        """The metrics row of the window, the signal to stop for, and whether a callback asked to stop. Under
-        several processes the ranks agree here: the losses and images summed over them, the clock the slowest
-        one's, a signal any one received, a stop any one's callbacks asked for."""
+    def row(self, step: int, epoch: int, received: int | None = None) -> tuple[dict, int | None]:
+        """The metrics row of the window, and the signal to stop for. Under several processes the ranks agree
+        here: the losses and images summed over them, the clock the slowest one's, a signal any one received."""
         keys = list(self.sums)
         now = time.perf_counter()
         total = torch.stack([*(self.sums[k] for k in keys), torch.tensor(float(self.images), device=self.device)])
         first = torch.where(self.first >= 0, -self.first, -2**31).double().view(1)  # max over ranks: the earliest
-        peak = torch.cat([torch.tensor([now - self.start, received or 0, requested], dtype=torch.float64,
-                                       device=self.device), first])
+        peak = torch.cat([torch.tensor([now - self.start, received or 0], dtype=torch.float64, device=self.device), first])
         values = dist.all_reduce(total).tolist()  # the one host sync
-        elapsed, signal, requested, first = dist.all_reduce(peak, "max").tolist()
+        elapsed, signal, first = dist.all_reduce(peak, "max").tolist()
         self.first.fill_(int(-first) if first > -2**31 else -1)
         n = dist.world()
         row = {"step": step, "epoch": epoch + 1, **{f"train/{k}": v / (n * self.counts[k]) for k, v in zip(keys, values)},
                "img_per_s": round(values[-1] / max(now - self.t0, 1e-9), 1), "wall_time": round(elapsed, 3)}
-        return row, int(signal) or None, bool(requested)
+        return row, int(signal) or None

@@ -11,11 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from genlab import checkpoint
+from genlab import callbacks, checkpoint
 from genlab.build import build_schedulers
 from genlab.callbacks import Callback
-from genlab.errors import GenlabError
-from genlab.train import resumed_config
+from genlab.errors import GenlabError, Interrupted
+from genlab.schedules import Cosine
+from genlab.train import check_trainer, resumed_config
 from genlab.trainer import SKIP_LIMIT
 
 from conftest import compose_train, genlab, make_trainer
@@ -48,6 +49,7 @@ def test_resume_is_bit_identical(model, precision, tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = checkpoint.load(tmp_path / "whole"), checkpoint.load(tmp_path / "resumed")
     assert a["step"] == b["step"] == 8
+    assert a["choices"]["model"] == b["choices"]["model"] == model  # the resumed run keeps the run's own record
     ta, tb = dict(tensors({k: a[k] for k in ("model", "optimizers")})), dict(tensors({k: b[k] for k in ("model", "optimizers")}))
     assert ta.keys() == tb.keys() and len(ta) > 10
     different = [k for k in ta if not torch.equal(ta[k], tb[k])]
@@ -55,6 +57,26 @@ def test_resume_is_bit_identical(model, precision, tmp_path):
     # and the 4-step run really differs from the 8-step one: the comparison can fail
     half = dict(tensors(checkpoint.load(tmp_path / "half")["model"]))
     assert any(not torch.equal(half[k], ta["/model" + k]) for k in half)
+
+
+def test_resume_with_fewer_gpus_than_the_checkpoint_had(monkeypatch, tmp_path):
+    """A checkpoint of a genlab that stored the random states of 2 GPUs, resumed where 1 is visible:
+    torch.cuda.set_rng_state_all would fail on the second ("invalid device ordinal"). No random state is
+    restored at all now (each step seeds its own draws), so the run goes on."""
+    def set_rng_state(state, device=None):
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=2"], tmp_path)
+    t.fit()
+    state = checkpoint.load(tmp_path)
+    state["rng"] = {"torch": torch.get_rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
+    resumed = make_trainer(["model=gan", *COMMON, "trainer.max_steps=4"], tmp_path / "resumed")
+    resumed.load_state_dict(state)
+    assert resumed.step == 2
 
 
 class Payload:
@@ -114,6 +136,60 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code):
     assert 0 < state["step"] < 1000 * 64
 
 
+def signalled_trainer(tmp_path, signals: dict):
+    """A GAN of 3 steps an epoch that sends itself ``signals[i]`` (a list) during step index i."""
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=30"], tmp_path)
+    real_step = t.model.training_step
+
+    def step(batch, ctx):
+        for sig in signals.get(ctx.step_index, ()):
+            os.kill(os.getpid(), sig)
+        return real_step(batch, ctx)
+
+    t.model.training_step = step
+    return t
+
+
+def test_a_signal_goes_on_to_the_handler_installed_before_genlabs(tmp_path):
+    """submitit installs its handlers before the job runs: on SIGUSR2 it requeues the job and exits, SIGTERM it only
+    logs. genlab finishes the step and saves first, then calls them; when the handler returns, the run goes on."""
+    calls = []
+
+    def requeue(signum, frame):
+        calls.append((signal.Signals(signum).name, checkpoint.load(tmp_path)["step"]))
+        sys.exit(-1)
+
+    def bypass(signum, frame):
+        calls.append((signal.Signals(signum).name, checkpoint.load(tmp_path)["step"]))
+
+    t = signalled_trainer(tmp_path, {4: [signal.SIGTERM], 10: [signal.SIGTERM, signal.SIGUSR2]})
+    earlier = {signal.SIGUSR2: signal.signal(signal.SIGUSR2, requeue), signal.SIGTERM: signal.signal(signal.SIGTERM, bypass)}
+    try:
+        with pytest.raises(SystemExit):
+            t.fit()
+        assert signal.getsignal(signal.SIGUSR2) is requeue and signal.getsignal(signal.SIGTERM) is bypass  # put back
+    finally:
+        for sig, handler in earlier.items():
+            signal.signal(sig, handler)
+    # each signal reaches its handler after the checkpoint of the step it came in (step 5 is mid-epoch)
+    assert calls == [("SIGTERM", 5), ("SIGTERM", 11), ("SIGUSR2", 11)]
+    assert (tmp_path / "samples" / "epoch_0002.png").is_file() and t.step == 11  # the run went on after SIGTERM
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
+def test_a_user_signal_without_a_handler_stops_with_a_checkpoint(tmp_path, sig):
+    """SIGUSR1/SIGUSR2 (a cluster's warning before a time limit) are SIGTERM's equal when nothing else handles them."""
+    t = signalled_trainer(tmp_path, {4: [sig]})
+    earlier = signal.signal(sig, signal.SIG_DFL)
+    try:
+        with pytest.raises(Interrupted) as e:
+            t.fit()
+    finally:
+        signal.signal(sig, earlier)
+    assert e.value.exit_code == 128 + sig and f"{signal.Signals(sig).name} at step 5: saved" in str(e.value)
+    assert checkpoint.load(tmp_path)["step"] == 5
+
+
 def test_old_periodic_checkpoints_are_pruned(tmp_path):
     r = genlab("train", "model=gan", *COMMON, "trainer.epochs=5", "trainer.keep_every=1", "trainer.keep_last=2",
                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -123,11 +199,37 @@ def test_old_periodic_checkpoints_are_pruned(tmp_path):
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "epoch_0004.pt")["step"] == 12
 
 
+@pytest.mark.parametrize("every,saved", [("10m", [2, 4, 6, 8, 10, 12]), (1, [3, 6, 9, 12]), (2, [6, 12])])
+def test_checkpoint_every_takes_epochs_or_training_time(tmp_path, monkeypatch, every, saved):
+    """trainer.checkpoint_every=10m writes last.pt once 10 minutes have passed since the last write, mid-epoch too,
+    so that a hard kill loses at most that; a number is epochs. Here a step takes 5 minutes, an epoch 3 steps."""
+    clock, written = [0.0], []
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda state, path: written.append(state["step"]) or real_save(state, path))
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=12", f"trainer.checkpoint_every={every}"], tmp_path)
+
+    class FiveMinutes(Callback):
+        def on_step_end(self, trainer):
+            clock[0] += 300
+
+    t.callbacks.insert(0, FiveMinutes())
+    t.fit()
+    assert written == saved
+
+
+@pytest.mark.parametrize("every", ["0", "'10'", "1.5", "5x", "true", "1x5m"])
+def test_checkpoint_every_that_is_neither_epochs_nor_a_duration(every):
+    with pytest.raises(GenlabError, match="trainer.checkpoint_every must be"):
+        check_trainer(compose_train([f"trainer.checkpoint_every={every}"]).trainer)
+
+
 def poisoned_trainer(tmp_path, bad_steps, on_nan="stop", weights_at=None, max_steps=9, seed=0):
     """A VAE on 96 synthetic images, 3 steps an epoch; the batches of ``bad_steps`` (0-based) are NaN,
     and after step ``weights_at`` a weight is set to NaN while that step's loss stays finite."""
     t = make_trainer(["model=vae", "dataset=synthetic", "dataset.n=96", f"trainer.max_steps={max_steps}",
-                      "trainer.batch_size=32", "trainer.n_samples=4", f"trainer.on_nan={on_nan}"], tmp_path, seed)
+                      "trainer.batch_size=32", "trainer.n_samples=4", f"trainer.on_nan={on_nan}", "trainer.checkpoint_every=1"],
+                     tmp_path, seed)
     m = t.model
     real_step = m.training_step
 
@@ -267,13 +369,47 @@ def test_a_dropped_step_keeps_the_schedules_learning_rate(tmp_path):
     assert rates == pytest.approx([2e-4 * f for f in (1.0, 2 / 3, 1 / 3, 0.0)])
 
 
+def schedule_rates(overrides, total, first, last, state=None, tmp_path=None):
+    """The learning rate (factor) at steps first..last-1 of a run of ``total`` steps, resumed from ``state``; and the
+    state at ``last``, through a checkpoint file (as a resume reads it, weights_only)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    (s,) = build_schedulers(compose_train(overrides).scheduler, {"g": opt}, total).values()
+    if state is not None:
+        s.load_state_dict(state)
+    rates = []
+    for _ in range(first, last):
+        rates.append(s.get_last_lr()[0])
+        opt.step()
+        s.step()
+    checkpoint.save({"s": s.state_dict()}, tmp_path / "s.pt")
+    return rates, checkpoint.load(tmp_path / "s.pt")["s"]
+
+
+def test_a_resumed_run_of_another_length_stretches_what_is_left_of_the_schedule(tmp_path):
+    """A cosine schedule over 8 steps, resumed after 4 as a run of 16: the rate goes on from where it was, what was
+    left of the cosine (its steps 4 to 7) spreads over steps 4 to 15, and it ends at 0 on the last step. (It used to
+    be recomputed over 16 steps from the start: at step 5 it jumped from 0.39 up to 0.75.)"""
+    cosine = Cosine()
+    before, state = schedule_rates(["scheduler=cosine"], 8, 0, 4, tmp_path=tmp_path)
+    after, _ = schedule_rates(["scheduler=cosine"], 16, 4, 16, state, tmp_path)
+    assert before == pytest.approx([cosine(k, 8) for k in range(4)])
+    assert after == pytest.approx([cosine(4 + (k - 4) * 3 / 11, 8) for k in range(4, 16)])
+    assert after[0] == pytest.approx(cosine(4, 8)) and after[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip([before[-1], *after], after))  # no jump: down all the way
+    # a schedule planned with its own length (scheduler.steps) keeps its clock: nothing is stretched
+    planned = ["scheduler=cosine", "scheduler.steps=16"]
+    _, state = schedule_rates(planned, 8, 0, 4, tmp_path=tmp_path)
+    after, _ = schedule_rates(planned, 16, 4, 16, state, tmp_path)
+    assert after == pytest.approx([Cosine(steps=16)(k, 16) for k in range(4, 16)])
+
+
 RUN = ["model=gan", "dataset=synthetic", "trainer.batch_size=32", "trainer.epochs=2"]
 
 
-def resume_with(*overrides):
-    stored = OmegaConf.to_container(compose_train(RUN), resolve=True)
+def resume_with(*overrides, choices=None, stored=None):
+    stored = stored or OmegaConf.to_container(compose_train(RUN), resolve=True)
     args = [*RUN, *overrides, "resume=somewhere"]
-    return resumed_config(stored, compose_train(args), args)
+    return resumed_config(stored, compose_train(args), args, choices)
 
 
 def test_resume_takes_the_runs_own_command_again():
@@ -295,3 +431,21 @@ def test_resume_refuses_what_would_change_the_run(override, key):
     ignored (the optimizer state brings its own learning rate) or make the resumed run another experiment."""
     with pytest.raises(GenlabError, match=f"would change {key} \\(the run has"):
         resume_with(override)
+
+
+def test_resume_compares_a_group_by_the_option_the_run_was_composed_from():
+    """A genlab upgrade changed a default of a group's option (as model/vae_gan.yaml's gamma went from 0.01 to 0.1;
+    here adam's lr): the run's own command, group overrides included, still resumes the run, with the run's values.
+    Another option of the group is refused. The checkpoint records the options (choices)."""
+    stored = OmegaConf.to_container(compose_train(RUN), resolve=True)
+    stored["optimizer"]["lr"] = 1e-3  # adam's default when the run started
+    choices = {"model": "gan", "dataset": "synthetic", "optimizer": "adam", "loss": "bce", "scheduler": "constant",
+               "launcher": None, "experiment": None}
+    merged = resume_with("optimizer=adam", "model=gan", "launcher=submitit_local", choices=choices, stored=stored)
+    assert merged.optimizer.lr == 1e-3 and merged.model._target_ == "genlab.models.GAN"
+    with pytest.raises(GenlabError, match="would change optimizer \\(the run has adam, this command sgd\\)"):
+        resume_with("optimizer=sgd", choices=choices, stored=stored)
+    with pytest.raises(GenlabError, match="would change optimizer.lr"):  # a value named on the command line
+        resume_with("optimizer=adam", "optimizer.lr=2e-4", choices=choices, stored=stored)
+    with pytest.raises(GenlabError, match="would change optimizer.lr \\(the run has 0.001"):  # no record: each value
+        resume_with("optimizer=adam", stored=stored)

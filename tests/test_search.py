@@ -175,7 +175,7 @@ def test_a_search_completes_continues_on_its_storage_and_reports_the_best(tmp_pa
 def test_a_search_made_to_prune_prunes_and_a_failing_trial_fails_alone(tmp_path):
     """Every value is above the threshold pruner's upper bound: each trial stops after its first epoch, its
     checkpoint written. Launched again with runs that cannot start (on_nan=bogus): each of those trials fails
-    alone, the next one still runs, and the search ends normally with no best parameters."""
+    alone, the next one still runs, and the search ends with no best parameters, listing the failed jobs."""
     prune = ["hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.upper=0"]
     r = genlab("train", *SEARCH, "hydra.sweeper.n_trials=2", *prune, *TRIAL, "trainer.epochs=3",
                "hydra.sweep.dir=search", cwd=tmp_path)
@@ -188,8 +188,9 @@ def test_a_search_made_to_prune_prunes_and_a_failing_trial_fails_alone(tmp_path)
         assert checkpoint.load(run)["step"] == 4  # one epoch of 4 steps, of 12
     r = genlab("train", *SEARCH, "hydra.sweeper.n_trials=2", *prune, *TRIAL, "trainer.on_nan=bogus",
                "hydra.sweep.dir=search", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stderr.count("trainer.on_nan=bogus is not one of") == 2 and "no best parameters" in r.stdout + r.stderr
+    assert r.returncode == 1, r.stderr  # as any sweep with a failed job: listed at the end, exit status 1
+    assert r.stderr.count(" failed (") == 2
+    assert r.stderr.count("error: trainer.on_nan=bogus is not one of") == 2 and "no best parameters" in r.stdout + r.stderr
     assert [t["state"] for t in rows(tmp_path / "search" / "trials.csv")] == ["PRUNED", "PRUNED", "FAIL", "FAIL"]
     assert yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())["trials"] == {
         "pruned": 2, "fail": 2}
