@@ -17,6 +17,10 @@ from genlab.build import build_trainer
 from genlab.cli import CONFIG_DIR
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # tests run side by side (pytest -n 2): a core each, for the
+    os.environ["OMP_NUM_THREADS"] = "1"    # commands they start too, or they slow each other several-fold
+    torch.set_num_threads(1)
 TINY = ["device=cpu", "trainer.progress=false", "trainer.precision=fp32"]
 
 
