@@ -108,6 +108,19 @@ def test_a_submitit_sweep_completes_and_reports_a_failing_job(tmp_path):
     assert "job #1 failed (" in err and "VAE takes a loss of type ELBO" in err and "Traceback" not in err
 
 
+def test_a_submitit_job_of_two_tasks_trains_as_one_run(tmp_path):
+    """tasks_per_node=2 (one per GPU on a cluster): the job's tasks find each other through submitit's
+    environment and train one run of two processes, whose files rank 0 alone writes."""
+    sweep = tmp_path / "sweep"
+    p = submitit_sweep(tmp_path, *SMALL, "model=gan", "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert_whole(sweep / "0")
+    log = (sweep / "0" / "train.log").read_text()
+    assert "x 2 processes (gloo)" in log and log.count("done: 4 steps") == 1
+    assert len(list(sweep.rglob("status.json"))) == 1
+
+
 def holding(path: Path) -> int | None:
     """The process that has ``path`` open, from /proc."""
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
