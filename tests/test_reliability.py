@@ -232,26 +232,31 @@ def test_on_nan_skip_with_fp16_and_batch_norm(tmp_path):
     assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_on_nan_skip_drops_a_gan_step_whole(tmp_path):
-    """The generator's loss turns NaN after the discriminator has stepped: the whole training step is dropped,
+@pytest.mark.parametrize("precision,on_nan,factor", [("fp32", "skip", float("nan")), ("fp16", "stop", 1e30)])
+def test_a_gan_step_is_dropped_whole(precision, on_nan, factor, tmp_path):
+    """The generator's loss turns NaN (on_nan=skip), or its fp16 gradients overflow while the loss stays finite
+    (the scaler skips its update), after the discriminator has stepped: the whole training step is dropped,
     the discriminator's update, its optimizer state and the batch-norm statistics included."""
     t = make_trainer(["model=dcgan", "dataset=synthetic", "dataset.n=96", "trainer.batch_size=32", "trainer.max_steps=4",
-                      "trainer.on_nan=skip", "trainer.log_every=1", "trainer.n_samples=4"], tmp_path)
+                      f"trainer.on_nan={on_nan}", f"trainer.precision={precision}", "trainer.log_every=1",
+                      "trainer.n_samples=4", "trainer.ema.decay=0.9"], tmp_path)
     real_g = t.model.loss.g
-    t.model.loss.g = lambda fake, real=None: real_g(fake, real) * (float("nan") if t.ctx.step_index == 2 else 1.0)
+    t.model.loss.g = lambda fake, real=None: real_g(fake, real) * (factor if t.ctx.step_index == 2 else 1.0)
     states = {}
 
     class Snapshot(Callback):
         def on_step_end(self, trainer):
             states[trainer.step] = {k: v.clone() for k, v in tensors({"model": trainer.model.state_dict(),
-                                                                        "ctx": trainer.ctx.state_dict()})}
+                                                                        "opt": trainer.ctx.state_dict()["optimizers"],
+                                                                        "ema": trainer.ema.state_dict()["model"]})}
 
     t.callbacks.append(Snapshot())
     t.fit()
     same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert same(states[3], states[2])  # step 3 (index 2) left no trace
     assert not same(states[2], states[1]) and not same(states[4], states[3])  # the others did
-    assert [("train/loss_d" in r) for r in t.history] == [True, True, False, True]
+    if on_nan == "skip":
+        assert [("train/loss_d" in r) for r in t.history] == [True, True, False, True]
 
 
 def test_a_dropped_step_keeps_the_schedules_learning_rate(tmp_path):
