@@ -137,6 +137,18 @@ def execute(verb: str, cfg, run_dir: Path, overrides: list[str]) -> None:
     importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, overrides)
 
 
+def out_of_memory(verb: str, cfg, error: BaseException) -> str:
+    """What to try when a command runs out of memory, for the batch size it ran with."""
+    key = "trainer.batch_size" if verb == "train" else "batch_size"
+    batch = cfg.trainer.batch_size if verb == "train" else cfg.get("batch_size")
+    where = "the GPU" if "CUDA" in str(error) or "cuda" in str(error) else "this machine"
+    tries = [f"{key}={max(1, batch // 2)} (now {batch})"] if isinstance(batch, int) else []
+    if verb == "train":
+        tries += ["trainer.precision=bf16 (or fp16 on GPUs without bf16)", "a smaller network (model.*.width)",
+                  "several GPUs with torchrun, each holding a slice of the batch"]
+    return f"out of memory on {where} ({str(error).splitlines()[0][:160] or type(error).__name__}). Try {', or '.join(tries)}."
+
+
 def _hydra_app(verb: str):
     import hydra
 
@@ -147,6 +159,8 @@ def _hydra_app(verb: str):
 
         from genlab.errors import GenlabError
 
+        import torch
+
         from genlab import dist
 
         hc = HydraConfig.get()
@@ -156,7 +170,10 @@ def _hydra_app(verb: str):
         if launched and launched[0] > 0:  # rank 0 logs for the run (a SLURM job's tasks share one train.log)
             logging.getLogger().setLevel(logging.WARNING)
         try:
-            execute(verb, cfg, run_dir, list(hc.overrides.task))
+            try:
+                execute(verb, cfg, run_dir, list(hc.overrides.task))
+            except (MemoryError, torch.OutOfMemoryError) as e:  # the host's, a GPU's
+                raise GenlabError(out_of_memory(verb, cfg, e)) from e
         except (GenlabError, OSError) as e:  # OSError: a file that cannot be written or read, a full disk
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise

@@ -88,8 +88,16 @@ class Loader:
         for i in range(start, self.steps_per_epoch):
             lo = i * self.batch_size + self.rank * self.local
             idx = order[lo:lo + self.local]
-            x = self.images.index_select(0, idx).to(self.device, non_blocking=True).float().div_(255)
-            yield Batch(x, self.labels.index_select(0, idx).to(self.device, non_blocking=True))
+            yield Batch(self._gather(self.images, idx).float().div_(255), self._gather(self.labels, idx))
+
+    def _gather(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of ``t`` on the training device. From pinned host memory (a dataset the GPU cannot hold)
+        the rows are gathered into a pinned buffer, so that the copy to the GPU runs beside the computation
+        (``index_select`` alone would return pageable memory, and the copy would wait)."""
+        if t.device == self.device:
+            return t.index_select(0, idx)
+        rows = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        return torch.index_select(t, 0, idx, out=rows).to(self.device, non_blocking=True)
 
 
 # --- the datasets ---------------------------------------------------------------------------

@@ -91,7 +91,14 @@ class StepContext:
             return
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
-        loss.backward(inputs=self.params[name] if name is not None else None, retain_graph=retain_graph)
+        inputs = None
+        if name is not None:  # a frozen parameter (requires_grad=False) in an optimizer's group gets no gradient
+            inputs = [p for p in self.params[name] if p.requires_grad]
+            if not inputs:
+                raise GenlabError(f"ctx.backward(loss, {name!r}): every parameter of optimizer {name!r} has "
+                                  "requires_grad=False, so there is nothing to train; unfreeze some, or leave that "
+                                  "optimizer out of optimizer_groups().")
+        loss.backward(inputs=inputs, retain_graph=retain_graph)
 
     def clip(self, name: str, max_norm: float) -> Tensor:
         self._average(name)

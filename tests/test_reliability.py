@@ -300,3 +300,34 @@ def test_resume_refuses_what_would_change_the_run(override, key):
     ignored (the optimizer state brings its own learning rate) or make the resumed run another experiment."""
     with pytest.raises(GenlabError, match=f"would change {key} \\(the run has"):
         resume_with(override)
+
+
+def test_out_of_memory_is_one_line_with_what_to_try(tmp_path, monkeypatch, capsys):
+    """A GPU that runs out of memory mid-run: one paragraph naming the batch size and what to try, exit 1."""
+    from genlab import cli
+    from genlab.trainer import Trainer
+
+    def fit(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "model=gan", *COMMON, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Traceback" not in err
+    assert "genlab train: error: out of memory on the GPU" in err and "trainer.batch_size=16 (now 32)" in err
+
+
+def test_a_frozen_parameter_in_an_optimizers_group(tmp_path):
+    """A user freezes part of a network (requires_grad=False) that its optimizer still holds: the rest trains,
+    the frozen part stays as it was; freezing all of it is one clear error."""
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=2"], tmp_path)
+    frozen = t.model.d.net[1].weight.requires_grad_(False)
+    before = frozen.detach().clone()
+    t.fit()
+    assert torch.equal(frozen, before) and t.step == 2
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=2"], tmp_path / "all")
+    t.model.d.requires_grad_(False)
+    with pytest.raises(GenlabError, match="every parameter of optimizer 'd' has requires_grad=False"):
+        t.fit()
