@@ -7,13 +7,13 @@ probabilities for the Inception Score and the class-coverage check.
 import hashlib
 import json
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from genlab import checkpoint
 from genlab.build import build_dataset
 from genlab.data import cache_dir
 from genlab.errors import GenlabError
@@ -42,11 +42,11 @@ def classifier_for(dataset: DictConfig, device, epochs: int = 3, width: int = 16
     path = cache_dir() / "classifiers" / f"{name}-{key}.pt"
     if path.exists():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = checkpoint.read(path)  # its checksum checked: a yardstick changed on disk is never used
             net = SmallCNN(**blob["args"])
             net.load_state_dict(blob["state"])
             return net.to(device).eval(), blob["info"]
-        except Exception as e:  # a damaged cache is trained again, never fatal
+        except (checkpoint.Damaged, KeyError, RuntimeError, TypeError) as e:  # a damaged cache is trained again
             log.warning("ignoring the unreadable classifier cache %s (%s); training it again", path,
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
     train, test = build_dataset(OmegaConf.create(node), True), build_dataset(OmegaConf.create(node), False)
@@ -64,10 +64,10 @@ def classifier_for(dataset: DictConfig, device, epochs: int = 3, width: int = 16
             "n_classes": int(train.labels.max()) + 1, "width": width}
     epochs = max(epochs, -(-min_steps // max(1, len(train) // 128)))  # small datasets: more passes
     net, info = fit_classifier(train, test, args, device, epochs, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"args": args, "state": net.state_dict(), "info": info}, tmp)
-    os.replace(tmp, path)  # whole or not at all, even with several processes building it at once
+    try:  # whole or not at all, even with several processes building it at once
+        checkpoint.write({"args": args, "state": net.state_dict(), "info": info}, path)
+    except (OSError, RuntimeError) as e:
+        log.warning("could not write the classifier cache %s (%s); training it each time", path, e)
     log.info("classifier for %s: test accuracy %.4f (cached at %s)", train.name, info["test_accuracy"], path)
     return net.eval(), info
 

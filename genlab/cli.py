@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.resources
+import io
 import logging
 import os
 import sys
@@ -75,8 +76,59 @@ def main(argv=None) -> int:
     if not set(args) & {"-sc", "--shell-completion"}:  # completion's own query=... must reach Hydra as it is
         args = [schema.free_keys(verb, a) for a in args]
     sys.argv = [sys.argv[0], *args]
-    _hydra_app(verb)()
+    with _held_stderr(verb):
+        _hydra_app(verb)()
     return 0
+
+
+class _held_stderr:
+    """Hydra reports a command line it cannot compose (an option that does not exist, a value of the wrong type,
+    a typo in the override grammar) in its own words, then exits 1. Until genlab's task starts, what Hydra writes
+    to stderr is held back, and such a report comes out as one ``genlab VERB: error:`` paragraph."""
+
+    current = None  # the one a running task releases
+
+    def __init__(self, verb: str):
+        self.verb = verb
+
+    def __enter__(self):
+        self.real, self.held = sys.stderr, io.StringIO()
+        sys.stderr, _held_stderr.current = self.held, self
+        return self
+
+    def release(self) -> None:
+        if sys.stderr is self.held:
+            sys.stderr = self.real
+            self.real.write(self.held.getvalue())
+        _held_stderr.current = None
+
+    def __exit__(self, kind, error, tb):
+        refused = sys.stderr is self.held and kind is SystemExit and error.code not in (0, None)
+        if refused and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            sys.stderr = self.real
+            print(f"genlab {self.verb}: error: {hydra_report(self.held.getvalue())}", file=sys.stderr)
+        self.release()
+        return False
+
+
+def hydra_report(text: str) -> str:
+    """Hydra's report of a command line it refused, as one paragraph: its hints and search path left out, an
+    indented list joined onto the line that introduces it."""
+    lines, listing, searchpath = [], False, False
+    for line in text.splitlines():
+        if line.startswith(("Set the environment variable HYDRA_FULL_ERROR", "See https://hydra.cc")):
+            continue
+        searchpath = line.startswith("Config search path") or (searchpath and line[:1].isspace())
+        detail = line.strip().startswith(("full_key:", "reference_type=", "object_type=", "key:", "value:"))
+        if searchpath or detail or not line.strip():
+            continue
+        if line[:1].isspace() and lines:  # a list item under "Available options in 'model':"
+            lines[-1] += (", " if listing else " ") + line.strip()
+            listing = True
+            continue
+        listing = False
+        lines.append(line.strip())
+    return " ".join(l if l.endswith((".", ":")) or l is lines[-1] else l + "." for l in lines) or text.strip()
 
 
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
@@ -156,6 +208,9 @@ def _hydra_app(verb: str):
 
     def task(cfg):
         from hydra.core.hydra_config import HydraConfig
+
+        if _held_stderr.current is not None:  # Hydra composed the command line: genlab speaks for itself now
+            _held_stderr.current.release()
 
         from genlab.errors import GenlabError
 

@@ -16,6 +16,7 @@ from typing import Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from genlab import checkpoint
 from genlab.errors import GenlabError
 
 log = logging.getLogger(__name__)
@@ -338,16 +339,14 @@ def _cached(name, train, sources, decode, settings: str = ""):
     path = cache_dir() / "datasets" / f"{name}-{'train' if train else 'test'}-{key}.pt"
     if path.exists():
         try:
-            blob = torch.load(path, weights_only=True)
+            blob = checkpoint.read(path)  # its checksum checked: a cache changed on disk is never used
             return blob["images"], blob["labels"]
-        except Exception as e:  # a damaged cache is rebuilt, never fatal
-            log.warning("ignoring unreadable dataset cache %s (%s)", path, e)
+        except (checkpoint.Damaged, KeyError) as e:  # a damaged cache is rebuilt, never fatal
+            log.warning("ignoring the unreadable dataset cache %s (%s); decoding the dataset again", path,
+                        str(e).splitlines()[0])
     images, labels = decode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"images": images, "labels": labels}, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
+        checkpoint.write({"images": images, "labels": labels}, path)
+    except (OSError, RuntimeError) as e:
         log.warning("could not write the dataset cache %s (%s); decoding each time", path, e)
     return images, labels

@@ -2,9 +2,11 @@
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -331,3 +333,40 @@ def test_a_frozen_parameter_in_an_optimizers_group(tmp_path):
     t.model.d.requires_grad_(False)
     with pytest.raises(GenlabError, match="every parameter of optimizer 'd' has requires_grad=False"):
         t.fit()
+
+
+def flip_a_tensor_byte(path: Path, out: Path) -> None:
+    """``path`` with one byte changed in the middle of its largest zip entry (a tensor's storage: stored, not
+    compressed, and not checked by PyTorch's reader)."""
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x10
+    out.write_bytes(raw)
+
+
+def test_a_file_changed_on_disk_is_never_used_as_if_whole(tmp_path, fake_root, caplog):
+    """A byte of a weight changed on disk: PyTorch loads the checkpoint silently; genlab refuses it by its
+    checksum. A dataset cache changed on disk is decoded again, not used."""
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=3"], tmp_path / "run")
+    t.fit()
+    good = tmp_path / "run" / "checkpoints" / "last.pt"
+    flip_a_tensor_byte(good, tmp_path / "flipped.pt")
+    loaded = dict(tensors(torch.load(tmp_path / "flipped.pt", weights_only=True)))  # no error: entries unchecked
+    assert any(not torch.equal(v, loaded[k]) for k, v in tensors(torch.load(good, weights_only=True)))
+    with pytest.raises(GenlabError, match="damaged: its content no longer matches the checksum"):
+        checkpoint.load(tmp_path / "flipped.pt")
+    r = genlab("sample", f"ckpt={tmp_path / 'flipped.pt'}", cwd=tmp_path)
+    assert r.returncode == 1 and "no longer matches the checksum" in r.stderr and "Traceback" not in r.stderr
+    checkpoint.load(good)  # the good one is untouched
+
+    from genlab.data import cache_dir, mnist
+
+    first = mnist(fake_root, download=False)
+    cache = next((cache_dir() / "datasets").glob("mnist-train-*.pt"))
+    flip_a_tensor_byte(cache, cache)
+    with caplog.at_level("WARNING"):
+        again = mnist(fake_root, download=False)
+    assert "ignoring the unreadable dataset cache" in caplog.text and "checksum" in caplog.text
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
