@@ -126,11 +126,26 @@ def _import(path: str, where: str):
         ) from e
 
 
+def declaring(cls: type, name: str) -> type | None:
+    """The class whose constructor takes the argument ``name`` when ``cls(...)`` is called: ``cls`` itself, or,
+    through constructors that pass ``**kwargs`` on (``class TinyGAN(GAN)`` with ``__init__(self, ..., **kw)``),
+    the first base in the MRO that names it; None when no constructor on that path takes it."""
+    for klass in cls.__mro__:
+        if klass is object:
+            return None
+        params = inspect.signature(klass.__init__).parameters
+        if name in params:
+            return klass
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return None
+    return None
+
+
 def build_model(cfg: DictConfig) -> GenerativeModel:
     """The model of ``cfg.model``, given the loss of ``cfg.loss`` when its constructor takes one."""
     cls = _import(cfg.model._target_, "model")
     check_settings(cls, OmegaConf.to_container(cfg.model, resolve=True), "model", given={"loss"})
-    if "loss" not in inspect.signature(cls).parameters:
+    if declaring(cls, "loss") is None:
         if cfg.get("loss") is not None:
             raise GenlabError(f"{cls.__name__} takes no loss= (it owns its objective); its model config sets "
                               "loss: null in its defaults list.")
@@ -145,7 +160,7 @@ def build_loss(node: DictConfig, model_cls: type):
     target = _import(node._target_, "loss")
     check_settings(target, OmegaConf.to_container(node, resolve=True), "loss")
     loss = _instantiate(node)
-    wanted = typing.get_type_hints(model_cls.__init__).get("loss")
+    wanted = type_hints(declaring(model_cls, "loss").__init__).get("loss")
     if isinstance(wanted, type) and not isinstance(loss, wanted):
         options = loss_options()
         fits = [name for name, t in options.items() if isinstance(t, type) and issubclass(t, wanted)]
@@ -228,6 +243,7 @@ def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None)
     optimizers = build_optimizers(cfg.optimizer, model)
     check_sampling(model, t.sampling, where="trainer.sampling.")
     data = build_dataset(cfg.dataset, train=True)
+    check_labels(model, data)
     loader = Loader(data.images, data.labels, t.batch_size, device, cfg.seed, dist.rank(), dist.world())
     max_steps = t.max_steps or t.epochs * loader.steps_per_epoch
     ctx = StepContext(optimizers, t.precision, device, build_schedulers(cfg.get("scheduler"), optimizers, max_steps),
@@ -320,6 +336,18 @@ def load_model(ckpt, device="cpu", ema: bool = True) -> tuple[GenerativeModel, D
     except RuntimeError as e:
         raise GenlabError(f"the weights in {ckpt} do not fit the model its config describes: {str(e).splitlines()[0]}") from e
     return model.to(device).eval(), cfg, state
+
+
+def check_labels(model: GenerativeModel, data: ImageData) -> None:
+    """A class-conditional model must know every class of its data: a label of ``num_classes`` or more would be
+    its "no class" token (the UNet) or out of its range (an index error deep inside a network)."""
+    if not model.num_classes or not len(data):
+        return
+    top = int(data.labels.max())
+    if top >= model.num_classes:
+        raise GenlabError(f"{data.name} has labels up to {top}, but the model is conditional on model.num_classes="
+                          f"{model.num_classes} classes (0..{model.num_classes - 1}); set model.num_classes={top + 1} "
+                          "(or more).")
 
 
 def check_sampling(model: GenerativeModel, settings: dict, labels=None, where: str = "", command: str = "") -> None:

@@ -8,8 +8,13 @@ groups' options it was composed from, {"model": "vae_gan", ...}; None when unkno
 ``wall_time`` and ``processes`` (how many trained it). No random state: each training step draws from a
 seed made of the run's seed, the process's rank and the step (genlab.trainer.step_seed), so a resumed
 run on as many processes draws what the first would have, whatever GPUs it finds.
+
+Every file genlab writes for itself (checkpoints, the dataset and classifier caches) carries a
+``checksum`` of its content (``write``), checked when it is read (``read``): PyTorch's zip reader does
+not check its entries, so a byte changed on disk would otherwise load as a different weight, silently.
 """
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -20,32 +25,92 @@ import torch
 from genlab.errors import GenlabError
 
 FORMAT = "genlab-checkpoint"
-VERSION = 3  # 3: no random state (the steps' draws are seeded by step)
+VERSION = 3  # 3: no random state (the steps' draws are seeded by step), a checksum
+
+
+class Damaged(GenlabError):
+    """A file genlab wrote cannot be read whole: truncated, changed on disk, or not genlab's."""
 
 # version 1 named a loss by its config name; version 2 by the _target_ its config names
 LOSS_TARGETS = {"bce": "BCE", "minimax": "Minimax", "wasserstein": "Wasserstein", "hinge": "Hinge", "lsgan": "LSGAN",
                 "elbo": "ELBO"}
 
 
-def save(state: dict, path: Path) -> None:
-    """Write atomically: a temporary file, fsync, then rename over ``path``."""
+def digest(obj) -> str:
+    """A checksum of nested dicts, lists, tensors and plain values: every tensor's dtype, shape and bytes, and
+    every other value's repr, in order."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(b"D%d" % len(o))
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(b"L%d" % len(o))
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"{type(o).__name__}:{o!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def write(obj: dict, path: Path) -> None:
+    """``obj`` with its ``checksum``, atomically: a temporary file, fsync, then rename over ``path``. Raises
+    OSError or RuntimeError when the write fails (a full disk shows as either); ``path`` is then as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
+            torch.save({**obj, "checksum": digest(obj)}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read(path: Path, map_location="cpu", required: bool = True) -> dict:
+    """What ``write`` wrote, or Damaged: refused when it holds more than tensors and plain data (weights_only:
+    no code runs), when it cannot be read, or when its content no longer matches its checksum. ``required=False``
+    also takes a file with no checksum at all (a checkpoint of an earlier genlab)."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise Damaged(f"{path} is refused: it holds objects other than tensors and plain data, which genlab never "
+                      f"unpickles (weights_only=True). ({str(e).splitlines()[0]})") from e
+    except Exception as e:  # truncated zip, foreign bytes, legacy pickles: all unreadable here
+        raise Damaged(f"{path} cannot be read (truncated or damaged?): {str(e).splitlines()[0]}") from e
+    if not isinstance(obj, dict):
+        raise Damaged(f"{path} is not a file genlab wrote.")
+    expected = obj.pop("checksum", None)
+    if expected is None and required:
+        raise Damaged(f"{path} has no checksum: not written by this genlab.")
+    if expected is not None and expected != digest(obj):
+        raise Damaged(f"{path} is damaged: its content no longer matches the checksum genlab wrote with it (a byte "
+                      "changed on disk?).")
+    return obj
+
+
+def save(state: dict, path: Path) -> None:
+    """A checkpoint, written whole or not at all (``write``); a failed write says why and leaves the previous one."""
+    path = Path(path)
+    try:
+        write({"format": FORMAT, "version": VERSION, **state}, path)
     except (OSError, RuntimeError) as e:  # a full disk shows as either, depending on where the write stopped
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short (a full disk, a quota, a file-size limit?)"
         free = shutil.disk_usage(path.parent).free / 2**20
         kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
         raise GenlabError(f"could not write the checkpoint {path}: {reason} ({free:.0f} MiB free on that disk); "
                           f"{kept}.") from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def resolve(path) -> Path:
@@ -62,18 +127,10 @@ def resolve(path) -> Path:
 
 
 def load(path, map_location="cpu") -> dict:
-    """Read a genlab checkpoint safely (no code runs), or raise a GenlabError that says why not."""
+    """Read a genlab checkpoint safely (no code runs, the checksum checked), or raise a GenlabError that says why not."""
     p = resolve(path)
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise GenlabError(
-            f"{p} is refused: it holds objects other than tensors and plain data, which genlab "
-            f"never unpickles (weights_only=True). It is not a genlab checkpoint. ({str(e).splitlines()[0]})"
-        ) from e
-    except Exception as e:  # truncated zip, foreign bytes, legacy pickles: all unreadable here
-        raise GenlabError(f"{p} cannot be read as a checkpoint (truncated or damaged?): {str(e).splitlines()[0]}") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    state = read(p, map_location, required=False)  # checkpoints of genlab before version 3 have no checksum
+    if state.get("format") != FORMAT:
         raise GenlabError(f"{p} is not a genlab checkpoint (no '{FORMAT}' marker).")
     if state.get("version", 0) > VERSION:
         raise GenlabError(

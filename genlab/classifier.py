@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from genlab import checkpoint
 from genlab.build import build_dataset
 from genlab.data import cache_dir
-from genlab.device import DTYPES, resolve_precision
 from genlab.errors import GenlabError
 from genlab.nets.classifier import SmallCNN
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the classifier or its training changes: old caches are then not used
+VERSION = 2  # bump when the classifier or its training changes: old caches are then not used (2: trained in fp32)
 MIN_PER_CLASS = 50  # fewer training images of a class than this, and the classifier is not trusted
 
 
@@ -33,15 +33,22 @@ def classifier_for(dataset: DictConfig, device, epochs: int = 3, width: int = 16
     """The dataset's classifier (all classes), trained now if no cached one matches; (net, info)."""
     node = OmegaConf.to_container(dataset, resolve=True)
     node["classes"] = None
-    spec = {"dataset": node, "epochs": epochs, "width": width, "seed": seed, "min_steps": min_steps, "version": VERSION}
+    # everything its weights depend on: the data, the recipe, and where it was trained (always in fp32, so that
+    # one yardstick means the same on every GPU; CPU and CUDA kernels still round differently)
+    spec = {"dataset": node, "epochs": epochs, "width": width, "seed": seed, "min_steps": min_steps, "version": VERSION,
+            "precision": "fp32", "device": torch.device(device).type}
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     name = node["_target_"].rsplit(".", 1)[-1]
     path = cache_dir() / "classifiers" / f"{name}-{key}.pt"
     if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        net = SmallCNN(**blob["args"])
-        net.load_state_dict(blob["state"])
-        return net.to(device).eval(), blob["info"]
+        try:
+            blob = checkpoint.read(path)  # its checksum checked: a yardstick changed on disk is never used
+            net = SmallCNN(**blob["args"])
+            net.load_state_dict(blob["state"])
+            return net.to(device).eval(), blob["info"]
+        except (checkpoint.Damaged, KeyError, RuntimeError, TypeError) as e:  # a damaged cache is trained again
+            log.warning("ignoring the unreadable classifier cache %s (%s); training it again", path,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
     train, test = build_dataset(OmegaConf.create(node), True), build_dataset(OmegaConf.create(node), False)
     counts = train.labels.bincount()
     present = counts[counts > 0]
@@ -57,8 +64,10 @@ def classifier_for(dataset: DictConfig, device, epochs: int = 3, width: int = 16
             "n_classes": int(train.labels.max()) + 1, "width": width}
     epochs = max(epochs, -(-min_steps // max(1, len(train) // 128)))  # small datasets: more passes
     net, info = fit_classifier(train, test, args, device, epochs, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"args": args, "state": net.state_dict(), "info": info}, path)
+    try:  # whole or not at all, even with several processes building it at once
+        checkpoint.write({"args": args, "state": net.state_dict(), "info": info}, path)
+    except (OSError, RuntimeError) as e:
+        log.warning("could not write the classifier cache %s (%s); training it each time", path, e)
     log.info("classifier for %s: test accuracy %.4f (cached at %s)", train.name, info["test_accuracy"], path)
     return net.eval(), info
 
@@ -70,7 +79,6 @@ def fit_classifier(train, test, args: dict, device, epochs: int, seed: int):
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     steps = epochs * (len(train) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
-    precision = resolve_precision("auto", device)
     images, labels = train.images.to(device), train.labels.to(device)
     g = torch.Generator().manual_seed(seed)
     net.train()
@@ -78,8 +86,7 @@ def fit_classifier(train, test, args: dict, device, epochs: int, seed: int):
         for _ in range(epochs):
             order = torch.randperm(len(train), generator=g).to(device)
             for idx in order[: len(order) // 128 * 128].view(-1, 128):
-                with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
-                    loss = F.cross_entropy(net(images[idx].float().div(255)).float(), labels[idx])
+                loss = F.cross_entropy(net(images[idx].float().div(255)), labels[idx])  # fp32: one yardstick everywhere
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

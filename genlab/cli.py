@@ -3,6 +3,7 @@
 import importlib
 import importlib.resources
 import importlib.util
+import io
 import logging
 import os
 import sys
@@ -76,8 +77,59 @@ def main(argv=None) -> int:
     if not set(args) & {"-sc", "--shell-completion"}:  # completion's own query=... must reach Hydra as it is
         args = [schema.free_keys(verb, a) for a in args]
     sys.argv = [sys.argv[0], *args]
-    _hydra_app(verb)()
+    with _held_stderr(verb):
+        _hydra_app(verb)()
     return 0
+
+
+class _held_stderr:
+    """Hydra reports a command line it cannot compose (an option that does not exist, a value of the wrong type,
+    a typo in the override grammar) in its own words, then exits 1. Until genlab's task starts, what Hydra writes
+    to stderr is held back, and such a report comes out as one ``genlab VERB: error:`` paragraph."""
+
+    current = None  # the one a running task releases
+
+    def __init__(self, verb: str):
+        self.verb = verb
+
+    def __enter__(self):
+        self.real, self.held = sys.stderr, io.StringIO()
+        sys.stderr, _held_stderr.current = self.held, self
+        return self
+
+    def release(self) -> None:
+        if sys.stderr is self.held:
+            sys.stderr = self.real
+            self.real.write(self.held.getvalue())
+        _held_stderr.current = None
+
+    def __exit__(self, kind, error, tb):
+        refused = sys.stderr is self.held and kind is SystemExit and error.code not in (0, None)
+        if refused and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            sys.stderr = self.real
+            print(f"genlab {self.verb}: error: {hydra_report(self.held.getvalue())}", file=sys.stderr)
+        self.release()
+        return False
+
+
+def hydra_report(text: str) -> str:
+    """Hydra's report of a command line it refused, as one paragraph: its hints and search path left out, an
+    indented list joined onto the line that introduces it."""
+    lines, listing, searchpath = [], False, False
+    for line in text.splitlines():
+        if line.startswith(("Set the environment variable HYDRA_FULL_ERROR", "See https://hydra.cc")):
+            continue
+        searchpath = line.startswith("Config search path") or (searchpath and line[:1].isspace())
+        detail = line.strip().startswith(("full_key:", "reference_type=", "object_type=", "key:", "value:"))
+        if searchpath or detail or not line.strip():
+            continue
+        if line[:1].isspace() and lines:  # a list item under "Available options in 'model':"
+            lines[-1] += (", " if listing else " ") + line.strip()
+            listing = True
+            continue
+        listing = False
+        lines.append(line.strip())
+    return " ".join(l if l.endswith((".", ":")) or l is lines[-1] else l + "." for l in lines) or text.strip()
 
 
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
@@ -167,6 +219,18 @@ def execute(verb: str, cfg, run_dir: Path, overrides: list[str]):
     return importlib.import_module(VERBS[verb][0]).run(cfg, run_dir, overrides)
 
 
+def out_of_memory(verb: str, cfg, error: BaseException) -> str:
+    """What to try when a command runs out of memory, for the batch size it ran with."""
+    key = "trainer.batch_size" if verb == "train" else "batch_size"
+    batch = cfg.trainer.batch_size if verb == "train" else cfg.get("batch_size")
+    where = "the GPU" if "CUDA" in str(error) or "cuda" in str(error) else "this machine"
+    tries = [f"{key}={max(1, batch // 2)} (now {batch})"] if isinstance(batch, int) else []
+    if verb == "train":
+        tries += ["trainer.precision=bf16 (or fp16 on GPUs without bf16)", "a smaller network (model.*.width)",
+                  "several GPUs with torchrun, each holding a slice of the batch"]
+    return f"out of memory on {where} ({str(error).splitlines()[0][:160] or type(error).__name__}). Try {', or '.join(tries)}."
+
+
 def _hydra_app(verb: str):
     import hydra
 
@@ -177,8 +241,13 @@ def _hydra_app(verb: str):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        import torch
+
         from genlab import dist, sweep
         from genlab.errors import GenlabError, Interrupted
+
+        if _held_stderr.current is not None:  # Hydra composed the command line: genlab speaks for itself now
+            _held_stderr.current.release()
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
@@ -192,7 +261,10 @@ def _hydra_app(verb: str):
             job = sweep.Job(run_dir, hc.job.num, hc.overrides.task)  # the sweep go on
             sweep.share_cpus(hc.launcher)
         try:
-            result = execute(verb, cfg, run_dir, list(hc.overrides.task))
+            try:
+                result = execute(verb, cfg, run_dir, list(hc.overrides.task))
+            except (MemoryError, torch.OutOfMemoryError) as e:  # the host's, a GPU's
+                raise GenlabError(out_of_memory(verb, cfg, e)) from e
         except KeyboardInterrupt as e:
             if job is not None:
                 job.end(e)

@@ -16,6 +16,7 @@ from typing import Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from genlab import checkpoint
 from genlab.errors import GenlabError
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,16 @@ class Loader:
         for i in range(start, self.steps_per_epoch):
             lo = i * self.batch_size + self.rank * self.local
             idx = order[lo:lo + self.local]
-            x = self.images.index_select(0, idx).to(self.device, non_blocking=True).float().div_(255)
-            yield Batch(x, self.labels.index_select(0, idx).to(self.device, non_blocking=True))
+            yield Batch(self._gather(self.images, idx).float().div_(255), self._gather(self.labels, idx))
+
+    def _gather(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of ``t`` on the training device. From pinned host memory (a dataset the GPU cannot hold)
+        the rows are gathered into a pinned buffer, so that the copy to the GPU runs beside the computation
+        (``index_select`` alone would return pageable memory, and the copy would wait)."""
+        if t.device == self.device:
+            return t.index_select(0, idx)
+        rows = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        return torch.index_select(t, 0, idx, out=rows).to(self.device, non_blocking=True)
 
 
 # --- the datasets ---------------------------------------------------------------------------
@@ -330,16 +339,14 @@ def _cached(name, train, sources, decode, settings: str = ""):
     path = cache_dir() / "datasets" / f"{name}-{'train' if train else 'test'}-{key}.pt"
     if path.exists():
         try:
-            blob = torch.load(path, weights_only=True)
+            blob = checkpoint.read(path)  # its checksum checked: a cache changed on disk is never used
             return blob["images"], blob["labels"]
-        except Exception as e:  # a damaged cache is rebuilt, never fatal
-            log.warning("ignoring unreadable dataset cache %s (%s)", path, e)
+        except (checkpoint.Damaged, KeyError) as e:  # a damaged cache is rebuilt, never fatal
+            log.warning("ignoring the unreadable dataset cache %s (%s); decoding the dataset again", path,
+                        str(e).splitlines()[0])
     images, labels = decode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"images": images, "labels": labels}, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
+        checkpoint.write({"images": images, "labels": labels}, path)
+    except (OSError, RuntimeError) as e:
         log.warning("could not write the dataset cache %s (%s); decoding each time", path, e)
     return images, labels

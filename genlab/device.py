@@ -51,15 +51,15 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 where ``device`` computes it natively, fp16 (with a gradient scaler) on older GPUs,
-    else fp32."""
+def resolve_precision(precision: str, device: torch.device, fp16: bool = True) -> str:
+    """``auto``: bf16 where ``device`` computes it natively, fp16 (with a gradient scaler: training) on older GPUs
+    when ``fp16``, else fp32. Sampling and evaluation pass ``fp16=False``: fp32 where bf16 is not native."""
     if precision not in ("auto", *DTYPES):
         raise GenlabError(f"trainer.precision={precision} is not one of auto, fp32, bf16, fp16.")
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if cuda_has_native_bf16(device) else "fp16"
+        return "bf16" if cuda_has_native_bf16(device) else ("fp16" if fp16 else "fp32")
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     return "fp32"

@@ -61,7 +61,7 @@ def draw(model, n: int | None = None, labels=None, seed: int = 0, precision: str
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the noise a stochastic sampler draws as it goes
     batches = torch.arange(n).split(batch_size)
-    with autocast(device, resolve_precision(precision, device)):
+    with autocast(device, resolve_precision(precision, device, fp16=False)):
         x = torch.cat([model.sample(len(i), None if labels is None else labels[i], g, **settings).float().clamp(0, 1).cpu()
                        for i in tqdm(batches, desc="sampling", unit="batch", disable=None if len(batches) > 1 else True)])
     return x, labels
@@ -106,7 +106,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
         if labels is not None:
             torch.save(labels, run_dir / "labels.pt")
             written.append("labels.pt")
-    precision = autocast(device, resolve_precision(cfg.precision, device))
+    precision = autocast(device, resolve_precision(cfg.precision, device, fp16=False))
     g = torch.Generator().manual_seed(cfg.seed + 1)
 
     rows, steps = cfg.interp_rows, cfg.interp_steps

@@ -8,7 +8,6 @@ Whatever writes (metrics.csv, pictures, checkpoints, the progress bar, loggers) 
 """
 
 import contextlib
-import copy
 import hashlib
 import logging
 import math
@@ -52,9 +51,12 @@ class StepContext:
       scaler's verdict from the device, a sync, so it is computed only when asked.
     - ``step_index``: the optimisation steps done before this one.
 
-    ``on_nan=skip`` reads each loss, and without a scaler each gradient, on the host before it is used;
-    a non-finite one drops the whole training step (the loop puts back the weights, optimizer states
-    and batch-norm statistics of its start).
+    A training step is all or nothing: ``on_nan=skip`` reads each loss, and without a scaler each
+    gradient, on the host before it is used, and a non-finite one drops the whole step; under fp16, an
+    update the scaler skips for overflowing gradients drops the whole step too. The updates a dropped step
+    had already applied are undone (each optimizer's weights and state are copied before its update, when
+    a later one could still drop the step), and the loop puts back the batch-norm statistics of its start.
+    Under fp16 that happens on the device, with no host sync.
 
     Under several processes (genlab.dist) each optimizer's gradients are averaged over the ranks, in one
     flat all-reduce, before it clips or steps; a non-finite loss on any rank (``on_nan=skip``) rides along
@@ -76,6 +78,9 @@ class StepContext:
         self._bad = False  # this rank saw a non-finite loss (on_nan=skip), not yet shared with the others
         self._reduced: set[str] = set()  # optimizers whose gradients were averaged over the ranks in this step
         self._applied: dict[str, bool | Tensor] = {}  # name -> applied (a device flag under fp16)
+        # an update may have to be undone when a later one of the same step can still drop it
+        self.undoable = (on_nan == "skip" or self.scaler is not None) and len(optimizers) > 1
+        self._saved: list[tuple] = []  # (optimizer, param, copies of the param and its state) before this step's updates
         self._scaled = False  # the scaler unscaled or stepped an optimizer in this training step: it must update
 
     def autocast(self):
@@ -89,7 +94,14 @@ class StepContext:
             return
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
-        loss.backward(inputs=self.params[name] if name is not None else None, retain_graph=retain_graph)
+        inputs = None
+        if name is not None:  # a frozen parameter (requires_grad=False) in an optimizer's group gets no gradient
+            inputs = [p for p in self.params[name] if p.requires_grad]
+            if not inputs:
+                raise GenlabError(f"ctx.backward(loss, {name!r}): every parameter of optimizer {name!r} has "
+                                  "requires_grad=False, so there is nothing to train; unfreeze some, or leave that "
+                                  "optimizer out of optimizer_groups().")
+        loss.backward(inputs=inputs, retain_graph=retain_graph)
 
     def clip(self, name: str, max_norm: float) -> Tensor:
         self._average(name)
@@ -103,15 +115,18 @@ class StepContext:
         self._average(name)
         if self.dropped:
             self._applied[name] = False
-        elif self.scaler is not None:  # the scaler skips an update whose gradients overflowed, on the device
-            self.scaler.step(opt)
-            self._scaled = True
-            self._applied[name] = sum(self.scaler._found_inf_per_device(opt).values()) == 0
-        elif self.on_nan == "skip" and not grads_finite(self.params[name]):
+        elif self.scaler is None and self.on_nan == "skip" and not grads_finite(self.params[name]):
             self.dropped, self._applied[name] = True, False
         else:
-            opt.step()
-            self._applied[name] = True
+            if self.undoable:
+                self._save(opt)
+            if self.scaler is not None:  # the scaler skips an update whose gradients overflowed, on the device
+                self.scaler.step(opt)
+                self._scaled = True
+                self._applied[name] = sum(self.scaler._found_inf_per_device(opt).values()) == 0
+            else:
+                opt.step()
+                self._applied[name] = True
         opt.zero_grad(set_to_none=True)
 
     def _average(self, name: str) -> None:
@@ -125,12 +140,47 @@ class StepContext:
         if bad is not None and bad.item() > 0:
             self.dropped = True
 
+    def _save(self, opt) -> None:
+        """Copies of what ``opt``'s update is about to change: its parameters that have gradients, and their state."""
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = opt.state.get(p)
+                    self._saved.append((opt, p, p.detach().clone(), {k: v.clone() if isinstance(v, Tensor) else v
+                                                                     for k, v in state.items()} if state else None))
+
+    def _undo(self, undo: bool | Tensor) -> None:
+        """Put back what this step's updates changed: at once when ``undo`` is True; under fp16 where the device
+        flag ``undo`` says so, with no host sync (lerp by 0 or 1 is exact at both ends)."""
+        if isinstance(undo, Tensor) and any(state is None for *_, state in self._saved):
+            undo = bool(undo)  # a first update created the state: whether to remove it is decided on the host
+        with torch.no_grad():
+            if not isinstance(undo, Tensor):
+                for opt, p, before, state in self._saved if undo else ():
+                    p.copy_(before)
+                    if state is None:
+                        opt.state.pop(p, None)
+                    else:
+                        opt.state[p] = state
+                return
+            now, then = [], []
+            for opt, p, before, state in self._saved:
+                pairs = [(p, before)] + [(opt.state[p][k], v) for k, v in state.items() if isinstance(v, Tensor)]
+                for a, b in pairs:
+                    if a.is_floating_point():
+                        now.append(a)
+                        then.append(b)
+                    else:
+                        a.copy_(torch.where(undo, b, a))
+            if now:
+                torch._foreach_lerp_(now, then, [undo.to(t.dtype) for t in now])
+
     def applied(self, name: str) -> bool:
         return bool(self._applied.get(name, False))
 
     def begin(self, step_index: int) -> None:
         self.step_index, self.dropped, self._applied, self._scaled = step_index, False, {}, False
-        self._bad, self._reduced = False, set()
+        self._bad, self._reduced, self._saved = False, set(), []
 
     def end(self) -> Tensor | bool:
         """Close a training step: the scaler's update, each schedule's step. Returns whether every update
@@ -142,9 +192,16 @@ class StepContext:
         if self.dropped:
             for o in self.optimizers.values():  # nothing of the dropped step carries over, gradients included
                 o.zero_grad(set_to_none=True)
+            if self._saved:
+                self._undo(True)
             return False
         flags = [f for f in self._applied.values() if isinstance(f, Tensor)]
-        return torch.stack(flags).all() if flags else True
+        if not flags:
+            return True
+        applied = torch.stack(flags).all()
+        if self._saved:  # fp16: an update skipped for overflow drops the whole step
+            self._undo(~applied)
+        return applied
 
     def state_dict(self) -> dict:
         return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
@@ -261,13 +318,14 @@ class Trainer:
 
     def _train_step(self, batch) -> dict | None:
         """One training step; its losses, or None when on_nan=skip dropped it."""
-        before = self._snapshot() if self.ctx.on_nan == "skip" else None
+        before = [b.clone() for b in self.model.buffers()] if self.ctx.on_nan == "skip" or self.ctx.scaler else None
         torch.manual_seed(step_seed(self.seed, dist.rank(), self.step))
         self.ctx.begin(self.step)
         out = self.model.training_step(batch, self.ctx)
-        applied = self.ctx.end()
+        applied = self.ctx.end()  # a dropped step's updates are undone there
+        if before is not None and applied is not True:  # and its batch-norm statistics here
+            self._restore_buffers(before, applied)
         if applied is False:
-            self._restore(before)
             self._dropped_in_a_row += 1
             if self._dropped_in_a_row >= SKIP_LIMIT:
                 raise self.diverged(f"the losses or gradients of the {SKIP_LIMIT} steps up to step {self.step + 1} "
@@ -311,21 +369,11 @@ class Trainer:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
-    # --- on_nan=skip: a dropped step leaves no trace -------------------------------------------
-
-    def _snapshot(self) -> dict:
-        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
-                "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in self.ctx.optimizers.items()}}
-
-    def _restore(self, before: dict) -> None:
-        """Weights, batch-norm statistics and optimizer states as they were; the schedules' clock (and so the
-        learning rates they set) and the fp16 scaler move on."""
-        self.model.load_state_dict(before["model"])
-        for k, o in self.ctx.optimizers.items():
-            rates = [group["lr"] for group in o.param_groups]
-            o.load_state_dict(before["optimizers"][k])
-            for group, lr in zip(o.param_groups, rates):
-                group["lr"] = lr
+    @torch.no_grad()
+    def _restore_buffers(self, before: list, applied: bool | Tensor) -> None:
+        """The batch-norm statistics of a dropped step's start (under fp16: where the device flag says so)."""
+        for b, old in zip(self.model.buffers(), before):
+            b.copy_(old if applied is False else torch.where(applied, b, old))
 
     # --- signals, errors ------------------------------------------------------------------------
 

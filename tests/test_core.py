@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from genlab import checkpoint
+from genlab.build import build_model, build_trainer
 from genlab.callbacks import Callback
 from genlab.data import Batch
 from genlab.ema import EMA
@@ -21,7 +22,7 @@ from genlab.losses import BCE
 from genlab.schedules import Constant, Cosine, Linear
 from genlab.trainer import StepContext
 
-from conftest import genlab, make_trainer
+from conftest import compose_train, genlab, make_trainer
 from test_reliability import tensors
 
 PLUGINS = Path(__file__).resolve().parent.parent / "examples" / "plugin"
@@ -289,3 +290,26 @@ def test_a_users_own_loss_by_target(tmp_path):
                env=PLUGIN_ENV)
     assert r.returncode == 1 and "VAE takes a loss of type ELBO (loss=elbo); loss=user_losses.Softplus does not fit" \
         in r.stderr
+
+
+def test_a_subclass_that_passes_kwargs_on_takes_genlabs_loss(monkeypatch):
+    """class TinyGAN(GAN) with __init__(self, ..., **kwargs): the loss is GAN's to take, and its type is checked
+    against GAN's annotation."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    cfg = compose_train(["model=gan", "loss=hinge"])
+    cfg.model = {"_target_": "tiny_gan.TinyGAN", "channels": 1, "image_size": 8, "z_dim": 4, "n_critic": 2}
+    model = build_model(cfg)
+    assert type(model).__name__ == "TinyGAN" and type(model.loss).__name__ == "Hinge" and model.n_critic == 2
+    cfg.loss = {"_target_": "genlab.losses.ELBO"}
+    with pytest.raises(GenlabError, match="TinyGAN takes a loss of type GANLoss"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("overrides,labels", [(["model=cgan"], "up to 11"), (["model=flow", "model.num_classes=9"], "up to 9")])
+def test_labels_beyond_the_models_classes_are_refused(overrides, labels, tmp_path):
+    """A label equal to num_classes would be the UNet's "no class" token, a larger one an index error: the run
+    is refused when it is built, with the number to set."""
+    cfg = compose_train([*overrides, "dataset=synthetic", "dataset.n=64", "dataset.image_size=16",
+                         f"dataset.n_classes={12 if 'cgan' in overrides[0] else 10}"])
+    with pytest.raises(GenlabError, match=f"has labels {labels}, but the model is conditional on model.num_classes"):
+        build_trainer(cfg, tmp_path, torch.device("cpu"))

@@ -115,3 +115,21 @@ def test_real_mnist():
     d = data.mnist(SHARED_DATA, train=False, download=False)
     assert d.images.shape == (10000, 1, 28, 28)
     assert np.bincount(d.labels.numpy()).min() > 800
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs a CUDA device")
+def test_a_dataset_the_gpu_cannot_hold_is_gathered_into_pinned_memory(monkeypatch):
+    """The dataset stays in pinned host memory; each batch is gathered into a pinned buffer (index_select alone
+    returns pageable memory, whose copy cannot overlap the computation) and equals the in-memory batch."""
+    images, labels = torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8), torch.arange(64) % 10
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (16, 16))  # "no room": stay on the host
+    pinned = data.Loader(images, labels, 16, "cuda", seed=1)
+    assert pinned.images.is_pinned()
+    copies = []
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: copies.append(self.is_pinned()) or to(self, *a, **kw))
+    batch = next(pinned.epoch(0))
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    assert copies and all(copies)
+    plain = next(data.Loader(images, labels, 16, "cpu", seed=1).epoch(0))
+    assert torch.equal(batch.x.cpu(), plain.x) and torch.equal(batch.y.cpu(), plain.y)

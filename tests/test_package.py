@@ -109,6 +109,12 @@ def test_the_example_plugin_from_its_own_folder(venv, tmp_path):
     r = run(venv, "genlab", "train", "--config-dir", "configs", "model=gan", "loss=user_softplus", *SMALL,
             "hydra.run.dir=run2", cwd=plugin)
     assert r.returncode == 0, r.stderr
+    # a subclass of genlab's GAN whose constructor passes **kwargs on: it takes genlab's loss
+    r = run(venv, "genlab", "train", "--config-dir", "configs", "model=tiny_gan", "loss=hinge", *SMALL,
+            "hydra.run.dir=run3", cwd=plugin)
+    assert r.returncode == 0, r.stderr
+    r = run(venv, "genlab", "train", "--config-dir", "configs", "model=tiny_gan", "loss=elbo", *SMALL, cwd=plugin)
+    assert r.returncode == 1 and "TinyGAN takes a loss of type GANLoss" in r.stderr, r.stderr
     r = run(venv, "genlab", "train", "model._target_=toy_cond.Missing", *SMALL, cwd=tmp_path)
     assert r.returncode == 1 and "cannot import toy_cond.Missing" in r.stderr and "current directory" in r.stderr
 

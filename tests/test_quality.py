@@ -5,7 +5,9 @@ import csv
 import hashlib
 import json
 import math
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +96,40 @@ def test_quality_needs_a_dataset_that_can_train_its_classifier(tmp_path):
     r = genlab("evaluate", "task=quality", f"ckpt={tmp_path / 'run'}", "n_samples=100", cwd=tmp_path)
     assert r.returncode == 1 and "has a single class" in r.stderr and "inception_weights=PATH" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_one_yardstick_everywhere(monkeypatch, caplog):
+    """genlab's FID classifier trains in fp32 whatever the device computes natively (this CPU runs bf16, an older
+    GPU fp16), its cache is keyed by the device type that trained it, and a damaged cache is trained again."""
+    from genlab.nets.classifier import SmallCNN
+
+    autocast_seen = []
+    forward = SmallCNN.forward
+    monkeypatch.setattr(SmallCNN, "forward", lambda self, x: autocast_seen.append(torch.is_autocast_enabled("cpu"))
+                        or forward(self, x))
+    node = compose_train(["dataset=synthetic", "dataset.n=1000", "dataset.image_size=8"]).dataset
+    net, info = classifier_for(node, "cpu", epochs=1, width=4, min_steps=4)
+    assert autocast_seen and not any(autocast_seen)
+    cached = list((Path(os.environ["GENLAB_CACHE"]) / "classifiers").glob("synthetic-*.pt"))
+    assert len(cached) == 1
+    cached[0].write_bytes(cached[0].read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING"):
+        again, _ = classifier_for(node, "cpu", epochs=1, width=4, min_steps=4)
+    assert "unreadable classifier cache" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+def test_sampling_precision_auto_is_what_the_configs_say(monkeypatch):
+    """sample.yaml and evaluate.yaml: auto is bf16 where the device computes it natively, else fp32; training's
+    auto takes fp16 with a gradient scaler on a GPU without native bf16."""
+    from genlab import device as device_module
+
+    monkeypatch.setattr(device_module, "cuda_has_native_bf16", lambda d: False)
+    old_gpu = torch.device("cuda", 0)
+    assert device_module.resolve_precision("auto", old_gpu, fp16=False) == "fp32"
+    assert device_module.resolve_precision("auto", old_gpu) == "fp16"
+    monkeypatch.setattr(device_module, "cuda_has_native_bf16", lambda d: True)
+    assert device_module.resolve_precision("auto", old_gpu, fp16=False) == "bf16"
 
 
 @pytest.mark.slow  # the summary and the Inception FID have faster tests of their own

@@ -2,9 +2,11 @@
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -334,26 +336,31 @@ def test_on_nan_skip_with_fp16_and_batch_norm(tmp_path):
     assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_on_nan_skip_drops_a_gan_step_whole(tmp_path):
-    """The generator's loss turns NaN after the discriminator has stepped: the whole training step is dropped,
+@pytest.mark.parametrize("precision,on_nan,factor", [("fp32", "skip", float("nan")), ("fp16", "stop", 1e30)])
+def test_a_gan_step_is_dropped_whole(precision, on_nan, factor, tmp_path):
+    """The generator's loss turns NaN (on_nan=skip), or its fp16 gradients overflow while the loss stays finite
+    (the scaler skips its update), after the discriminator has stepped: the whole training step is dropped,
     the discriminator's update, its optimizer state and the batch-norm statistics included."""
     t = make_trainer(["model=dcgan", "dataset=synthetic", "dataset.n=96", "trainer.batch_size=32", "trainer.max_steps=4",
-                      "trainer.on_nan=skip", "trainer.log_every=1", "trainer.n_samples=4"], tmp_path)
+                      f"trainer.on_nan={on_nan}", f"trainer.precision={precision}", "trainer.log_every=1",
+                      "trainer.n_samples=4", "trainer.ema.decay=0.9"], tmp_path)
     real_g = t.model.loss.g
-    t.model.loss.g = lambda fake, real=None: real_g(fake, real) * (float("nan") if t.ctx.step_index == 2 else 1.0)
+    t.model.loss.g = lambda fake, real=None: real_g(fake, real) * (factor if t.ctx.step_index == 2 else 1.0)
     states = {}
 
     class Snapshot(Callback):
         def on_step_end(self, trainer):
             states[trainer.step] = {k: v.clone() for k, v in tensors({"model": trainer.model.state_dict(),
-                                                                        "ctx": trainer.ctx.state_dict()})}
+                                                                        "opt": trainer.ctx.state_dict()["optimizers"],
+                                                                        "ema": trainer.ema.state_dict()["model"]})}
 
     t.callbacks.append(Snapshot())
     t.fit()
     same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert same(states[3], states[2])  # step 3 (index 2) left no trace
     assert not same(states[2], states[1]) and not same(states[4], states[3])  # the others did
-    assert [("train/loss_d" in r) for r in t.history] == [True, True, False, True]
+    if on_nan == "skip":
+        assert [("train/loss_d" in r) for r in t.history] == [True, True, False, True]
 
 
 def test_a_dropped_step_keeps_the_schedules_learning_rate(tmp_path):
@@ -449,3 +456,71 @@ def test_resume_compares_a_group_by_the_option_the_run_was_composed_from():
         resume_with("optimizer=adam", "optimizer.lr=2e-4", choices=choices, stored=stored)
     with pytest.raises(GenlabError, match="would change optimizer.lr \\(the run has 0.001"):  # no record: each value
         resume_with("optimizer=adam", stored=stored)
+
+
+def test_out_of_memory_is_one_line_with_what_to_try(tmp_path, monkeypatch, capsys):
+    """A GPU that runs out of memory mid-run: one paragraph naming the batch size and what to try, exit 1."""
+    from genlab import cli
+    from genlab.trainer import Trainer
+
+    def fit(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "model=gan", *COMMON, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Traceback" not in err
+    assert "genlab train: error: out of memory on the GPU" in err and "trainer.batch_size=16 (now 32)" in err
+
+
+def test_a_frozen_parameter_in_an_optimizers_group(tmp_path):
+    """A user freezes part of a network (requires_grad=False) that its optimizer still holds: the rest trains,
+    the frozen part stays as it was; freezing all of it is one clear error."""
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=2"], tmp_path)
+    frozen = t.model.d.net[1].weight.requires_grad_(False)
+    before = frozen.detach().clone()
+    t.fit()
+    assert torch.equal(frozen, before) and t.step == 2
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=2"], tmp_path / "all")
+    t.model.d.requires_grad_(False)
+    with pytest.raises(GenlabError, match="every parameter of optimizer 'd' has requires_grad=False"):
+        t.fit()
+
+
+def flip_a_tensor_byte(path: Path, out: Path) -> None:
+    """``path`` with one byte changed in the middle of its largest zip entry (a tensor's storage: stored, not
+    compressed, and not checked by PyTorch's reader)."""
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x10
+    out.write_bytes(raw)
+
+
+def test_a_file_changed_on_disk_is_never_used_as_if_whole(tmp_path, fake_root, caplog):
+    """A byte of a weight changed on disk: PyTorch loads the checkpoint silently; genlab refuses it by its
+    checksum. A dataset cache changed on disk is decoded again, not used."""
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=3"], tmp_path / "run")
+    t.fit()
+    good = tmp_path / "run" / "checkpoints" / "last.pt"
+    flip_a_tensor_byte(good, tmp_path / "flipped.pt")
+    loaded = dict(tensors(torch.load(tmp_path / "flipped.pt", weights_only=True)))  # no error: entries unchecked
+    assert any(not torch.equal(v, loaded[k]) for k, v in tensors(torch.load(good, weights_only=True)))
+    with pytest.raises(GenlabError, match="damaged: its content no longer matches the checksum"):
+        checkpoint.load(tmp_path / "flipped.pt")
+    r = genlab("sample", f"ckpt={tmp_path / 'flipped.pt'}", cwd=tmp_path)
+    assert r.returncode == 1 and "no longer matches the checksum" in r.stderr and "Traceback" not in r.stderr
+    checkpoint.load(good)  # the good one is untouched
+
+    from genlab.data import cache_dir, mnist
+
+    first = mnist(fake_root, download=False)
+    cache = next((cache_dir() / "datasets").glob("mnist-train-*.pt"))
+    flip_a_tensor_byte(cache, cache)
+    with caplog.at_level("WARNING"):
+        again = mnist(fake_root, download=False)
+    assert "ignoring the unreadable dataset cache" in caplog.text and "checksum" in caplog.text
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
