@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from genlab import callbacks, dist
 from genlab.data import ImageData, Loader
 from genlab.ema import EMA
-from genlab.errors import GenlabError
+from genlab.errors import GenlabError, first_line
 from genlab.models import GenerativeModel
 from genlab.schedules import Constant, ScheduledLR
 from genlab.trainer import StepContext, Trainer
@@ -120,7 +120,7 @@ def _import(path: str, where: str):
         return locate(path)
     except Exception as e:
         raise GenlabError(
-            f"{where}: cannot import {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"{where}: cannot import {path} ({type(e).__name__}: {first_line(e)}). "
             f"genlab looks for it in the current directory ({os.getcwd()}), on PYTHONPATH and among the installed "
             "packages."
         ) from e
@@ -258,7 +258,7 @@ def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None)
         *([callbacks.ProgressBar()] if t.progress else []),
         callbacks.MetricsCSV(run_dir),
         callbacks.LossCurves(run_dir, f"{type(model).__name__} on {data.name}{loss}"),
-        callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling)),
+        callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling), t.grid_share),
         callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), None if by_time else t.checkpoint_every,
                               t.keep_every, t.keep_last, every_s=seconds(t.checkpoint_every) if by_time else None,
                               choices=choices),
@@ -334,7 +334,7 @@ def load_model(ckpt, device="cpu", ema: bool = True) -> tuple[GenerativeModel, D
     try:
         model.load_state_dict(state["ema"]["model"] if state["weights"] == "ema" else state["model"])
     except RuntimeError as e:
-        raise GenlabError(f"the weights in {ckpt} do not fit the model its config describes: {str(e).splitlines()[0]}") from e
+        raise GenlabError(f"the weights in {ckpt} do not fit the model its config describes: {first_line(e)}") from e
     return model.to(device).eval(), cfg, state
 
 

@@ -7,6 +7,7 @@ changes; under several processes only rank 0 gets the writers.
 """
 
 import csv
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from genlab import checkpoint, plots
+from genlab.errors import GenlabError
 from genlab.images import save_grid
 from genlab.models.base import grid_labels
 
@@ -113,15 +115,25 @@ class LossCurves(Callback):
 
 
 class SampleGrids(Callback):
-    """``samples/epoch_NNNN.png`` after each epoch: ``n`` images from one fixed noise batch (seeded), so
-    that progress can be watched; from the moving average of the weights when the run keeps one. A
-    class-conditional model draws one class per row. ``settings``: the model's sampling settings."""
+    """``samples/epoch_NNNN.png``: ``n`` images from one fixed noise batch (seeded), so that progress can be
+    watched; from the moving average of the weights when the run keeps one. A class-conditional model draws
+    one class per row. ``settings``: the model's sampling settings.
 
-    def __init__(self, run_dir, n: int = 64, seed: int = 0, settings: dict | None = None):
+    A grid is drawn after the first epoch and the last, and between them at an epoch's end when the grids so
+    far and one more (as long as the last) stay within ``share`` of the time since the run started: all grids
+    but the last then take at most that share (5 %), whether an epoch is 22 short steps on the digits and a
+    grid is a diffusion model's 50 sampling steps, or the other way round. ``share=1``: a grid every epoch."""
+
+    def __init__(self, run_dir, n: int = 64, seed: int = 0, settings: dict | None = None, share: float = 0.05):
+        if not 0 < share <= 1:
+            raise GenlabError(f"trainer.grid_share is the most of a run's time that sample grids may take, in (0, 1]; "
+                              f"got {share}.")
         self.dir, self.n, self.seed, self.settings = Path(run_dir) / "samples", n, seed, settings or {}
+        self.share, self.cost, self.spent = share, None, 0.0  # what the last grid took; what all of them took
 
     def on_fit_start(self, trainer):
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
         model = trainer.model
         self.labels, self.nrow = grid_labels(self.n, model.num_classes)
         n = len(self.labels) if self.labels is not None else self.n
@@ -131,6 +143,10 @@ class SampleGrids(Callback):
 
     @torch.inference_mode()
     def on_epoch_end(self, trainer):
+        start = time.perf_counter()
+        if (self.share < 1 and self.cost is not None and not trainer.done
+                and self.spent + self.cost > self.share * (start - self.started)):
+            return
         model = trainer.ema.model if trainer.ema is not None else trainer.model
         was_training = model.training
         model.eval()
@@ -138,6 +154,8 @@ class SampleGrids(Callback):
             images = model.generate(self.z, self.labels, **self.settings).float()
         model.train(was_training)
         save_grid(images, self.dir / f"epoch_{trainer.epoch + 1:04d}.png", self.nrow)
+        self.cost = time.perf_counter() - start
+        self.spent += self.cost
 
 
 class Checkpoints(Callback):
@@ -175,9 +193,15 @@ class Checkpoints(Callback):
         whole = trainer.step % trainer.loader.steps_per_epoch == 0
         if self.keep_every and epochs % self.keep_every == 0 and whole:
             self.save(trainer, f"epoch_{epochs:04d}.pt")
-            if self.keep_last:
-                for old in sorted(self.dir.glob("epoch_*.pt"))[: -self.keep_last]:
-                    old.unlink()
+            self.prune()
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_last`` kept copies, newest by epoch number (epoch_10000.pt sorts before
+        epoch_9990.pt by name)."""
+        kept = {int(m.group(1)): p for p in self.dir.glob("epoch_*.pt") if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))}
+        if self.keep_last:
+            for epoch in sorted(kept)[: -self.keep_last]:
+                kept[epoch].unlink()
 
     def on_interrupt(self, trainer):
         self.save(trainer, "last.pt")

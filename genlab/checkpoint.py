@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from genlab.errors import GenlabError
+from genlab.errors import GenlabError, first_line
 
 FORMAT = "genlab-checkpoint"
 VERSION = 3  # 3: no random state (the steps' draws are seeded by step), a checksum
@@ -86,9 +86,9 @@ def read(path: Path, map_location="cpu", required: bool = True) -> dict:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise Damaged(f"{path} is refused: it holds objects other than tensors and plain data, which genlab never "
-                      f"unpickles (weights_only=True). ({str(e).splitlines()[0]})") from e
+                      f"unpickles (weights_only=True). ({first_line(e)})") from e
     except Exception as e:  # truncated zip, foreign bytes, legacy pickles: all unreadable here
-        raise Damaged(f"{path} cannot be read (truncated or damaged?): {str(e).splitlines()[0]}") from e
+        raise Damaged(f"{path} cannot be read (truncated or damaged?): {first_line(e)}") from e
     if not isinstance(obj, dict):
         raise Damaged(f"{path} is not a file genlab wrote.")
     expected = obj.pop("checksum", None)

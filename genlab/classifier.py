@@ -16,7 +16,7 @@ from tqdm import tqdm
 from genlab import checkpoint
 from genlab.build import build_dataset
 from genlab.data import cache_dir
-from genlab.errors import GenlabError
+from genlab.errors import GenlabError, first_line
 from genlab.nets.classifier import SmallCNN
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def classifier_for(dataset: DictConfig, device, epochs: int = 3, width: int = 16
             return net.to(device).eval(), blob["info"]
         except (checkpoint.Damaged, KeyError, RuntimeError, TypeError) as e:  # a damaged cache is trained again
             log.warning("ignoring the unreadable classifier cache %s (%s); training it again", path,
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+                        first_line(e))
     train, test = build_dataset(OmegaConf.create(node), True), build_dataset(OmegaConf.create(node), False)
     counts = train.labels.bincount()
     present = counts[counts > 0]

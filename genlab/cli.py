@@ -105,7 +105,8 @@ class _held_stderr:
 
     def __exit__(self, kind, error, tb):
         refused = sys.stderr is self.held and kind is SystemExit and error.code not in (0, None)
-        if refused and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        said = f"genlab {self.verb}: error:" in self.held.getvalue()  # genlab's own sweeper said it already
+        if refused and not said and os.environ.get("HYDRA_FULL_ERROR") != "1":
             sys.stderr = self.real
             print(f"genlab {self.verb}: error: {hydra_report(self.held.getvalue())}", file=sys.stderr)
         self.release()
@@ -221,6 +222,8 @@ def execute(verb: str, cfg, run_dir: Path, overrides: list[str]):
 
 def out_of_memory(verb: str, cfg, error: BaseException) -> str:
     """What to try when a command runs out of memory, for the batch size it ran with."""
+    from genlab.errors import first_line
+
     key = "trainer.batch_size" if verb == "train" else "batch_size"
     batch = cfg.trainer.batch_size if verb == "train" else cfg.get("batch_size")
     where = "the GPU" if "CUDA" in str(error) or "cuda" in str(error) else "this machine"
@@ -228,7 +231,7 @@ def out_of_memory(verb: str, cfg, error: BaseException) -> str:
     if verb == "train":
         tries += ["trainer.precision=bf16 (or fp16 on GPUs without bf16)", "a smaller network (model.*.width)",
                   "several GPUs with torchrun, each holding a slice of the batch"]
-    return f"out of memory on {where} ({str(error).splitlines()[0][:160] or type(error).__name__}). Try {', or '.join(tries)}."
+    return f"out of memory on {where} ({first_line(error)[:160]}). Try {', or '.join(tries)}."
 
 
 def _hydra_app(verb: str):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from genlab import checkpoint
-from genlab.errors import GenlabError
+from genlab.errors import GenlabError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def _download(name, folder, files, layout, fetch) -> None:
     try:
         fetch()
     except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ... when offline
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise _missing_error(name, folder, files, layout, f"download failed: {first.rstrip(':')}") from e
 
 
@@ -343,7 +343,7 @@ def _cached(name, train, sources, decode, settings: str = ""):
             return blob["images"], blob["labels"]
         except (checkpoint.Damaged, KeyError) as e:  # a damaged cache is rebuilt, never fatal
             log.warning("ignoring the unreadable dataset cache %s (%s); decoding the dataset again", path,
-                        str(e).splitlines()[0])
+                        first_line(e))
     images, labels = decode()
     try:
         checkpoint.write({"images": images, "labels": labels}, path)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from genlab.device import resolve_device
-from genlab.errors import GenlabError
+from genlab.errors import GenlabError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _with_peers():
     try:
         yield
     except (RuntimeError, dist.DistError) as e:
-        first = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0]).split(". ")[0]  # gloo: "[file:line] What."
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0]  # gloo: "[file:line] What."
         raise PeerGone(f"another process of this run stopped, so this one stops too ({first})") from e
 
 
@@ -77,7 +77,7 @@ def setup(device: str = "auto") -> torch.device:
                                     timeout=datetime.timedelta(minutes=30),
                                     device_id=torch.device("cuda", local) if use_cuda else None)
         except (RuntimeError, ValueError) as e:
-            raise GenlabError(f"could not join the other processes of this run: {str(e).splitlines()[0]}") from e
+            raise GenlabError(f"could not join the other processes of this run: {first_line(e)}") from e
         atexit.register(teardown)
     return torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" else torch.device("cpu")
 

@@ -1,6 +1,12 @@
 """The one exception genlab raises for bad input: the CLI prints its message, no traceback."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text, or its type's name when it has none: what a one-line error quotes."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(error).__name__
+
+
 class GenlabError(Exception):
     """A problem the user can fix (config, data, checkpoint). The message says how."""
 

@@ -31,6 +31,7 @@ class TrainerSchema:
     on_nan: str = MISSING
     log_every: int = MISSING
     n_samples: int = MISSING
+    grid_share: float = MISSING
     checkpoint_every: Any = MISSING  # epochs (an int), or a duration with its unit (10m)
     keep_every: int = MISSING
     keep_last: int = MISSING

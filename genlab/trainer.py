@@ -18,9 +18,9 @@ import time
 import torch
 from torch import Tensor
 
-from genlab import checkpoint, dist
+from genlab import dist
 from genlab.device import autocast, resolve_precision, synchronize
-from genlab.errors import GenlabError, Interrupted
+from genlab.errors import GenlabError, Interrupted, first_line
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.load_state_dict(state.get("ema") or {"model": state["model"], "updates": 0})
         except (KeyError, RuntimeError, ValueError) as e:
-            raise GenlabError(f"the checkpoint does not fit this model: {str(e).splitlines()[0]}") from e
+            raise GenlabError(f"the checkpoint does not fit this model: {first_line(e)}") from e
         self.step, self.wall_time = state["step"], state.get("wall_time", 0.0)
         if state.get("processes", 1) != dist.world():
             log.warning("this run trained on %d process(es) and continues on %d: the same batch of %d a step, but each "

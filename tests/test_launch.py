@@ -84,7 +84,7 @@ def test_a_failing_job_is_reported_and_the_others_complete(tmp_path, launcher):
     assert [(j["job"], j["status"]) for j in jobs(sweep)] == [("0", "completed"), ("1", "failed"), ("2", "completed")]
     assert_whole(sweep / "0")
     assert_whole(sweep / "2")
-    assert f"job #1 failed (" in r.stderr and "VAE takes a loss of type ELBO" in r.stderr and "Traceback" not in r.stderr
+    assert "job #1 failed (" in r.stderr and "VAE takes a loss of type ELBO" in r.stderr and "Traceback" not in r.stderr
     assert "sweep of 3 jobs: 2 completed, 1 failed" in r.stdout
     if launcher == "joblib":  # each job's share of the CPUs, even where the environment asks for more threads
         cpus = len(os.sched_getaffinity(0))

@@ -18,11 +18,10 @@ import torchvision
 from PIL import Image
 
 from genlab.build import build_model
-from genlab.data import mnist
 from genlab.images import read_images, to_uint8, write_pngs
 from genlab.sample import draw
 
-from conftest import SHARED_DATA, compose_train, genlab
+from conftest import compose_train, genlab
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["dataset=synthetic", "dataset.n=64", "trainer.batch_size=32", "trainer.max_steps=2", "device=cpu",
@@ -130,29 +129,6 @@ def test_the_wheel_searches_with_its_optuna_sweeper(venv, tmp_path):
             *SMALL[2:], "trainer.progress=false", "hydra.sweep.dir=search", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "search" / "trials.csv").read_text().splitlines()[1].startswith("0,COMPLETE,")
-
-
-@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not in ../shared/data")
-def test_evaluate_a_folder_of_images(tmp_path):
-    """The MNIST test split written as PNG files and measured as samples: an FID near 0 against the test split
-    (any change to the pixels on the way, a flip, a scale, a channel, moves it away); noise: a large one."""
-    test = mnist(SHARED_DATA, train=False, download=False)
-    for name, images in (("real", test.images),
-                         ("noise", torch.randint(0, 256, (500, 1, 28, 28), generator=torch.Generator().manual_seed(0),
-                                                 dtype=torch.uint8))):
-        (tmp_path / name).mkdir()
-        for i, image in enumerate(images):
-            Image.fromarray(image[0].numpy()).save(tmp_path / name / f"{i:06d}.png")
-    fids = {}
-    for name in ("real", "noise"):
-        r = genlab("evaluate", "task=quality", f"samples={tmp_path / name}", "dataset=mnist",
-                   f"dataset.root={SHARED_DATA}", "dataset.download=false", f"hydra.run.dir={tmp_path / ('e' + name)}",
-                   cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
-        fids[name] = json.loads((tmp_path / f"e{name}" / "report.json").read_text())["fid"]
-    assert fids["real"] < 0.01 and fids["noise"] > 100, fids
-    r = genlab("evaluate", "task=quality", f"samples={tmp_path / 'real'}", cwd=tmp_path)
-    assert r.returncode == 1 and "dataset=mnist" in r.stderr
 
 
 def test_samples_drawn_in_batches_written_and_read_back(tmp_path, caplog):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from genlab import metrics
 from genlab.classifier import NoClassifier, classifier_for, predict
@@ -165,6 +166,29 @@ def test_mnist_classifier_reaches_99_percent():
     test = mnist(SHARED_DATA, train=False, download=False)
     _, probs = predict(net, test.images[:2000], "cpu")
     assert float((probs.argmax(1) == test.labels[:2000]).float().mean()) >= 0.985
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not in ../shared/data")
+def test_evaluate_a_folder_of_images(tmp_path):
+    """(Beside the test above: the MNIST classifier it trains is cached for this one.) The MNIST test split written as PNG files and measured as samples: an FID near 0 against the test split
+    (any change to the pixels on the way, a flip, a scale, a channel, moves it away); noise: a large one."""
+    test = mnist(SHARED_DATA, train=False, download=False)
+    for name, images in (("real", test.images),
+                         ("noise", torch.randint(0, 256, (500, 1, 28, 28), generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.uint8))):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image[0].numpy()).save(tmp_path / name / f"{i:06d}.png")
+    fids = {}
+    for name in ("real", "noise"):
+        r = genlab("evaluate", "task=quality", f"samples={tmp_path / name}", "dataset=mnist",
+                   f"dataset.root={SHARED_DATA}", "dataset.download=false", f"hydra.run.dir={tmp_path / ('e' + name)}",
+                   cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        fids[name] = json.loads((tmp_path / f"e{name}" / "report.json").read_text())["fid"]
+    assert fids["real"] < 0.01 and fids["noise"] > 100, fids
+    r = genlab("evaluate", "task=quality", f"samples={tmp_path / 'real'}", cwd=tmp_path)
+    assert r.returncode == 1 and "dataset=mnist" in r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -524,3 +524,28 @@ def test_a_file_changed_on_disk_is_never_used_as_if_whole(tmp_path, fake_root, c
         again = mnist(fake_root, download=False)
     assert "ignoring the unreadable dataset cache" in caplog.text and "checksum" in caplog.text
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+
+
+def test_kept_checkpoints_are_pruned_by_epoch_number(tmp_path):
+    """Past epoch 9,999 the names no longer sort by epoch: the newest copies are kept all the same."""
+    from genlab.callbacks import Checkpoints
+
+    saver = Checkpoints(tmp_path, {}, keep_every=10, keep_last=2)
+    saver.dir.mkdir()
+    for epoch in (9980, 9990, 10000, 10010):
+        (saver.dir / f"epoch_{epoch:04d}.pt").write_bytes(b"")
+    (saver.dir / "epoch_notes.pt").write_bytes(b"")  # not one of genlab's: left alone
+    saver.prune()
+    assert sorted(p.name for p in saver.dir.iterdir()) == ["epoch_10000.pt", "epoch_10010.pt", "epoch_notes.pt"]
+
+
+@pytest.mark.parametrize("share,expected", [(0.05, ["epoch_0001.png", "epoch_0008.png"]), (1.0, None)])
+def test_sample_grids_take_a_bounded_share_of_the_run(share, expected, tmp_path):
+    """A grid that takes far longer than an epoch (a diffusion sampler on the digits): after the first epoch and
+    the last only, so that grids stay within trainer.grid_share of the run; grid_share=1 draws every epoch."""
+    t = make_trainer(["model=gan", *COMMON, "trainer.epochs=8", f"trainer.grid_share={share}"], tmp_path)
+    generate = t.model.generate
+    t.model.generate = lambda *a, **kw: time.sleep(0.3) or generate(*a, **kw)
+    t.fit()
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == (expected or [f"epoch_{e:04d}.png" for e in range(1, 9)])
