@@ -254,17 +254,19 @@ def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None)
         compile_networks(model)
     loss = f", loss {type(model.loss).__name__}" if getattr(model, "loss", None) is not None else ""
     by_time = isinstance(t.checkpoint_every, str)  # trainer.checkpoint_every: a duration (10m), or epochs
+    clock = callbacks.WriteClock(t.write_share)  # one share of the run's time for all that is written
     writers = [
         *([callbacks.ProgressBar()] if t.progress else []),
         callbacks.MetricsCSV(run_dir),
-        callbacks.LossCurves(run_dir, f"{type(model).__name__} on {data.name}{loss}"),
-        callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling), t.grid_share),
+        callbacks.LossCurves(run_dir, f"{type(model).__name__} on {data.name}{loss}", clock=clock),
+        callbacks.SampleGrids(run_dir, t.n_samples, cfg.seed, OmegaConf.to_container(t.sampling), clock),
         callbacks.Checkpoints(run_dir, OmegaConf.to_container(cfg, resolve=True), None if by_time else t.checkpoint_every,
                               t.keep_every, t.keep_last, every_s=seconds(t.checkpoint_every) if by_time else None,
-                              choices=choices),
+                              choices=choices, clock=clock),
     ]
     # the in-loop measurements first (they add to the rows the writers write), pruning last (after the epoch's writers)
-    writers = [*build_evaluation(cfg, model, data, device), *writers, *build_pruning(cfg)] if main else []
+    loggers = build_loggers(cfg, run_dir)  # on every rank: a mistake in them stops them all, here
+    writers = [*build_evaluation(cfg, model, data, device), *writers, *loggers, *build_pruning(cfg)] if main else []
     trainer = Trainer(model, loader, ctx, max_steps, callbacks=writers, ema=ema, log_every=t.log_every,
                       max_time=seconds(t.max_time), seed=cfg.seed)
     ranks = f" x {dist.world()} processes ({dist.backend()})" if dist.world() > 1 else ""
@@ -421,6 +423,24 @@ def build_evaluation(cfg: DictConfig, model: GenerativeModel, data: ImageData, d
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:2000]  # as evaluate calibrates
         measures.append(search.OneClassAUROC(test.images, test.labels, list(classes), data.images[pick]))
     return [search.Evaluation(measures, every)]
+
+
+def build_loggers(cfg: DictConfig, run_dir) -> list:
+    """The callbacks ``logger`` names (logger=[tensorboard,mlflow], or a YAML file of your own with a ``_target_``
+    class): each built with the run directory and the resolved config, and the settings its node gives."""
+    callbacks = []
+    for name, node in (cfg.get("logger") or {}).items():
+        where = f"logger.{name}"
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise GenlabError(f"{where} needs a _target_: the callback class to build (configs/logger/*.yaml).")
+        settings = OmegaConf.to_container(node, resolve=True)
+        target = _import(node._target_, where)
+        check_settings(target, settings, where, given=("run_dir", "config"))
+        settings = {k: v for k, v in settings.items() if not k.startswith("_")}
+        callback = target(run_dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True), **settings)
+        callback.state_key = name  # its state in the checkpoints, under this name
+        callbacks.append(callback)
+    return callbacks
 
 
 def build_pruning(cfg: DictConfig) -> list:

@@ -7,8 +7,11 @@ changes; under several processes only rank 0 gets the writers.
 """
 
 import csv
+import logging
+import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,9 +19,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from genlab import checkpoint, plots
-from genlab.errors import GenlabError
-from genlab.images import save_grid
+from genlab.errors import GenlabError, first_line
+from genlab.images import grid_of, save_gif, save_image
 from genlab.models.base import grid_labels
+
+log = logging.getLogger(__name__)
 
 
 class Callback:
@@ -39,8 +44,20 @@ class Callback:
     def on_interrupt(self, trainer) -> None:
         """SIGINT/SIGTERM: the current step has finished; save what is needed to resume."""
 
+    def on_image(self, trainer, name: str, image: torch.Tensor) -> None:
+        """A picture another callback drew: ``image`` [C, H, W] in [0, 1] on the CPU (``samples``: the epoch's
+        grid), so that a tracker logs it without drawing it again."""
+
     def on_fit_end(self, trainer) -> None:
-        """After the loop, whether it finished or stopped with an error: release what on_fit_start took."""
+        """After the loop, whether it finished or stopped with an error (``trainer.status``: finished,
+        interrupted, diverged or failed): release what on_fit_start took."""
+
+    def state_dict(self) -> dict | None:
+        """What this callback needs to go on after a resume (a tracker's run id), kept in the checkpoints."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back what ``state_dict`` gave, before ``on_fit_start`` of the resumed run."""
 
 
 class ProgressBar(Callback):
@@ -101,39 +118,79 @@ class MetricsCSV(Callback):
             writer.writerows(rows)
 
 
-class LossCurves(Callback):
-    """``loss_curves.png``, redrawn at epoch ends (at most every ``every`` seconds) and at the end."""
+class WriteClock:
+    """The seconds a run's writers spend, against the run's own: the pictures a run can do without (the loss
+    curves and sample grids between the first and the last) are drawn only while everything written so far,
+    checkpoints included, one more such picture, and what the run's last writes will take (one more of each
+    kind written so far) stay within ``share`` of the time since the run started. So writing takes about that
+    share whether an epoch is 22 short steps on the digits and a grid is a diffusion model's 50 sampling steps,
+    or the other way round. ``share=1``: every picture, every epoch."""
 
-    def __init__(self, run_dir, title: str = "", every: float = 15.0):
-        self.path, self.title, self.every = Path(run_dir) / "loss_curves.png", title, every
-        self.last = 0.0
+    def __init__(self, share: float = 0.05):
+        if not 0 < share <= 1:
+            raise GenlabError(f"trainer.write_share is the most of a run's time that writing may take, in (0, 1]; "
+                              f"got {share}.")
+        self.share, self.spent, self.started = share, 0.0, None
+        self.last: dict[str, float] = {}  # what the last write of each kind took
+
+    def begin(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def allows(self, cost: float | None) -> bool:
+        """Whether a picture that took ``cost`` seconds last time (None: never drawn) may be drawn now."""
+        if self.share >= 1 or cost is None:
+            return True
+        return self.spent + cost + sum(self.last.values()) <= self.share * (time.perf_counter() - self.started)
+
+    @contextmanager
+    def timing(self, kind: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last[kind] = time.perf_counter() - start
+            self.spent += self.last[kind]
+
+
+class LossCurves(Callback):
+    """``loss_curves.png``, redrawn at epoch ends at most every ``every`` seconds and as ``clock`` allows, and
+    at the end."""
+
+    def __init__(self, run_dir, title: str = "", every: float = 15.0, clock: WriteClock | None = None):
+        self.path, self.title, self.every, self.clock = Path(run_dir) / "loss_curves.png", title, every, clock or WriteClock()
+        self.last, self.cost = 0.0, None
+
+    def on_fit_start(self, trainer):
+        self.clock.begin()
+        self.last = time.perf_counter()  # the first drawing after ``every`` seconds: a short run draws once
 
     def on_epoch_end(self, trainer):
-        if trainer.done or time.perf_counter() - self.last > self.every:
-            plots.loss_curves(trainer.history, self.path, self.title)
+        start = time.perf_counter()
+        if trainer.done or (start - self.last > self.every and self.clock.allows(self.cost)):
+            with self.clock.timing("curves"):
+                plots.loss_curves(trainer.history, self.path, self.title)
             self.last = time.perf_counter()
+            self.cost = self.last - start
 
 
 class SampleGrids(Callback):
     """``samples/epoch_NNNN.png``: ``n`` images from one fixed noise batch (seeded), so that progress can be
     watched; from the moving average of the weights when the run keeps one. A class-conditional model draws
-    one class per row. ``settings``: the model's sampling settings.
+    one class per row. ``settings``: the model's sampling settings. At the end (and on an interrupt)
+    ``samples/progress.gif`` shows them all as one animation.
 
-    A grid is drawn after the first epoch and the last, and between them at an epoch's end when the grids so
-    far and one more (as long as the last) stay within ``share`` of the time since the run started: all grids
-    but the last then take at most that share (5 %), whether an epoch is 22 short steps on the digits and a
-    grid is a diffusion model's 50 sampling steps, or the other way round. ``share=1``: a grid every epoch."""
+    A grid is drawn after the first epoch and the last, and between them at an epoch's end as ``clock``
+    (WriteClock) allows."""
 
-    def __init__(self, run_dir, n: int = 64, seed: int = 0, settings: dict | None = None, share: float = 0.05):
-        if not 0 < share <= 1:
-            raise GenlabError(f"trainer.grid_share is the most of a run's time that sample grids may take, in (0, 1]; "
-                              f"got {share}.")
+    def __init__(self, run_dir, n: int = 64, seed: int = 0, settings: dict | None = None,
+                 clock: WriteClock | None = None):
         self.dir, self.n, self.seed, self.settings = Path(run_dir) / "samples", n, seed, settings or {}
-        self.share, self.cost, self.spent = share, None, 0.0  # what the last grid took; what all of them took
+        self.clock, self.cost = clock or WriteClock(), None  # what the last grid took
 
     def on_fit_start(self, trainer):
+        self.clock.begin()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.started = time.perf_counter()
         model = trainer.model
         self.labels, self.nrow = grid_labels(self.n, model.num_classes)
         n = len(self.labels) if self.labels is not None else self.n
@@ -143,19 +200,31 @@ class SampleGrids(Callback):
 
     @torch.inference_mode()
     def on_epoch_end(self, trainer):
-        start = time.perf_counter()
-        if (self.share < 1 and self.cost is not None and not trainer.done
-                and self.spent + self.cost > self.share * (start - self.started)):
+        if not trainer.done and not self.clock.allows(self.cost):
             return
-        model = trainer.ema.model if trainer.ema is not None else trainer.model
-        was_training = model.training
-        model.eval()
-        with trainer.ctx.autocast():
-            images = model.generate(self.z, self.labels, **self.settings).float()
-        model.train(was_training)
-        save_grid(images, self.dir / f"epoch_{trainer.epoch + 1:04d}.png", self.nrow)
+        start = time.perf_counter()
+        with self.clock.timing("grid"):
+            model = trainer.ema.model if trainer.ema is not None else trainer.model
+            was_training = model.training
+            model.eval()
+            with trainer.ctx.autocast():
+                images = model.generate(self.z, self.labels, **self.settings).float()
+            model.train(was_training)
+            grid = grid_of(images, self.nrow)
+            save_image(grid, self.dir / f"epoch_{trainer.epoch + 1:04d}.png")
+            for callback in trainer.callbacks:  # the trackers log this same picture
+                callback.on_image(trainer, "samples", grid)
         self.cost = time.perf_counter() - start
-        self.spent += self.cost
+
+    def on_fit_end(self, trainer):
+        """``samples/progress.gif``: this run's grids as one animation, at the end and on an interrupt."""
+        frames = sorted(self.dir.glob("epoch_*.png"), key=lambda f: int(f.stem.removeprefix("epoch_")))
+        if frames:
+            with self.clock.timing("gif"):
+                try:
+                    save_gif(frames, self.dir / "progress.gif")
+                except (OSError, ValueError) as e:  # a grid damaged on disk: the run itself is whole
+                    log.warning("could not write %s: %s", self.dir / "progress.gif", first_line(e))
 
 
 class Checkpoints(Callback):
@@ -166,19 +235,21 @@ class Checkpoints(Callback):
     was composed from ({"model": "vae_gan", ...}, when known)."""
 
     def __init__(self, run_dir, config: dict, every: int | None = 1, keep_every: int = 0, keep_last: int = 0,
-                 every_s: float | None = None, choices: dict | None = None):
-        self.dir, self.config, self.choices = Path(run_dir) / "checkpoints", config, choices
+                 every_s: float | None = None, choices: dict | None = None, clock: WriteClock | None = None):
+        self.dir, self.config, self.choices, self.clock = Path(run_dir) / "checkpoints", config, choices, clock or WriteClock()
         self.every, self.every_s, self.keep_every, self.keep_last = every, every_s, keep_every, keep_last
         self.written = time.monotonic()  # when last.pt was last written
 
     def save(self, trainer, name: str) -> None:
         path = self.dir / name
-        checkpoint.save({"config": self.config, "choices": self.choices, **trainer.state_dict()}, path)
+        with self.clock.timing("checkpoint"):
+            checkpoint.save({"config": self.config, "choices": self.choices, **trainer.state_dict()}, path)
         trainer.saved = (path, trainer.step)
         if name == "last.pt":
             self.written = time.monotonic()
 
     def on_fit_start(self, trainer):
+        self.clock.begin()
         self.written = time.monotonic()
 
     def on_step_end(self, trainer):
@@ -188,12 +259,29 @@ class Checkpoints(Callback):
     def on_epoch_end(self, trainer):
         epochs = trainer.epoch + 1
         due = trainer.done or (self.every and epochs % self.every == 0)
-        if due and trainer.saved != (self.dir / "last.pt", trainer.step):  # not again at the same step
-            self.save(trainer, "last.pt")
         whole = trainer.step % trainer.loader.steps_per_epoch == 0
-        if self.keep_every and epochs % self.keep_every == 0 and whole:
-            self.save(trainer, f"epoch_{epochs:04d}.pt")
+        kept = f"epoch_{epochs:04d}.pt" if self.keep_every and epochs % self.keep_every == 0 and whole else None
+        if kept:  # a kept copy, and last.pt the same file (written once)
+            self.save(trainer, kept)
+            self.link(trainer, kept, "last.pt")
+            trainer.saved = (self.dir / "last.pt", trainer.step)
             self.prune()
+        elif due and trainer.saved != (self.dir / "last.pt", trainer.step):  # not again at the same step
+            self.save(trainer, "last.pt")
+
+    def link(self, trainer, name: str, to: str) -> None:
+        """``to`` as the same file as ``name``: a hard link (a copy where the disk takes none), put in place
+        atomically; rewriting one later replaces it and leaves the other."""
+        tmp = self.dir / f".{to}.link{os.getpid()}"
+        try:
+            with self.clock.timing("link"):
+                tmp.unlink(missing_ok=True)
+                os.link(self.dir / name, tmp)
+                os.replace(tmp, self.dir / to)
+            self.written = time.monotonic()
+        except OSError:  # a disk that takes no hard links: written again, whole (checkpoint.save)
+            tmp.unlink(missing_ok=True)
+            self.save(trainer, to)
 
     def prune(self) -> None:
         """Keep the newest ``keep_last`` kept copies, newest by epoch number (epoch_10000.pt sorts before

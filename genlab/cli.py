@@ -6,6 +6,7 @@ import importlib.util
 import io
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -115,7 +116,15 @@ class _held_stderr:
 
 def hydra_report(text: str) -> str:
     """Hydra's report of a command line it refused, as one paragraph: its hints and search path left out, an
-    indented list joined onto the line that introduces it."""
+    indented list joined onto the line that introduces it. An error Hydra did not expect (it prints a traceback)
+    is its last line, the exception's message."""
+    if "Traceback (most recent call last):" in text:
+        raised = [line for line in text.splitlines() if re.match(r"^[A-Za-z_.]+(Error|Exception): ", line)]
+        if raised:
+            message = raised[-1].split(": ", 1)[1].strip()
+            if "Config group override must be" in message:  # model=1: Hydra reads the 1 as a number
+                message += " (a config group takes the name of one of its options, e.g. model=dcgan)"
+            return message if message.endswith(".") else message + "."
     lines, listing, searchpath = [], False, False
     for line in text.splitlines():
         if line.startswith(("Set the environment variable HYDRA_FULL_ERROR", "See https://hydra.cc")):

@@ -23,6 +23,7 @@ from genlab.errors import GenlabError
 from genlab.images import read_images, save_grid
 from genlab.inception import inception_features, load_inception
 from genlab.sample import draw
+from genlab.trackers import after_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
                           "(dataset_root=PATH if it has moved).")
     runs = sweep_runs(Path(cfg.ckpt).expanduser())
     if runs is None:
-        log.info("%s", headline(report_of(cfg.ckpt, run_dir, cfg, device)))
+        report = report_of(cfg.ckpt, run_dir, cfg, device)
+        log.info("%s", headline(report))
+        after_evaluation(cfg.ckpt, report)
         return
     rows = []
     for sub in runs:
         report = report_of(sub, run_dir / sub.name, cfg, device)
         log.info("%s (%s): %s", sub.name, " ".join(report["overrides"]), headline(report))
+        after_evaluation(sub, report)
         rows.append(report)
     write_summary(rows, run_dir)
 
@@ -296,6 +300,7 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None)
     model draws every class equally often, and the report says how often the classifier sees the class asked for."""
     model, train_cfg, state = load_model(ckpt, device, ema=cfg.ema)
     settings = schema.sampling_overrides(cfg, "evaluate")
+    check_sampling(model, settings, command="evaluate")  # before draw: a key may be named like its arguments
     if cfg.dataset_root is not None:
         train_cfg.dataset.root = cfg.dataset_root
     fake, labels = draw(model, cfg.n_samples, None, cfg.seed, cfg.precision, cfg.compile, cfg.batch_size,

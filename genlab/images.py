@@ -10,9 +10,9 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
-def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
-    """Images [N, C, H, W] with values in [0, 1] as one PNG: ``nrow`` images a row (default: a square),
-    white gaps of ``padding`` pixels between them."""
+def grid_of(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
+    """Images [N, C, H, W] with values in [0, 1] as one image [C, H', W'] on the CPU: ``nrow`` images a row
+    (default: a square), white gaps of ``padding`` pixels between them."""
     images = images.detach().float().cpu().clamp(0, 1)
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
@@ -22,8 +22,20 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
     for i, image in enumerate(images):
         r, col = divmod(i, nrow)
         grid[:, p + r * (h + p):p + r * (h + p) + h, p + col * (w + p):p + col * (w + p) + w] = image
-    pixels = to_uint8(grid).permute(1, 2, 0).numpy()
-    Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(Path(path))
+    return grid
+
+
+def save_image(image: torch.Tensor, path) -> None:
+    """One image [C, H, W] in [0, 1] as a PNG."""
+    pixels = to_uint8(image).permute(1, 2, 0).numpy()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")  # whole or not at all: a kill mid-write leaves no half PNG
+    Image.fromarray(pixels[..., 0] if image.shape[0] == 1 else pixels).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int = 2) -> None:
+    """Images [N, C, H, W] with values in [0, 1] as one PNG (``grid_of``)."""
+    save_image(grid_of(images, nrow, padding), path)
 
 
 def write_pngs(images: torch.Tensor, folder, labels: torch.Tensor | None = None) -> None:
@@ -76,3 +88,24 @@ def read_images(folder, channels: int, size: int) -> torch.Tensor:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[0, 1] floats to 8-bit values, rounding to nearest, on the CPU."""
     return images.detach().float().cpu().clamp(0, 1).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def save_gif(paths: list, path, max_frames: int = 100, max_side: int = 640, seconds: float = 0.2) -> None:
+    """PNG frames (in order) as one looping GIF: evenly subsampled to ``max_frames`` (the first and the last kept),
+    scaled down so that no side exceeds ``max_side`` pixels, ``seconds`` a frame and the last held longer."""
+    if len(paths) > max_frames:
+        paths = [paths[round(i * (len(paths) - 1) / (max_frames - 1))] for i in range(max_frames)]
+    frames = []
+    for p in paths:
+        with Image.open(p) as im:
+            frame = im.convert("RGB")
+        if max(frame.size) > max_side:
+            scale = max_side / max(frame.size)
+            frame = frame.resize((round(frame.width * scale), round(frame.height * scale)), Image.Resampling.LANCZOS)
+        frames.append(frame)
+    if not frames:
+        return
+    durations = [round(seconds * 1000)] * (len(frames) - 1) + [round(seconds * 5000)]
+    tmp = Path(path).with_suffix(".tmp.gif")
+    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    tmp.replace(path)

@@ -92,6 +92,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     device = resolve_device(cfg.device)
     model, train_cfg, state = load_model(cfg.ckpt, device, ema=cfg.ema)
     settings = schema.sampling_overrides(cfg, "sample")
+    check_sampling(model, settings, cfg.labels, command="sample")  # before draw: a key may be named like its arguments
     log.info("%s from %s (step %d, %s weights)%s", type(model).__name__, cfg.ckpt, state["step"], state["weights"],
              "".join(f", {k}={v}" for k, v in settings.items()))
     x, labels = draw(model, cfg.n, cfg.labels, cfg.seed, cfg.precision, cfg.compile, cfg.batch_size, **settings)

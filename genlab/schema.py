@@ -31,7 +31,7 @@ class TrainerSchema:
     on_nan: str = MISSING
     log_every: int = MISSING
     n_samples: int = MISSING
-    grid_share: float = MISSING
+    write_share: float = MISSING
     checkpoint_every: Any = MISSING  # epochs (an int), or a duration with its unit (10m)
     keep_every: int = MISSING
     keep_last: int = MISSING
@@ -67,6 +67,7 @@ class TrainSchema:
     loss: Any = None  # null for models that own their objective
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    logger: Any = None  # trackers and callbacks of your own, by name (configs/logger/), checked when built
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     trial: TrialSchema = field(default_factory=TrialSchema)
 

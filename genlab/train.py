@@ -111,6 +111,10 @@ def resumed_config(stored: dict, cfg: DictConfig, overrides, choices: dict | Non
         key = key.lstrip("+~")
         if key in ("resume", "launcher") or key.startswith("hydra"):  # launcher: where it runs
             continue
+        if key == "logger" or key.startswith("logger."):  # what watches the run: this command's trackers
+            OmegaConf.update(merged, "logger", OmegaConf.to_container(cfg, resolve=True).get("logger"), merge=False,
+                             force_add=True)
+            continue
         if choices is not None and key in choices:  # a config group: the run's own option, not today's values of it
             if value != ("null" if choices[key] is None else str(choices[key])):
                 changed[key] = f"{key} (the run has {choices[key]}, this command {value})"
@@ -132,7 +136,7 @@ def resumed_config(stored: dict, cfg: DictConfig, overrides, choices: dict | Non
         raise GenlabError(
             f"resume= continues a run as it was configured, and this command would change {', '.join(listed[:4])}"
             f"{' and more' if len(listed) > 4 else ''}. Start a new run for that, or drop the override. On resume "
-            "you may change device, dataset.root and trainer settings other than trainer.batch_size."
+            "you may change device, dataset.root, logger and trainer settings other than trainer.batch_size."
         )
     merged.resume = cfg.resume
     return merged

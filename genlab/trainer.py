@@ -251,6 +251,7 @@ class Trainer:
         self.signal = None  # a signal (SIGINT, SIGTERM, ...) the ranks agreed to stop for, at the last metrics row
         self.timed_out = False  # max_time (seconds of training) is spent: the run ends here
         self.stopped = None  # why a callback ended the run early (request_stop), once the ranks agree
+        self.status = None  # how fit() went: running, finished, interrupted, diverged or failed
         self._received: list[int] = []  # the signals this process received, not yet agreed
         self._requested = None  # a callback's request_stop on this process, not yet agreed
         self._dropped_in_a_row = 0  # on_nan=skip
@@ -279,6 +280,7 @@ class Trainer:
         the signal's earlier handler takes over (submitit's requeues the job), or Interrupted is raised."""
         self.model.train()
         self._window = Window(self.ctx.device, self.wall_time)
+        self.status = "running"
         try:
             with self._signals():
                 self._call("on_fit_start")
@@ -301,8 +303,27 @@ class Trainer:
                             continue
                     self._call("on_epoch_end")
                     self._window.restart()  # the pictures and checkpoints are not training time
+            self.status = "finished"
+        except BaseException as e:
+            self.status = ("interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt, SystemExit)) else
+                           "diverged" if getattr(e, "diverged", False) else "failed")
+            raise
         finally:
-            self._call("on_fit_end")
+            self._end()
+
+    def _end(self) -> None:
+        """Every callback's on_fit_end, even when one fails: the first failure is raised afterwards when the loop
+        itself went well, and only logged when the loop's own error is on its way."""
+        failed = None
+        for cb in self.callbacks:
+            try:
+                cb.on_fit_end(self)
+            except Exception as e:
+                if self.status != "finished":
+                    log.warning("%s could not finish: %s", type(cb).__name__, first_line(e))
+                failed = failed or e
+        if failed is not None and self.status == "finished":
+            raise failed
 
     def _row_due(self) -> bool:
         """A metrics row every ``log_every`` steps, at each epoch's end and at the last step. One process also
@@ -434,6 +455,7 @@ class Trainer:
             ["trainer.on_nan=skip to drop such updates"] if self.ctx.on_nan != "skip" else [])
         error = GenlabError(f"training diverged: {what}. {kept}. Try {', or '.join(tries)}.")
         error.shared = True  # the ranks agree on the losses, so they diverge together
+        error.diverged = True
         return error
 
     # --- what a checkpoint holds ----------------------------------------------------------------
@@ -446,7 +468,8 @@ class Trainer:
             raise self.diverged(f"the weights became non-finite by step {self.step}")
         return {"model": self.model.state_dict(), **self.ctx.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "step": self.step, "epoch": self.epoch, "wall_time": self.wall_time, "processes": dist.world()}
+                "step": self.step, "epoch": self.epoch, "wall_time": self.wall_time, "processes": dist.world(),
+                "callbacks": {key_of(c): s for c in self.callbacks if (s := c.state_dict()) is not None}}
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -457,10 +480,19 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as e:
             raise GenlabError(f"the checkpoint does not fit this model: {first_line(e)}") from e
         self.step, self.wall_time = state["step"], state.get("wall_time", 0.0)
+        kept = state.get("callbacks") or {}
+        for c in self.callbacks:
+            if key_of(c) in kept:
+                c.load_state_dict(kept[key_of(c)])
         if state.get("processes", 1) != dist.world():
             log.warning("this run trained on %d process(es) and continues on %d: the same batch of %d a step, but each "
                         "process now draws other noise than before, so it will not match an uninterrupted run bit for "
                         "bit.", state.get("processes", 1), dist.world(), self.loader.batch_size)
+
+
+def key_of(callback) -> str:
+    """A callback's name in a checkpoint's ``callbacks``: its name under ``logger:``, else its class's."""
+    return getattr(callback, "state_key", None) or type(callback).__name__
 
 
 class Window:

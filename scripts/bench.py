@@ -14,6 +14,8 @@ over a measured matmul rate in the same precision), `genlab evaluate` scoring th
     python scripts/bench.py --quick         # fewer steps and rows: under 2 minutes on 2 CPU cores
     python scripts/bench.py --json out.json --data-root ../shared/data
     python scripts/bench.py --data-parallel  # 2 processes x 1 thread against 1 process x 2 threads (torchrun)
+    python scripts/bench.py --on-nan         # trainer.on_nan=skip against stop, same model and batch
+    python scripts/bench.py --writers --data-root ../shared/data  # the writers' share of default runs
 """
 
 import argparse
@@ -181,13 +183,13 @@ def reference_step(model, opts, x) -> None:
     loss.item()
 
 
-def genlab_steps(model, opts, data, steps: int, batch: int, device, precision) -> float:
+def genlab_steps(model, opts, data, steps: int, batch: int, device, precision, on_nan: str = "stop") -> float:
     """genlab's loop; returns images per second over ``steps`` steps after one warm-up window. The
     loop writes a metrics row (one host sync) every quarter of the steps, not every step, so that on
     a GPU the host can queue work ahead, as it does in `genlab train`."""
     every = max(1, steps // 4)
-    trainer = Trainer(model, Loader(data.images, data.labels, batch, device), StepContext(opts, precision, device),
-                      steps + every, log_every=every)
+    trainer = Trainer(model, Loader(data.images, data.labels, batch, device),
+                      StepContext(opts, precision, device, on_nan=on_nan), steps + every, log_every=every)
     trainer.fit()
     rows = trainer.history
     timed = [(b["step"] - a["step"]) * batch for a, b in zip(rows, rows[1:])]  # images per window after the first
@@ -201,20 +203,25 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None, help="MNIST in torchvision's layout (else synthetic data)")
-    p.add_argument("--models", default="gan,dcgan,vae,ddpm")
+    p.add_argument("--models", default=None, help="default: gan,dcgan,vae,ddpm (--writers: every model genlab ships)")
     p.add_argument("--shapes", default=None, help="mnist,cifar (MNIST-shaped 1x28x28, CIFAR-shaped 3x32x32)")
     p.add_argument("--batch-sizes", default=None)
     p.add_argument("--no-scaling", action="store_true", help="leave out the DCGAN batch/image-size table")
     p.add_argument("--data-parallel", action="store_true", help="only the torchrun table: processes x threads")
+    p.add_argument("--on-nan", action="store_true", help="only the on_nan=skip against on_nan=stop table")
+    p.add_argument("--writers", action="store_true", help="only the writers' share of default runs")
+    p.add_argument("--epochs", default="digits=50,mnist=1", help="--writers: epochs per dataset (digits=50 is the default run)")
     p.add_argument("--dp-worker", nargs=3, metavar=("MODEL", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.models = args.models or ("gan,cgan,vae,vae_gan,dcgan,dcgan64,ddpm,flow" if args.writers else "gan,dcgan,vae,ddpm")
     if args.dp_worker:
         return data_parallel_worker(*args.dp_worker, args.json)
-    if args.data_parallel:
-        rows = bench_data_parallel(args)
-        if args.json:
-            args.json.write_text(json.dumps({"data_parallel": rows}, indent=2) + "\n")
-        return
+    for flag, bench in (("data_parallel", bench_data_parallel), ("on_nan", bench_on_nan), ("writers", bench_writers)):
+        if getattr(args, flag):
+            rows = bench(args)
+            if args.json:
+                args.json.write_text(json.dumps({flag: rows}, indent=2) + "\n")
+            return
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
     batches = [int(b) for b in (args.batch_sizes or ("64" if args.quick else "64,256")).split(",")]
@@ -361,6 +368,94 @@ def data_parallel_worker(name: str, batch: str, steps: str, out: Path) -> None:
                                    "batch": batch, "precision": precision, "img_per_s": round(sum(timed_images) / seconds, 1),
                                    "allreduce_share": round((s1 - s0) / (t1 - t0), 4) if dist.world() > 1 else 0.0,
                                    "grad_mb": round(grads, 2)}))
+
+
+def bench_on_nan(args) -> list[dict]:
+    """genlab's loop with trainer.on_nan=skip (each loss read on the host, and each gradient where no scaler
+    checks it; copies of what an update changes where a later update of the same step can still drop it)
+    against on_nan=stop, the default: the same model, batch and data, alternating stop skip stop skip."""
+    device = resolve_device(args.device)
+    precision = resolve_precision("auto", device)
+    batch, reps = 64, 3 if args.quick else 5
+    rows = []
+    print(f"\non_nan: skip against stop, batch {batch}, {precision} on {device}; medians of {reps}")
+    for name in args.models.split(","):
+        cfg = compose_cfg(name, args.data_root)
+        data = build_dataset(cfg.dataset)
+        steps = max(8, {"gan": 24000, "dcgan": 1500, "vae": 6000, "ddpm": 500}.get(name, 1500) // batch)
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device)
+        opts = build_optimizers(cfg.optimizer, model)
+        results = {"stop": [], "skip": []}
+        for on_nan in results:
+            genlab_steps(model, opts, data, 2, batch, device, precision, on_nan)  # warm-up
+        for _ in range(reps):
+            for on_nan, values in results.items():
+                values.append(genlab_steps(model, opts, data, steps, batch, device, precision, on_nan))
+        stop, skip = (statistics.median(v) for v in results.values())
+        rows.append({"model": name, "batch_size": batch, "precision": precision, "stop_img_per_s": round(stop, 1),
+                     "skip_img_per_s": round(skip, 1), "skip_cost": round(1 - skip / stop, 3)})
+        print(f"{name:8s}: stop {stop:9.1f} img/s, skip {skip:9.1f} img/s ({100 * (1 - skip / stop):+.1f} % slower)",
+              flush=True)
+    return rows
+
+
+class WriterClock(Callback):
+    """Wraps a writer callback's hooks with a clock: ``spent`` seconds in them."""
+
+    def __init__(self, writer):
+        self.writer, self.spent = writer, 0.0
+        for hook in ("on_fit_start", "on_step_end", "on_log", "on_epoch_end", "on_interrupt", "on_fit_end"):
+            setattr(self, hook, self._timed(getattr(writer, hook)))
+
+    def _timed(self, fn):
+        def timed(*args):
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.spent += time.perf_counter() - t
+        return timed
+
+
+def bench_writers(args) -> list[dict]:
+    """The writers' share of a default run (`genlab train model=NAME dataset=DATA`, progress bar off): the seconds
+    spent writing metrics.csv, loss_curves.png, the sample grids and the checkpoints over the run's seconds."""
+    from genlab import api, callbacks
+    from genlab.build import build_trainer
+
+    device = resolve_device(args.device)
+    epochs = {k: int(v) for k, v in (item.split("=") for item in args.epochs.split(","))}
+    names = args.models.split(",")
+    kinds = (callbacks.MetricsCSV, callbacks.LossCurves, callbacks.SampleGrids, callbacks.Checkpoints)
+    rows = []
+    print(f"\nwriters: their share of `genlab train` runs on {device} ({', '.join(f'{k} {v} epochs' for k, v in epochs.items())})")
+    for dataset, n_epochs in epochs.items():
+        where = [f"dataset.root={args.data_root}"] if dataset != "digits" and args.data_root else []
+        for name in names:
+            size = ["dataset.image_size=64"] if name == "dcgan64" else []  # its smallest side is 16; 64 its own
+            cfg = api.compose("train", [f"model={name}", f"dataset={dataset}", *where, *size, f"trainer.epochs={n_epochs}",
+                                        "trainer.progress=false"])
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.manual_seed(cfg.seed)
+                trainer = build_trainer(cfg, Path(tmp), device)
+                clocks = {}
+                for i, c in enumerate(trainer.callbacks):
+                    if isinstance(c, kinds):
+                        trainer.callbacks[i] = clocks[type(c).__name__] = WriterClock(c)
+                t0 = time.perf_counter()
+                trainer.fit()
+                total = time.perf_counter() - t0
+                grids = len(list(Path(tmp, "samples").glob("*.png")))
+            spent = {k: c.spent for k, c in clocks.items()}
+            row = {"model": name, "dataset": dataset, "epochs": n_epochs, "steps": trainer.step, "run_s": round(total, 1),
+                   **{f"{k}_s": round(v, 2) for k, v in spent.items()}, "grids": grids,
+                   "share": round(sum(spent.values()) / total, 4)}
+            rows.append(row)
+            print(f"{name:8s} {dataset:7s} {n_epochs:3d} epochs, {total:7.1f} s: writers {100 * row['share']:4.1f} % ("
+                  + ", ".join(f"{k} {100 * v / total:.1f} %" for k, v in spent.items()) + f"; {row['grids']} grids)",
+                  flush=True)
+    return rows
 
 
 def bench_evaluate(args, device, models, reps) -> list[dict]:

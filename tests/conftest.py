@@ -82,8 +82,9 @@ def fake_root(tmp_path_factory) -> Path:
 
 
 def genlab(*args, cwd, env=None, timeout=600):
-    """Run the real `genlab` command in a subprocess."""
+    """Run the real `genlab` command in a subprocess; ``env`` adds to the environment (None: removes)."""
     exe = Path(sys.executable).parent / "genlab"
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: removed
     return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -140,7 +140,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code):
 
 def signalled_trainer(tmp_path, signals: dict):
     """A GAN of 3 steps an epoch that sends itself ``signals[i]`` (a list) during step index i."""
-    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=30"], tmp_path)
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=30", "trainer.write_share=1"], tmp_path)
     real_step = t.model.training_step
 
     def step(batch, ctx):
@@ -427,6 +427,14 @@ def test_resume_takes_the_runs_own_command_again():
     assert merged.model._target_ == "genlab.models.GAN"
 
 
+def test_resume_takes_this_commands_trackers():
+    """What watches a run may change on resume: this command's logger replaces the run's, and without one on the
+    command line the run keeps its own."""
+    stored = OmegaConf.to_container(compose_train([*RUN, "logger=[tensorboard,mlflow]"]), resolve=True)
+    assert sorted(resume_with("logger=wandb", stored=stored).logger) == ["wandb"]
+    assert sorted(resume_with(stored=stored).logger) == ["mlflow", "tensorboard"]
+
+
 @pytest.mark.parametrize("override,key", [
     ("trainer.batch_size=64", "trainer.batch_size"), ("seed=1", "seed"), ("dataset.classes=[1]", "dataset.classes"),
     ("loss.gp_weight=2.0", "loss.gp_weight"), ("model=vae", "model._target_"), ("optimizer.lr=0.1", "optimizer.lr"),
@@ -539,13 +547,48 @@ def test_kept_checkpoints_are_pruned_by_epoch_number(tmp_path):
     assert sorted(p.name for p in saver.dir.iterdir()) == ["epoch_10000.pt", "epoch_10010.pt", "epoch_notes.pt"]
 
 
+def test_a_kept_copy_and_last_pt_are_written_once(tmp_path):
+    """At a kept copy's epoch last.pt becomes the same file (a hard link, no second write); a later last.pt
+    replaces the link and leaves the kept copy as it was."""
+    t = make_trainer(["model=gan", *COMMON, "trainer.epochs=3", "trainer.keep_every=2", "trainer.checkpoint_every=1"],
+                     tmp_path)
+    inodes = {}
+
+    class Look(Callback):
+        def on_epoch_end(self, trainer):
+            files = tmp_path / "checkpoints"
+            inodes[trainer.epoch + 1] = {p.name: p.stat().st_ino for p in files.glob("*.pt")}
+
+    t.callbacks.append(Look())
+    t.fit()
+    assert inodes[2]["epoch_0002.pt"] == inodes[2]["last.pt"] and inodes[1]["last.pt"] != inodes[2]["last.pt"]
+    assert inodes[3]["last.pt"] != inodes[3]["epoch_0002.pt"] == inodes[2]["epoch_0002.pt"]
+    assert checkpoint.load(tmp_path / "checkpoints" / "epoch_0002.pt")["step"] == 2 * t.loader.steps_per_epoch
+    assert checkpoint.load(tmp_path)["step"] == 3 * t.loader.steps_per_epoch
+
+
 @pytest.mark.parametrize("share,expected", [(0.05, ["epoch_0001.png", "epoch_0008.png"]), (1.0, None)])
 def test_sample_grids_take_a_bounded_share_of_the_run(share, expected, tmp_path):
     """A grid that takes far longer than an epoch (a diffusion sampler on the digits): after the first epoch and
-    the last only, so that grids stay within trainer.grid_share of the run; grid_share=1 draws every epoch."""
-    t = make_trainer(["model=gan", *COMMON, "trainer.epochs=8", f"trainer.grid_share={share}"], tmp_path)
+    the last only, so that writing stays within trainer.write_share of the run; write_share=1 draws every epoch."""
+    t = make_trainer(["model=gan", *COMMON, "trainer.epochs=8", f"trainer.write_share={share}"], tmp_path)
     generate = t.model.generate
     t.model.generate = lambda *a, **kw: time.sleep(0.3) or generate(*a, **kw)
     t.fit()
-    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
     assert grids == (expected or [f"epoch_{e:04d}.png" for e in range(1, 9)])
+
+
+def test_checkpoints_count_against_the_pictures_share(tmp_path, monkeypatch):
+    """Slow checkpoint writes (a network disk) leave no share for the grids between the first and the last, and a
+    run shorter than the loss curves' interval draws them once, at its end."""
+    from genlab import callbacks
+
+    drawn = []
+    monkeypatch.setattr(callbacks.plots, "loss_curves", lambda *a, **kw: drawn.append(1))
+    save = callbacks.checkpoint.save
+    monkeypatch.setattr(callbacks.checkpoint, "save", lambda *a, **kw: time.sleep(0.3) or save(*a, **kw))
+    t = make_trainer(["model=gan", *COMMON, "trainer.epochs=8", "trainer.checkpoint_every=1"], tmp_path)
+    t.fit()
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["epoch_0001.png", "epoch_0008.png"]
+    assert len(drawn) == 1

@@ -1,0 +1,236 @@
+"""Trackers as callbacks (logger=[tensorboard,mlflow,wandb]) read back with each tool's own reader, a resumed run
+continuing the same tracker run with no step twice, a callback of your own from a YAML file, the progress GIF,
+and a tracker that is not installed as one line."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import genlab
+
+PLUGINS = Path(__file__).resolve().parent.parent / "examples" / "plugin"
+RUN = ["model=gan", "dataset=synthetic", "dataset.n=128", "trainer.batch_size=32", "trainer.log_every=2", "device=cpu",
+       "trainer.n_samples=16", "trainer.write_share=1", "trainer.keep_every=2", "trainer.progress=false"]
+
+
+def rows_of(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def tensorboard_scalars(log_dir: Path, tag: str = ""):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def wandb_records(path: Path):
+    """The records of a W&B run file (``run-ID.wandb``): a 7-byte header (":W&B", 0xBEE1, version 0), then
+    records in 32 KiB blocks, each as crc32 (4 bytes), length (2) and kind (1: whole, 2 first, 3 middle, 4
+    last part), as the LevelDB log that wandb's own (former Python) DataStore reads. wandb 0.31 reads them in
+    its Go core only, so the frames are read here and the records by wandb's own protobuf schema."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1
+    pos, block, parts = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room left in the block for a header: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            yield record
+            parts = b""
+        elif kind == 0:
+            break
+
+
+def wandb_history(run: Path) -> list[dict]:
+    """The history rows of every offline W&B run under ``run``, in order."""
+    rows = []
+    for path in sorted(run.glob("wandb/offline-run-*/run-*.wandb")):
+        for record in wandb_records(path):
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
+    pytest.importorskip("tensorboard")
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    env = {"PYTHONPATH": str(PLUGINS), "WANDB_API_KEY": None, "WANDB_MODE": None, "MLFLOW_TRACKING_URI": None,
+           "HOME": str(tmp_path)}  # no ~/.netrc: W&B offline
+    first, second = tmp_path / "first", tmp_path / "second"
+    r = genlab("train", "--config-dir", str(PLUGINS / "configs"), *RUN, "trainer.epochs=4",
+               "logger=[tensorboard,mlflow,wandb,jsonl]", f"hydra.run.dir={first}", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    rows = rows_of(first)
+    steps = [int(row["step"]) for row in rows]
+
+    # TensorBoard: every row's losses at its step, a grid per epoch, the config
+    events = tensorboard_scalars(first / "tensorboard", "train/loss_d")
+    got = [(e.step, e.value) for e in events.Scalars("train/loss_d")]
+    assert got == [(s, pytest.approx(float(row["train/loss_d"]), rel=1e-5)) for s, row in zip(steps, rows)]
+    assert len(events.Images("samples")) == 4 and events.Images("samples")[0].width > 16
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+    # MLflow: the metric history, the params, the images, how it ended
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("genlab").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "train/loss_g")
+    assert [m.step for m in history] == steps
+    assert run.data.params["model._target_"] == "genlab.models.GAN" and run.data.params["optimizer.lr"] == "0.0002"
+    assert run.info.status == "FINISHED" and run.data.tags["genlab.status"] == "finished"
+    assert run.data.tags["genlab.checkpoint"].endswith("last.pt")
+    assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+
+    # W&B offline: the rows, read back with wandb's own reader
+    logged = [h for h in wandb_history(first) if "train/loss_d" in h]
+    assert [h["_step"] for h in logged] == steps
+    assert logged[-1]["train/loss_d"] == pytest.approx(float(rows[-1]["train/loss_d"]), rel=1e-5)
+
+    # a callback of your own, from a YAML file and a class: the rows and how the run ended
+    lines = [json.loads(x) for x in (first / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines[:-1]] == steps and lines[-1] == {"status": "finished", "step": steps[-1]}
+
+    # the progress GIF: a frame per grid
+    with Image.open(first / "samples" / "progress.gif") as gif:
+        assert gif.n_frames == 4
+
+    # resumed from the copy kept at epoch 2: the same tracker runs, the rows after it not twice
+    r = genlab("train", "--config-dir", str(PLUGINS / "configs"), *RUN, "trainer.epochs=6",
+               "logger=[tensorboard,mlflow,wandb,jsonl]", f"resume={first / 'checkpoints' / 'epoch_0002.pt'}",
+               f"hydra.run.dir={second}", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert not (second / "tensorboard").exists()  # the first run's log dir goes on
+    resumed_rows = [(int(row["step"]), pytest.approx(float(row["train/loss_g"]), rel=1e-5)) for row in rows_of(second)]
+    assert resumed_rows[-1][0] == 6 * steps[-1] // 4
+    events = tensorboard_scalars(first / "tensorboard", "train/loss_g")
+    assert [(e.step, e.value) for e in events.Scalars("train/loss_g")] == resumed_rows  # steps past 8 purged, again
+    tb_steps = [e.step for e in events.Scalars("train/loss_g")]
+    runs = client.search_runs([client.get_experiment_by_name("genlab").experiment_id])
+    assert [x.info.run_id for x in runs] == [run.info.run_id]
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss_g"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == resumed_rows  # each step once (this resume is bit-exact)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    files = sorted(first.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and files[0].name == files[1].name  # the same W&B run id, offline twice
+    resumed = [h["_step"] for h in wandb_history(first)[len(logged):] if "train/loss_d" in h]
+    assert resumed[0] > 2 * steps[-1] // 4 and resumed[-1] == tb_steps[-1]
+
+    # genlab evaluate on the run: its numbers into the same tracker runs, at the checkpoint's step
+    r = genlab("evaluate", f"ckpt={second}", "normal_classes=[0,1,2,3,4]", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
+               env=env)
+    assert r.returncode == 0, r.stderr
+    auroc = json.loads((tmp_path / "eval" / "report.json").read_text())["auroc"]
+    events = tensorboard_scalars(first / "tensorboard", "evaluate/auroc")
+    assert [(e.step, e.value) for e in events.Scalars("evaluate/auroc")] == [(tb_steps[-1], pytest.approx(auroc))]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "evaluate/auroc")] == \
+        [(tb_steps[-1], pytest.approx(auroc))]
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(tmp_path):
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "mlflow.py").write_text("raise ModuleNotFoundError(\"No module named 'mlflow'\", name='mlflow')\n")
+    r = genlab("train", *RUN, "trainer.max_steps=2", "logger=mlflow", f"hydra.run.dir={tmp_path / 'run'}",
+               cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(stub), os.environ.get("PYTHONPATH")]))})
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("genlab train: error: logger=mlflow needs MLflow, which is not installed: "
+                                "pip install 'genlab[mlflow]'")
+
+
+def test_a_tracker_setting_that_does_not_exist(tmp_path):
+    r = genlab("train", *RUN, "trainer.max_steps=2", "logger=tensorboard", "+logger.tensorboard.logdir=x",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "logger.tensorboard.logdir is not a setting of TensorBoard; its settings are: log_dir" in r.stderr
+
+
+def test_the_progress_gif_keeps_the_first_and_last_grid_and_a_bounded_size(tmp_path):
+    """250 grids become 100 frames, evenly spread with the first and the last kept, and no side over 640 pixels."""
+    import torch
+
+    from genlab.images import save_gif, save_image
+
+    paths = []
+    for i in range(250):
+        path = tmp_path / f"epoch_{i + 1:04d}.png"
+        save_image(torch.full((3, 700, 350), i / 249), path)  # frame i is grey level i
+        paths.append(path)
+    save_gif(paths, tmp_path / "progress.gif")
+    with Image.open(tmp_path / "progress.gif") as gif:
+        assert gif.n_frames == 100 and gif.size == (320, 640)
+        levels = []
+        for frame in range(gif.n_frames):
+            gif.seek(frame)
+            levels.append(gif.convert("L").getpixel((10, 10)))
+    assert levels[0] == 0 and levels[-1] == 255 and levels == sorted(levels)
+
+
+def test_a_tracker_that_fails_is_one_line_at_the_start_and_left_out_later(tmp_path, caplog):
+    """A tracker run that cannot be started stops the run before training with one line; one that fails mid-run
+    (a server gone) is a warning, and the run trains on, with every other callback's end still called."""
+    import torch
+
+    from genlab import api
+    from genlab.build import build_trainer
+    from genlab.callbacks import Callback
+    from genlab.errors import GenlabError
+    from genlab.trackers import Tracker
+
+    class Flaky(Tracker):
+        def open(self, trainer):
+            self.sent, self.closed = [], False
+
+        def log_metrics(self, metrics, step):
+            if step > 2:
+                raise ConnectionError("server gone")
+            self.sent.append(step)
+
+        def log_image(self, name, image, step):
+            pass
+
+        def close(self, trainer):
+            self.closed = True
+
+    class Steady(Flaky):
+        def log_metrics(self, metrics, step):
+            self.sent.append(step)
+
+    class Dead(Flaky):
+        def open(self, trainer):
+            raise ConnectionError("connection refused")
+
+    class BadEnd(Callback):
+        def on_fit_end(self, trainer):
+            raise RuntimeError("a broken callback")
+
+    cfg = api.compose("train", [*RUN, "trainer.max_steps=8", "trainer.log_every=2"])
+    trainer = build_trainer(cfg, tmp_path / "a", torch.device("cpu"))
+    flaky, ended = Flaky(tmp_path, {}), Steady(tmp_path, {})
+    trainer.callbacks += [BadEnd(), flaky, ended]
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="a broken callback"):
+        trainer.fit()
+    assert trainer.step == 8 and flaky.sent == [2] and not flaky.closed and ended.closed and ended.sent == [2, 4, 6, 8]
+    assert "logger.Flaky failed and is left out of the rest of this run: server gone" in caplog.text
+    trainer = build_trainer(cfg, tmp_path / "b", torch.device("cpu"))
+    trainer.callbacks.append(Dead(tmp_path, {}))
+    with pytest.raises(GenlabError, match="^logger.Dead could not start its run: connection refused.$"):
+        trainer.fit()
+    assert trainer.step == 0
