@@ -163,7 +163,7 @@ class MLflow(Tracker):
     """An MLflow run in ``experiment``, named after the run directory, in the store ``tracking_uri``: by default
     ``sqlite:///mlflow.db`` in the folder genlab runs from (current MLflow refuses a plain ./mlruns folder unless
     told to), its images beside it in ``mlartifacts/``. `mlflow ui --backend-store-uri sqlite:///mlflow.db`
-    shows the runs. ``tracking_uri=http://HOST:5000`` logs to a server."""
+    (the full ``mlflow`` package) shows the runs. ``tracking_uri=http://HOST:5000`` logs to a server."""
 
     hint = " Check logger.mlflow.tracking_uri (or MLFLOW_TRACKING_URI)."
 
