@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 import re
+import time
 
 import torch
 import torch.distributed as dist
@@ -96,10 +97,23 @@ def _export_slurm() -> None:
 
 
 def finish() -> None:
-    """Wait for every rank at the end of a run (rank 0 may still be writing), so none leaves the group early."""
-    if world() > 1:
+    """Wait for every rank at the end of a run (rank 0 may still be writing), so none leaves the group early. Then
+    rank 0, which may host the group's store, waits until every rank is out of that barrier: a peer that leaves
+    while another is still in a collective aborts that one under gloo."""
+    global _finishes
+    if world() > 1 and dist.is_initialized():
+        _finishes += 1
+        key = f"genlab/finished/{_finishes}"  # every rank calls this as often as the others
         with _with_peers():
             dist.barrier()
+            store = dist.distributed_c10d._get_default_store()
+            done, deadline = store.add(key, 1), time.monotonic() + 60
+            while is_main() and done < world() and time.monotonic() < deadline:
+                time.sleep(0.01)
+                done = store.add(key, 0)
+
+
+_finishes = 0
 
 
 def teardown() -> None:

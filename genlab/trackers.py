@@ -12,6 +12,7 @@ logged after the checkpoint the run resumed from) are not sent again. Each tool 
 import importlib
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -180,7 +181,28 @@ class MLflow(Tracker):
     def load_state_dict(self, state):
         self.run_id, self.tracking_uri = state["run_id"], state["tracking_uri"]
 
+    @contextmanager
+    def store_lock(self):
+        """One process at a time opens a SQLite store: MLflow creates and migrates its tables on first use, which
+        the jobs of a parallel sweep (hydra/launcher=joblib) must not do together."""
+        if not self.tracking_uri.startswith("sqlite:///"):
+            yield
+            return
+        import fcntl
+
+        lock = Path(self.tracking_uri.removeprefix("sqlite:///")).with_suffix(".lock")
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def open(self, trainer):
+        with self.store_lock():
+            self.start()
+
+    def start(self) -> None:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(self.tracking_uri)
@@ -228,8 +250,9 @@ class MLflow(Tracker):
     def log_evaluation(self, metrics, step):
         from mlflow import MlflowClient
 
-        self.client = MlflowClient(self.tracking_uri)
-        self.log_metrics(metrics, step)
+        with self.store_lock():
+            self.client = MlflowClient(self.tracking_uri)
+            self.log_metrics(metrics, step)
 
     def close(self, trainer):
         end = self.ending(trainer)

@@ -53,6 +53,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
         log.info("resuming from %s at step %d", path, state["step"])
     trainer.fit()
     dist.finish()
+    dist.teardown()  # the run is over: leave the group now, while the interpreter is whole
     if trainer.stopped is not None:
         log.info("stopped early: %s", trainer.stopped)
     if trainer.timed_out:

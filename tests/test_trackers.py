@@ -234,3 +234,18 @@ def test_a_tracker_that_fails_is_one_line_at_the_start_and_left_out_later(tmp_pa
     with pytest.raises(GenlabError, match="^logger.Dead could not start its run: connection refused.$"):
         trainer.fit()
     assert trainer.step == 0
+
+
+def test_the_jobs_of_a_parallel_sweep_share_one_mlflow_store(tmp_path):
+    """Jobs side by side (joblib) opening one new SQLite store: MLflow creates and migrates its tables on first use,
+    and two jobs doing it together failed ("table runs already exists"); now each job has its run."""
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    r = genlab("train", "-m", "hydra/launcher=joblib", "logger=mlflow", *RUN, "trainer.max_steps=4",
+               "optimizer.lr=0.0001,0.0002,0.0003", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+               env={"MLFLOW_TRACKING_URI": None})
+    assert r.returncode == 0, r.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("genlab").experiment_id])
+    assert sorted(x.data.params["optimizer.lr"] for x in runs) == ["0.0001", "0.0002", "0.0003"]
+    assert {x.info.status for x in runs} == {"FINISHED"}
