@@ -293,12 +293,14 @@ class WandB(Tracker):
     def load_state_dict(self, state):
         self.run_id, self.run_dir = state["run_id"], Path(state["dir"])
 
+    def chosen_mode(self) -> str:
+        return self.mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
+
     def open(self, trainer):
         import wandb
 
-        mode = self.mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
         self.held = trainer.step if self.run_id is not None else -1
-        self.run = wandb.init(project=self.project, entity=self.entity, dir=str(self.run_dir), mode=mode,
+        self.run = wandb.init(project=self.project, entity=self.entity, dir=str(self.run_dir), mode=self.chosen_mode(),
                               id=self.run_id, resume="allow" if self.run_id else None, name=self.run_dir.name,
                               config=self.config, settings=wandb.Settings(silent=True, console="off"))
         self.run_id = self.run.id
@@ -311,8 +313,8 @@ class WandB(Tracker):
     def log_evaluation(self, metrics, step):
         import wandb
 
-        mode = self.mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
-        with wandb.init(project=self.project, entity=self.entity, dir=str(self.run_dir), mode=mode, id=self.run_id,
+        with wandb.init(project=self.project, entity=self.entity, dir=str(self.run_dir), mode=self.chosen_mode(),
+                        id=self.run_id,
                         resume="allow", settings=wandb.Settings(silent=True, console="off")) as run:
             run.summary.update(metrics)
 
