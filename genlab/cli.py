@@ -29,13 +29,15 @@ VERBS = {
     "sample": ("genlab.sample", "pictures from a checkpoint: sample grid, interpolations, reconstructions, latent map"),
     "evaluate": ("genlab.evaluate", "reports on a checkpoint: anomaly-detection ROC/AUC (one run or a whole sweep)"),
 }
+# verbs that are not Hydra apps: verb -> (module with main(argv) -> exit status, one-line description)
+PLAIN = {"report": ("genlab.report", "an HTML page of runs and sweeps: PATH... [-o report.html]")}
 
 USAGE = f"""usage: genlab COMMAND [OVERRIDES...] [--help] [-m/--multirun] [--cfg job]
 
 genlab {__version__}: a config-driven experiment runner for generative image models.
 
 commands:
-{chr(10).join(f"  {verb:<10}{desc}" for verb, (_, desc) in VERBS.items())}
+{chr(10).join(f"  {verb:<10}{desc}" for verb, (_, desc) in {**VERBS, **PLAIN}.items())}
 
 Each command is a Hydra app: pick configs and set values with overrides, e.g.
   genlab train model=dcgan dataset=mnist dataset.root=~/data trainer.epochs=5
@@ -62,8 +64,11 @@ def main(argv=None) -> int:
         return 0
     else:
         verb, args = args[0], args[1:]
+    if verb in PLAIN:
+        return importlib.import_module(PLAIN[verb][0]).main(args)
     if verb not in VERBS:
-        print(f"genlab: unknown command '{verb}'; commands: {', '.join(VERBS)} (genlab --help)", file=sys.stderr)
+        print(f"genlab: unknown command '{verb}'; commands: {', '.join({**VERBS, **PLAIN})} (genlab --help)",
+              file=sys.stderr)
         return 2
     if not (CONFIG_DIR / f"{verb}.yaml").is_file():
         print(f"genlab: configs not found at {CONFIG_DIR}: the installation is incomplete; reinstall genlab "

@@ -38,7 +38,7 @@ class ValidationLoss:
         self.images, self.batch_size = images, batch_size
 
     def __call__(self, model, device, precision: str) -> dict:
-        from genlab.evaluate import scores_of  # here, not above: genlab train imports this module
+        from genlab.anomaly import scores_of  # here, not above: genlab train imports this module
 
         return {"val/loss": float(scores_of(model, self.images, "elbo", self.batch_size, device).mean())}
 
@@ -79,7 +79,7 @@ class OneClassAUROC:
     def __call__(self, model, device, precision: str) -> dict:
         from sklearn.metrics import roc_auc_score
 
-        from genlab.evaluate import scores_of
+        from genlab.anomaly import scores_of
 
         model.calibrate(self.calibration.to(device).float().div(255))
         s = scores_of(model, self.images, self.score or model.scores[0], self.batch_size, device)

@@ -44,7 +44,7 @@ from genlab.callbacks import Callback
 from genlab.cli import CONFIG_DIR
 from genlab.data import Loader
 from genlab.device import DTYPES, autocast, resolve_device, resolve_precision, synchronize
-from genlab.evaluate import scores_of
+from genlab.anomaly import scores_of
 from genlab.nets.dropout import Dropout
 from genlab.trainer import StepContext, Trainer
 

@@ -16,7 +16,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from genlab.build import load_model, test_split
-from genlab.evaluate import sweep_runs
+from genlab.runs import sweep_runs
 
 LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 RANGES = {"0.05-0.4 (genlab before 2026-11-30)": (0.05, 0.4), "0.5-0.9": (0.5, 0.9), "0.6-0.95": (0.6, 0.95),

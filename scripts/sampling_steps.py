@@ -23,7 +23,7 @@ from genlab import schema  # noqa: E402
 from genlab.build import load_model  # noqa: E402
 from genlab.cli import CONFIG_DIR  # noqa: E402
 from genlab.device import resolve_device  # noqa: E402
-from genlab.evaluate import quality_report  # noqa: E402
+from genlab.quality import quality_report  # noqa: E402
 
 SAMPLERS = {"DDPM": ["ddim"], "FlowMatching": ["euler", "heun"]}
 

@@ -89,6 +89,8 @@ def test_the_wheel_trains_samples_and_evaluates_from_an_empty_folder(venv, tmp_p
     r = run(venv, "genlab", "evaluate", "ckpt=run", "hydra.run.dir=e", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "e" / "report.json").read_text())["normal_classes"] == [0]
+    r = run(venv, "genlab", "report", "run", cwd=tmp_path)  # its page template is in the wheel
+    assert r.returncode == 0 and "ROC curve" in (tmp_path / "run" / "report.html").read_text(), r.stderr
     api = ("import genlab.api as gl; x, y = gl.sample('run', n=3); "
            "print(tuple(x.shape), gl.compose('train', ['model=ddpm']).model._target_)")
     r = run(venv, "python", "-c", api, cwd=tmp_path)

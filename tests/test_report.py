@@ -1,0 +1,144 @@
+"""genlab report: the page of a run and of a sweep, read as data and opened in a real browser (headless Chromium,
+Debian's chromium and chromium-driver packages, which .ci/run installs)."""
+
+import json
+import re
+import shutil
+
+import pytest
+
+from genlab import report, runs
+
+from conftest import genlab
+
+# two normal classes x two seeds: a one-class sweep with a spread over seeds
+SWEEP = ["model=vae", "dataset.classes=[0],[1]", "seed=0,1", "trainer.batch_size=32", "trainer.max_steps=40",
+         "trainer.log_every=20", "trainer.n_samples=16", "device=cpu", "trainer.precision=fp32", "optimizer.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_sweep(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("rep")
+    r = genlab("train", "-m", *SWEEP, f"hydra.sweep.dir={cwd / 'sweep'}", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    r = genlab("evaluate", f"ckpt={cwd / 'sweep'}", f"hydra.run.dir={cwd / 'eval'}", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return cwd
+
+
+def test_evaluate_notes_where_its_reports_went(evaluated_sweep):
+    sweep = evaluated_sweep / "sweep"
+    assert json.loads((sweep / runs.EVALUATIONS).read_text())[0]["dir"] == str((evaluated_sweep / "eval").resolve())
+    where, found = runs.evaluations(sweep / "2")["anomaly"]
+    assert where == (evaluated_sweep / "eval" / "2").resolve() and found["normal_classes"] == [1]
+
+
+def test_sweep_page_data(evaluated_sweep):
+    page = report.gather([evaluated_sweep / "sweep"])
+    assert [r["name"] for r in page["runs"]] == ["0", "1", "2", "3"]
+    assert page["varying"] == ["dataset.classes", "seed"]
+    auroc = page["columns"].index("AUROC")
+    values = [row[auroc]["sort"] for row in page["rows"]]
+    assert page["best"] == values.index(max(values))
+    per_class = next(t for t in page["summary_tables"] if t["title"].startswith("AUROC per normal class"))
+    cells = [[c["text"] for c in row[:2]] for row in per_class["rows"]]
+    assert cells == [["0", "2"], ["1", "2"], ["mean over classes", "4"]]
+    class0 = [v for row, v in zip(page["runs"], values) if row["overrides"][1] == "dataset.classes=[0]"]
+    assert per_class["rows"][0][2]["sort"] == pytest.approx(sum(class0) / 2)
+    assert "±" in per_class["rows"][0][2]["text"]  # two seeds: a spread
+
+
+def test_report_pages_stand_alone(evaluated_sweep):
+    r = genlab("report", str(evaluated_sweep / "sweep"), cwd=evaluated_sweep)
+    assert r.returncode == 0, r.stderr
+    html = (evaluated_sweep / "sweep" / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", html)  # nothing fetched from the network
+    assert html.count('<tr class="best"') == 1 and html.count("data:image/png;base64,") >= 4 + 4 + 4
+    r = genlab("report", str(evaluated_sweep / "sweep" / "1"), "-o", str(evaluated_sweep / "one.html"),
+               cwd=evaluated_sweep)
+    assert r.returncode == 0, r.stderr
+    one = (evaluated_sweep / "one.html").read_text()
+    assert "ROC curve" in one and "data:image/gif;base64," in one and "AUROC" in one
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "f.txt").write_text("x") and p / "f.txt", "is a file"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "holds no run"),
+])
+def test_report_bad_paths(tmp_path, make, message):
+    r = genlab("report", str(make(tmp_path)), cwd=tmp_path)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("genlab report: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- in a real browser --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1600"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    b = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    yield b
+    b.quit()
+
+
+def open_page(browser, path):
+    browser.get(path.resolve().as_uri())
+    browser.get_log("browser")  # what an earlier page left
+    browser.refresh()
+    broken = browser.execute_script(
+        "return Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)")
+    assert broken == []
+    assert console_errors(browser) == []
+
+
+def console_errors(browser) -> list[dict]:
+    return [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+
+
+def column(browser, head: str) -> list[str]:
+    heads = [th.text.rstrip(" ↕↑↓") for th in browser.find_elements("css selector", "#runs th")]
+    i = heads.index(head)
+    return [row.find_elements("css selector", "td")[i].text for row in browser.find_elements("css selector", "#runs tbody tr")]
+
+
+def test_sweep_page_in_a_browser(evaluated_sweep, browser):
+    out = evaluated_sweep / "sweep" / "report.html"
+    report.write([evaluated_sweep / "sweep"], out)
+    open_page(browser, out)
+    assert len(browser.find_elements("css selector", "#runs tbody tr")) == 4
+    assert len(browser.find_elements("css selector", "#runs img.thumb")) == 4
+    assert browser.find_element("css selector", "#runs tr.best").get_attribute("data-run") in "0123"
+    assert column(browser, "run") == ["0", "1", "2", "3"]
+    heading = next(th for th in browser.find_elements("css selector", "#runs th") if th.text.startswith("AUROC"))
+    heading.click()
+    up = [float(v) for v in column(browser, "AUROC")]
+    assert up == sorted(up) and heading.get_attribute("aria-sort") == "ascending"
+    heading.click()
+    down = [float(v) for v in column(browser, "AUROC")]
+    assert down == sorted(up, reverse=True)
+    run = next(th for th in browser.find_elements("css selector", "#runs th") if th.text.startswith("run"))
+    run.click()
+    run.click()
+    assert column(browser, "run") == ["3", "2", "1", "0"]
+    tables = [t.text for t in browser.find_elements("css selector", "h3")]
+    assert any(t.startswith("AUROC per normal class") for t in tables)
+    assert console_errors(browser) == []  # the clicks raised nothing
+
+
+def test_run_page_in_a_browser(evaluated_sweep, browser, tmp_path):
+    out = report.write([evaluated_sweep / "sweep" / "0"], tmp_path / "run.html")
+    open_page(browser, out)
+    alts = [i.get_attribute("alt") for i in browser.find_elements("css selector", "img")]
+    assert "loss curves" in alts and "progress animation" in alts and "ROC curve" in alts
+    assert any(a.startswith("epoch ") for a in alts)
+    assert "AUROC" in browser.find_element("tag name", "body").text
