@@ -140,13 +140,13 @@ def compare(items: list[dict]) -> dict:
                    if all(key in rep for rep in reports[t])]
     losses = list(dict.fromkeys(k for r in items for k in r["final"] if k.startswith(("train/", "val/", "eval/"))))
     heads = ["run", *varying, *(head for _, _, head, _ in metric_cols), *losses, "epoch", "wall time (s)", "status"]
+    specs = ["", *[""] * len(varying), *(spec for *_, spec in metric_cols), *[".4g"] * len(losses), ".0f", ".1f", ""]
     rows = []
     for i, r in enumerate(items):
         values = dict(o.split("=", 1) for o in r["overrides"] if "=" in o)
         cells = [r["name"], *(values.get(k, "") for k in varying),
                  *(reports[t][i][key] for t, key, _, _ in metric_cols),
                  *(r["final"].get(k) for k in losses), r["final"].get("epoch"), r["final"].get("wall_time"), r["status"]]
-        specs = ["", *[""] * len(varying), *(spec for *_, spec in metric_cols), *[".4g"] * len(losses), ".0f", ".1f", ""]
         rows.append([{"text": summary.text(v, s), "sort": summary.sort_key(v)} for v, s in zip(cells, specs)])
     best, tables = None, []
     if tasks:

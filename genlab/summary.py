@@ -15,7 +15,6 @@ class Table:
     heads: list[str]
     rows: list[list]
     specs: list[str] = field(default_factory=list)  # the format of each column's floats ("" for none)
-    keys: list[str] = field(default_factory=list)  # a name for each row (the run it is about), or none
     best: int | None = None  # the row of the best run
     note: str = ""
 
@@ -181,7 +180,7 @@ def sweep_tables(s: Sweep) -> list[Table]:
     runs = Table("", ["run", "overrides", *(["normal"] if one_class else []), *heads],
                  [[run_name(r), " ".join(r["overrides"]), *([r["normal_classes"]] if one_class else []),
                    *(r[key] for key, *_ in s.columns)] for r in s.rows],
-                 ["", "", *([""] if one_class else []), *specs], [run_name(r) for r in s.rows], s.best)
+                 ["", "", *([""] if one_class else []), *specs], s.best)
     runs.rows.append(["mean ± std", "", *([None] if one_class else []), *s.stats[0][2]])
     tables = [runs]
     if len(s.stats) > 1:
