@@ -3,16 +3,28 @@
 Every loader here is named by a ``dataset/*.yaml`` config (its ``_target_``) and takes
 ``train`` (which split) plus the config's plain arguments. Normalisation to floats happens
 later, on the training device, a whole batch at a time.
+
+The datasets read from files are decoded once into genlab's cache (``Cache``): a file of raw
+uint8 images that every later run, and every process of a run, reads. A dataset that fits
+comfortably in memory is read into it; a larger one is memory-mapped and read by index a batch
+at a time, so that a process's own memory stays flat however large the dataset (``in_memory``).
 """
 
+import contextlib
 import hashlib
+import json
 import logging
+import math
+import multiprocessing
 import os
 import pickle
+import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,8 +58,9 @@ class Batch(NamedTuple):
 
 
 class Loader:
-    """Batches drawn by index from a uint8 dataset kept on the training device (on a GPU it does not fit
-    easily: pinned host memory), normalised there a whole batch at a time. The order of epoch ``e`` is a
+    """Batches drawn by index from a uint8 dataset kept on the training device (or, on a GPU it does not fit
+    easily, in host memory or memory-mapped, each batch gathered into pinned memory), normalised there a whole
+    batch at a time. The order of epoch ``e`` is a
     function of (seed, e) alone, so a run resumed mid-epoch replays it. Incomplete last batches are dropped.
 
     ``batch_size`` is the batch of one optimisation step over all ``world`` processes: rank ``r`` takes the
@@ -76,7 +89,7 @@ class Loader:
     def _place(self, images: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return images.to(self.device) if images.numel() < free // 4 else images.pin_memory()
+            return images.to(self.device) if images.numel() < free // 4 else images
         return images.to(self.device)
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -120,17 +133,18 @@ def digits(train: bool = True, image_size: int = 28, channels: int = 1, classes:
 
 
 def mnist(root: str = "data", train: bool = True, download: bool = True, image_size: int = 28, channels: int = 1,
-          classes: list[int] | None = None) -> ImageData:
-    return _torchvision("MNIST", "mnist", root, train, download, image_size, channels, classes)
+          classes: list[int] | None = None, in_memory: bool | None = None) -> ImageData:
+    return _torchvision("MNIST", "mnist", root, train, download, image_size, channels, classes, in_memory)
 
 
 def fashion_mnist(root: str = "data", train: bool = True, download: bool = True, image_size: int = 28,
-                  channels: int = 1, classes: list[int] | None = None) -> ImageData:
-    return _torchvision("FashionMNIST", "fashion_mnist", root, train, download, image_size, channels, classes)
+                  channels: int = 1, classes: list[int] | None = None, in_memory: bool | None = None) -> ImageData:
+    return _torchvision("FashionMNIST", "fashion_mnist", root, train, download, image_size, channels, classes,
+                        in_memory)
 
 
 def cifar10(root: str = "data", train: bool = True, download: bool = True, image_size: int = 32, channels: int = 3,
-            classes: list[int] | None = None) -> ImageData:
+            classes: list[int] | None = None, in_memory: bool | None = None) -> ImageData:
     """CIFAR-10 from its python batches in ``root/cifar-10-batches-py`` (torchvision's layout)."""
     folder = Path(root).expanduser() / "cifar-10-batches-py"
     files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
@@ -150,15 +164,15 @@ def cifar10(root: str = "data", train: bool = True, download: bool = True, image
             labels.append(torch.as_tensor(batch["labels"], dtype=torch.long))
         return torch.cat(images), torch.cat(labels)
 
-    images, labels = _cached("cifar10", train, [folder / f for f in files], decode)
-    return _finish(images, labels, "cifar10", train, image_size, channels, classes)
+    images, labels = _cached("cifar10", train, [folder / f for f in files], decode, image_size, channels, in_memory)
+    return _select(images, labels, "cifar10", train, classes)
 
 
 def folder(root: str, train: bool = True, image_size: int = 64, channels: int = 3, classes: list[int] | None = None,
-           test_fraction: float = 0.1) -> ImageData:
-    """Images under ``root``; the first level of sub-folders, if any, names the classes."""
-    from PIL import Image, UnidentifiedImageError
-
+           test_fraction: float = 0.1, in_memory: bool | None = None, workers: int | None = None) -> ImageData:
+    """Images under ``root``; the first level of sub-folders, if any, names the classes. Decoded once into
+    genlab's cache by ``workers`` processes (None: one per CPU, at most 8), resuming where an interrupted decode
+    stopped."""
     base = Path(root).expanduser()
     if not base.is_dir():
         raise GenlabError(f"dataset=folder: {base} is not a directory. Set dataset.root to a folder of images.")
@@ -183,30 +197,15 @@ def folder(root: str, train: bool = True, image_size: int = 64, channels: int = 
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise GenlabError(f"dataset=folder reads 1 (grey) or 3 (RGB) channels; got dataset.channels={channels}.")
-
-    def decode():
-        images, labels, bad = [], [], []
-        for p in chosen:
-            try:
-                with Image.open(p) as im:
-                    im = _square_resize(im.convert(mode), image_size)
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                bad.append((p, e))
-                continue
-            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, channels)
-            images.append(t.permute(2, 0, 1))
-            parts = p.relative_to(base).parts
-            labels.append(class_names.index(parts[0]) if len(parts) > 1 else 0)
-        if bad:
-            log.warning("dataset=folder: skipped %d unreadable file(s) of %d, e.g. %s (%s)", len(bad), len(chosen),
-                        bad[0][0], bad[0][1])
-        if not images:
-            raise GenlabError(f"dataset=folder: none of the {len(chosen)} image files under {base} could be read.")
-        return torch.stack(images), torch.tensor(labels)
-
-    images, labels = _cached("folder", train, chosen, decode, f"{image_size}:{channels}:{test_fraction}")
-    return _finish(images, labels, "folder", train, image_size, channels, classes)
-
+    _check_size(image_size)
+    labels = torch.tensor([class_names.index(p.relative_to(base).parts[0]) if class_names else 0 for p in chosen])
+    cache = Cache("folder", train, chosen, f"{image_size}:{channels}:{test_fraction}")
+    found = cache.read(in_memory)
+    if found is None:
+        with cache.lock():  # one process decodes; the others (ranks, sweep jobs) wait here, then read its cache
+            found = cache.read(in_memory) or _decode_folder(cache, chosen, labels, image_size, mode, workers,
+                                                            in_memory, base)
+    return _select(*found, "folder", train, classes)
 
 def synthetic(train: bool = True, n: int = 512, image_size: int = 28, channels: int = 1, n_classes: int = 10,
               classes: list[int] | None = None, seed: int = 0) -> ImageData:
@@ -229,8 +228,12 @@ def synthetic(train: bool = True, n: int = 512, image_size: int = 28, channels: 
 
 
 def _finish(images, labels, name, train, image_size, channels, classes) -> ImageData:
-    """Resize, convert channels and keep only ``classes``: the same for every dataset."""
-    images = _to_channels(_resize_uint8(images, image_size), channels, name)
+    """Resize, convert channels and keep only ``classes``: the same for every dataset made in memory."""
+    return _select(_to_channels(_resize_uint8(images, image_size), channels, name), labels, name, train, classes)
+
+
+def _select(images, labels, name, train, classes) -> ImageData:
+    """Only the images of ``classes`` (all when None). Of a memory-mapped dataset, those are read into memory."""
     if classes is not None:
         wanted = torch.as_tensor(list(classes), dtype=torch.long)
         keep = torch.isin(labels, wanted)
@@ -241,7 +244,7 @@ def _finish(images, labels, name, train, image_size, channels, classes) -> Image
                 f"of {name}; its labels are {present}."
             )
         images, labels = images[keep], labels[keep]
-    return ImageData(images.contiguous(), labels, name)
+    return ImageData(images, labels, name)
 
 
 def _resize_float(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -250,9 +253,13 @@ def _resize_float(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+def _check_size(size: int) -> None:
     if size < 1:
         raise GenlabError(f"dataset.image_size must be a positive number of pixels; got {size}.")
+
+
+def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    _check_size(size)
     if images.shape[-2:] == (size, size):
         return images
     out = [_resize_float(chunk.float(), size).round_().clamp_(0, 255).to(torch.uint8) for chunk in images.split(4096)]
@@ -286,7 +293,7 @@ def _tv_class(name: str):
     return getattr(torchvision.datasets, name)
 
 
-def _torchvision(cls_name, name, root, train, download, image_size, channels, classes) -> ImageData:
+def _torchvision(cls_name, name, root, train, download, image_size, channels, classes, in_memory) -> ImageData:
     """MNIST-style torchvision sets: idx files in ``root/<cls_name>/raw``."""
     cls = _tv_class(cls_name)
     folder = Path(root).expanduser() / cls_name / "raw"
@@ -302,8 +309,8 @@ def _torchvision(cls_name, name, root, train, download, image_size, channels, cl
 
         return read_image_file(str(folder / files[0])).unsqueeze(1).contiguous(), read_label_file(str(folder / files[1])).long()
 
-    images, labels = _cached(name, train, [folder / f for f in files], decode)
-    return _finish(images, labels, name, train, image_size, channels, classes)
+    images, labels = _cached(name, train, [folder / f for f in files], decode, image_size, channels, in_memory)
+    return _select(images, labels, name, train, classes)
 
 
 def _download(name, folder, files, layout, fetch) -> None:
@@ -331,22 +338,253 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GENLAB_CACHE", Path.home() / ".cache" / "genlab")).expanduser()
 
 
-def _cached(name, train, sources, decode, settings: str = ""):
-    """Decode once and keep the uint8 tensors in genlab's cache, keyed by the source files (and the
-    ``settings`` the decoding depends on)."""
-    stamp = settings + "|" + "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)
-    key = hashlib.sha1(stamp.encode()).hexdigest()[:16]
-    path = cache_dir() / "datasets" / f"{name}-{'train' if train else 'test'}-{key}.pt"
-    if path.exists():
+def _cached(name, train, sources, decode, image_size, channels, in_memory):
+    """The images (resized, in ``channels``) and labels that ``decode`` makes of ``sources``, decoded once into
+    genlab's cache."""
+    _check_size(image_size)
+    cache = Cache(name, train, sources, f"{image_size}:{channels}")
+    found = cache.read(in_memory)
+    if found is not None:
+        return found
+    with cache.lock():  # one process decodes; the others (ranks, sweep jobs) wait here, then read its cache
+        found = cache.read(in_memory)
+        if found is not None:
+            return found
+        images, labels = decode()
+        images = _to_channels(_resize_uint8(images, image_size), channels, name).contiguous()
+        return (cache.write(images, labels) and cache.read(in_memory)) or (images, labels)
+
+
+def available_memory() -> int:
+    """Bytes that new allocations can take: Linux's MemAvailable, or less where a cgroup (a container, a SLURM
+    job's --mem) limits this process to less."""
+    free = 1 << 62
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as fh:
+            free = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    return free
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """``dataset.in_memory``'s automatic choice: read a dataset into memory when it takes at most an eighth of the
+    memory available (room for each of several processes of a run on one machine to hold its copy), else map it."""
+    return nbytes <= available_memory() // 8
+
+
+def _digest(buffer) -> str:
+    return hashlib.sha1(buffer).hexdigest()
+
+
+class Cache:
+    """One decoded dataset in genlab's cache: ``STEM.u8``, the images as raw uint8 bytes [N, C, H, W], and
+    ``STEM.pt``, their shape, labels and checksum (genlab.checkpoint's format), written last: the cache is
+    complete when the .pt is there. Keyed by the source files (path, size, modification time) and the
+    ``settings`` that the decoding depends on. Every process reads the same files: one copy on disk, and one in
+    the page cache of a machine for all the processes that map it."""
+
+    def __init__(self, name: str, train: bool, sources, settings: str = ""):
+        stamp = settings + "|" + "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)
+        stem = f"{name}-{'train' if train else 'test'}-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}"
+        folder = cache_dir() / "datasets"
+        self.images, self.meta = folder / f"{stem}.u8", folder / f"{stem}.pt"
+        self.partial, self.progress = folder / f"{stem}.u8.partial", folder / f"{stem}.progress"
+
+    def read(self, in_memory: bool | None = None):
+        """(images, labels), or None when there is no complete, intact cache. ``in_memory`` (None:
+        ``fits_in_memory``): the images read into memory and their checksum checked; else memory-mapped, read as
+        batches need them, and only their size checked (a checksum would read every byte)."""
+        if not self.meta.exists():
+            return None
         try:
-            blob = checkpoint.read(path)  # its checksum checked: a cache changed on disk is never used
-            return blob["images"], blob["labels"]
-        except (checkpoint.Damaged, KeyError) as e:  # a damaged cache is rebuilt, never fatal
-            log.warning("ignoring the unreadable dataset cache %s (%s); decoding the dataset again", path,
+            meta = checkpoint.read(self.meta)  # its own checksum checked: labels changed on disk are never used
+            shape = tuple(int(s) for s in meta["shape"])
+            n = math.prod(shape)
+            if self.images.stat().st_size != n:
+                raise checkpoint.Damaged(f"{self.images.name} holds {self.images.stat().st_size:,} bytes, not the "
+                                         f"{n:,} of {shape}")
+            if fits_in_memory(n) if in_memory is None else in_memory:
+                images = torch.empty(n, dtype=torch.uint8)
+                with open(self.images, "rb") as fh:
+                    view = memoryview(images.numpy())
+                    while view:  # one read returns at most 2 GB
+                        view = view[fh.readinto(view) or len(view):]
+                if _digest(images.numpy()) != meta["digest"]:
+                    raise checkpoint.Damaged(f"{self.images.name} no longer matches the checksum genlab wrote with it")
+            else:
+                images = torch.from_file(str(self.images), shared=False, size=n, dtype=torch.uint8)
+            return images.view(shape), meta["labels"]
+        except (checkpoint.Damaged, KeyError, OSError, RuntimeError, ValueError) as e:  # rebuilt, never fatal
+            log.warning("ignoring the unreadable dataset cache %s (%s); decoding the dataset again", self.meta,
                         first_line(e))
-    images, labels = decode()
+            return None
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Held while this process decodes: another one wanting the same dataset waits, then reads the cache."""
+        try:
+            self.meta.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.meta.with_suffix(".lock"), "a")
+        except OSError:  # an unwritable cache: nothing to share, each process decodes for itself
+            yield
+            return
+        with fh:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
+    def write(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Keep ``images`` (contiguous uint8) and ``labels``; False (with a warning) where the cache cannot be
+        written."""
+        tmp = self.images.with_name(f".{self.images.name}.tmp{os.getpid()}")
+        try:
+            self.images.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(images.numpy().data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.images)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._seal(images.shape, labels, _digest(images.numpy()))
+            return True
+        except (OSError, RuntimeError) as e:
+            log.warning("could not write the dataset cache %s (%s); decoding each time", self.images, e)
+            return False
+
+    def _seal(self, shape, labels, digest: str) -> None:
+        checkpoint.write({"shape": list(shape), "labels": labels, "digest": digest}, self.meta)
+        self.progress.unlink(missing_ok=True)
+
+    def resume(self, nbytes: int):
+        """The images file of a decode in progress (a writable memory map of ``nbytes``) and the chunks it already
+        holds, {chunk: [[row, why it could not be read], ...]}: those of an interrupted decode of the same files, or
+        none in a new file."""
+        done = {}
+        if self.partial.exists() and self.partial.stat().st_size == nbytes and self.progress.exists():
+            for line in self.progress.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    done[int(entry["chunk"])] = entry["bad"]
+                except (ValueError, KeyError, TypeError):  # a line cut short by the interrupt: that chunk again
+                    break
+        else:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.partial, "wb") as fh:
+                fh.truncate(nbytes)
+            self.progress.write_text("")
+        return np.memmap(self.partial, np.uint8, "r+", shape=(nbytes,)), done
+
+    def record(self, chunk: int, bad: list) -> None:
+        """Chunk ``chunk`` is in the partial file (written through the map: in the page cache, so a killed process
+        loses none of it)."""
+        with open(self.progress, "a") as fh:
+            fh.write(json.dumps({"chunk": chunk, "bad": bad}) + "\n")
+
+    def finish(self, images: np.memmap, keep: np.ndarray, labels: torch.Tensor) -> None:
+        """The partial file made the cache: the rows of ``keep`` only (those that could be read)."""
+        images.flush()
+        if keep.all():
+            self.partial.replace(self.images)
+            digest = _digest(images)
+        else:
+            h = hashlib.sha1()
+            with open(self.images.with_name(self.images.name + ".tmp"), "wb") as fh:
+                for lo in range(0, len(keep), CHUNK):
+                    rows = np.ascontiguousarray(images[lo:lo + CHUNK][keep[lo:lo + CHUNK]])
+                    fh.write(rows.data)
+                    h.update(rows)
+            Path(fh.name).replace(self.images)
+            self.partial.unlink()
+            digest = h.hexdigest()
+        self._seal((int(keep.sum()), *images.shape[1:]), labels[torch.from_numpy(keep)], digest)
+
+
+CHUNK = 256  # images a decoding worker takes at a time
+
+
+def _decode_folder(cache: Cache, paths: list[Path], labels: torch.Tensor, size: int, mode: str, workers, in_memory,
+                   base: Path):
+    """(images, labels) of the image files ``paths``, decoded by ``workers`` processes into ``cache`` (or into
+    memory where the cache cannot be written), a chunk at a time; an interrupted decode resumes after the last
+    chunk it finished. Files that cannot be read are left out, with a warning."""
+    n, shape = len(paths), (len(paths), len(mode), size, size)
     try:
-        checkpoint.write({"images": images, "labels": labels}, path)
-    except (OSError, RuntimeError) as e:
-        log.warning("could not write the dataset cache %s (%s); decoding each time", path, e)
-    return images, labels
+        flat, done = cache.resume(math.prod(shape))
+    except OSError as e:
+        log.warning("could not write the dataset cache %s (%s); decoding into memory", cache.partial, e)
+        flat, done, cache = np.empty(math.prod(shape), np.uint8), {}, None
+    images = flat.reshape(shape)
+    todo = [c for c in range(math.ceil(n / CHUNK)) if c not in done]
+    left = sum(len(paths[c * CHUNK:(c + 1) * CHUNK]) for c in todo)
+    if done:
+        log.info("dataset=folder: resuming an interrupted decode of %s: %d of %d images were decoded", base,
+                 n - left, n)
+    from tqdm import tqdm
+
+    with tqdm(total=n, initial=n - left, unit="img", desc="decoding images", disable=None, leave=False) as bar:
+        for c, rows, bad in _decode_chunks(paths, todo, size, mode, workers):
+            images[c * CHUNK:c * CHUNK + len(rows)] = rows
+            done[c] = [[c * CHUNK + i, why] for i, why in bad]
+            if cache is not None:
+                cache.record(c, done[c])
+            bar.update(len(rows))
+    bad = [b for c in sorted(done) for b in done[c]]
+    if bad:
+        log.warning("dataset=folder: skipped %d unreadable file(s) of %d, e.g. %s", len(bad), n, bad[0][1])
+    if len(bad) == n:
+        raise GenlabError(f"dataset=folder: none of the {n} image files under {base} could be read.")
+    keep = np.ones(n, dtype=bool)
+    keep[[row for row, _ in bad]] = False
+    if cache is None:
+        return torch.from_numpy(images[keep]), labels[torch.from_numpy(keep)]
+    cache.finish(images, keep, labels)
+    del images, flat
+    found = cache.read(in_memory)
+    if found is None:
+        raise GenlabError(f"dataset=folder: the decoded images in {cache.images} could not be read back.")
+    return found
+
+
+def _decode_chunks(paths, chunks, size, mode, workers):
+    """(chunk, its images [k, C, size, size], its unreadable rows) for each of ``chunks``, in the order they are
+    done: in this process, or in ``workers`` processes (None: one a CPU, at most 8)."""
+    jobs = [(c, paths[c * CHUNK:(c + 1) * CHUNK]) for c in chunks]
+    workers = min(len(os.sched_getaffinity(0)), 8) if workers is None else workers
+    if workers <= 1 or len(jobs) < 2:
+        for c, chunk in jobs:
+            yield (c, *_decode_chunk(chunk, size, mode))
+        return
+    methods = multiprocessing.get_all_start_methods()  # fork: a worker needs none of this process's imports
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=signal.signal,
+                               initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C stops this process, not them
+    try:
+        futures = {pool.submit(_decode_chunk, chunk, size, mode): c for c, chunk in jobs}
+        for f in as_completed(futures):
+            yield (futures[f], *f.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_chunk(paths, size: int, mode: str):
+    """The images of ``paths`` as uint8 [k, C, size, size] (zeros where unreadable) and the unreadable ones,
+    [(row, why)]."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = np.zeros((len(paths), len(mode), size, size), dtype=np.uint8)
+    bad = []
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im = _square_resize(im.convert(mode), size)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            bad.append((i, f"{p} ({first_line(e)})"))
+            continue
+        out[i] = np.asarray(im, dtype=np.uint8).reshape(size, size, len(mode)).transpose(2, 0, 1)
+    return out, bad

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 # what an override may change when a run is resumed: how long and where it trains, and how it reports;
 # everything else (model, loss, data, optimizer, schedule, seed, batch size) must be the run's own
-CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download", "evaluation.")
+CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download", "dataset.in_memory",
+              "dataset.workers", "evaluation.")
 FIXED = ("trainer.batch_size",)
 
 
@@ -137,7 +138,8 @@ def resumed_config(stored: dict, cfg: DictConfig, overrides, choices: dict | Non
         raise GenlabError(
             f"resume= continues a run as it was configured, and this command would change {', '.join(listed[:4])}"
             f"{' and more' if len(listed) > 4 else ''}. Start a new run for that, or drop the override. On resume "
-            "you may change device, dataset.root, logger and trainer settings other than trainer.batch_size."
+            "you may change device, dataset.root, dataset.in_memory, logger and trainer settings other than "
+            "trainer.batch_size."
         )
     merged.resume = cfg.resume
     return merged

@@ -16,6 +16,8 @@ over a measured matmul rate in the same precision), `genlab evaluate` scoring th
     python scripts/bench.py --data-parallel  # 2 processes x 1 thread against 1 process x 2 threads (torchrun)
     python scripts/bench.py --on-nan         # trainer.on_nan=skip against stop, same model and batch
     python scripts/bench.py --writers --data-root ../shared/data  # the writers' share of default runs
+    python scripts/bench.py --memory 1,4,8   # own memory and img/s against dataset size (GB, memory-mapped)
+    python scripts/bench.py --decode 4000    # a folder of that many JPEGs decoded by 1 process, then by all CPUs
 """
 
 import argparse
@@ -30,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -38,6 +41,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
+import genlab.data as genlab_data
 from genlab import dist, schema
 from genlab.build import build_dataset, build_model, build_optimizers, compile_networks
 from genlab.callbacks import Callback
@@ -183,13 +187,15 @@ def reference_step(model, opts, x) -> None:
     loss.item()
 
 
-def genlab_steps(model, opts, data, steps: int, batch: int, device, precision, on_nan: str = "stop") -> float:
+def genlab_steps(model, opts, data, steps: int, batch: int, device, precision, on_nan: str = "stop",
+                 callbacks=()) -> float:
     """genlab's loop; returns images per second over ``steps`` steps after one warm-up window. The
     loop writes a metrics row (one host sync) every quarter of the steps, not every step, so that on
     a GPU the host can queue work ahead, as it does in `genlab train`."""
     every = max(1, steps // 4)
     trainer = Trainer(model, Loader(data.images, data.labels, batch, device),
-                      StepContext(opts, precision, device, on_nan=on_nan), steps + every, log_every=every)
+                      StepContext(opts, precision, device, on_nan=on_nan), steps + every, log_every=every,
+                      callbacks=list(callbacks))
     trainer.fit()
     rows = trainer.history
     timed = [(b["step"] - a["step"]) * batch for a, b in zip(rows, rows[1:])]  # images per window after the first
@@ -211,12 +217,21 @@ def main() -> None:
     p.add_argument("--on-nan", action="store_true", help="only the on_nan=skip against on_nan=stop table")
     p.add_argument("--writers", action="store_true", help="only the writers' share of default runs")
     p.add_argument("--epochs", default="digits=50,mnist=1", help="--writers: epochs per dataset (digits=50 is the default run)")
+    p.add_argument("--memory", default=None, metavar="GB,...", help="only the table of own memory (RssAnon) and img/s "
+                   "against dataset size: synthetic CIFAR-shaped datasets of these sizes, memory-mapped")
+    p.add_argument("--in-memory-up-to", type=float, default=1.0, help="--memory: also train in memory up to this size")
+    p.add_argument("--decode", type=int, default=None, metavar="N", help="only the folder decoding table: N JPEGs")
+    p.add_argument("--scratch", default=None, help="--memory/--decode: where to write the data (default: the temp dir)")
+    p.add_argument("--memory-worker", nargs=3, metavar=("N", "IN_MEMORY", "STEPS"), help=argparse.SUPPRESS)
     p.add_argument("--dp-worker", nargs=3, metavar=("MODEL", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.models = args.models or ("gan,cgan,vae,vae_gan,dcgan,dcgan64,ddpm,flow" if args.writers else "gan,dcgan,vae,ddpm")
     if args.dp_worker:
         return data_parallel_worker(*args.dp_worker, args.json)
-    for flag, bench in (("data_parallel", bench_data_parallel), ("on_nan", bench_on_nan), ("writers", bench_writers)):
+    if args.memory_worker:
+        return memory_worker(*args.memory_worker, args.json)
+    for flag, bench in (("data_parallel", bench_data_parallel), ("on_nan", bench_on_nan), ("writers", bench_writers),
+                        ("memory", bench_memory), ("decode", bench_decode)):
         if getattr(args, flag):
             rows = bench(args)
             if args.json:
@@ -368,6 +383,113 @@ def data_parallel_worker(name: str, batch: str, steps: str, out: Path) -> None:
                                    "batch": batch, "precision": precision, "img_per_s": round(sum(timed_images) / seconds, 1),
                                    "allreduce_share": round((s1 - s0) / (t1 - t0), 4) if dist.world() > 1 else 0.0,
                                    "grad_mb": round(grads, 2)}))
+
+
+def rss_anon_mb() -> float:
+    """This process's own memory (RssAnon: not the pages of mapped files, which the kernel can drop)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon:")) / 1024
+
+
+class PeakMemory(Callback):
+    def __init__(self):
+        self.peak = rss_anon_mb()
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.step % 16 == 0:
+            self.peak = max(self.peak, rss_anon_mb())
+
+
+BENCH_SHAPE = (3, 32, 32)  # CIFAR-shaped images: 3 KiB each
+
+
+def bench_cache(n: int) -> "genlab_data.Cache":
+    return genlab_data.Cache("bench", True, [], f"synthetic:{n}")
+
+
+def bench_memory(args) -> list[dict]:
+    """For each size: a synthetic dataset of that many GB (decoded) written into a fresh genlab cache a chunk at a
+    time (as a folder decode writes it), then a new process that trains the MLP GAN on it for the same number of
+    steps, memory-mapped and, up to --in-memory-up-to GB, read into memory; its own memory before loading, after
+    loading and at its peak, and its img/s."""
+    rows = []
+    steps = 120 if args.quick else 400
+    row_bytes = int(np.prod(BENCH_SHAPE))
+    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
+        env = {**os.environ, "GENLAB_CACHE": tmp}
+        for gb in [float(g) for g in args.memory.split(",")]:
+            n = int(gb * 2**30) // row_bytes
+            os.environ["GENLAB_CACHE"] = tmp
+            cache = bench_cache(n)
+            t0 = time.perf_counter()
+            flat, _ = cache.resume(n * row_bytes)
+            images = flat.reshape(n, *BENCH_SHAPE)
+            g = torch.Generator().manual_seed(0)
+            for lo in range(0, n, 65536):  # noise: cheap to make, and no two pages alike
+                k = min(65536, n - lo)
+                images[lo:lo + k] = torch.randint(0, 256, (k, *BENCH_SHAPE), dtype=torch.uint8, generator=g).numpy()
+            cache.finish(images, np.ones(n, dtype=bool), torch.arange(n) % 10)
+            del images, flat
+            print(f"{gb:g} GB: {n:,} images of {'x'.join(map(str, BENCH_SHAPE))} written in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            for in_memory in ("false", "true") if gb <= args.in_memory_up_to else ("false",):
+                out = Path(tmp) / "row.json"
+                subprocess.run([sys.executable, __file__, "--memory-worker", str(n), in_memory, str(steps),
+                                "--json", str(out)], check=True, env=env)
+                row = {"gb": gb, **json.loads(out.read_text())}
+                rows.append(row)
+                print(f"{gb:g} GB {'in memory' if in_memory == 'true' else 'mapped':9s}: RssAnon {row['rss_start_mb']:.0f}"
+                      f" MB at start, {row['rss_loaded_mb']:.0f} MB loaded, {row['rss_peak_mb']:.0f} MB at peak; "
+                      f"{row['img_per_s']:.0f} img/s", flush=True)
+            for f in (cache.images, cache.meta):
+                f.unlink()
+    return rows
+
+
+def memory_worker(n: str, in_memory: str, steps: str, out: Path) -> None:
+    """One row of bench_memory, in a process of its own (its memory is the measurement)."""
+    start = rss_anon_mb()
+    images, labels = bench_cache(int(n)).read(in_memory == "true")
+    loaded = rss_anon_mb()
+    cfg = compose_cfg("gan", None, BENCH_SHAPE[:1] + BENCH_SHAPE[2:])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    peak = PeakMemory()
+    rate = genlab_steps(model, build_optimizers(cfg.optimizer, model), genlab_data.ImageData(images, labels, "bench"),
+                        int(steps), 256, torch.device("cpu"), "fp32", callbacks=[peak])
+    out.write_text(json.dumps({"images": int(n), "in_memory": in_memory == "true", "rss_start_mb": round(start),
+                               "rss_loaded_mb": round(loaded), "rss_peak_mb": round(max(peak.peak, loaded)),
+                               "img_per_s": round(rate, 1)}))
+
+
+def bench_decode(args) -> list[dict]:
+    """A folder of --decode JPEGs (320x240, smooth shapes and noise, as photos compress) decoded into a 64x64 cache
+    by one process, then by one a CPU."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    cpus = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
+        root = Path(tmp) / "images"
+        root.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(args.decode):
+            im = Image.fromarray(rng.integers(0, 40, (240, 320, 3), dtype=np.uint8) + np.uint8(100))
+            draw = ImageDraw.Draw(im)
+            for _ in range(4):
+                x, y = rng.integers(0, 320), rng.integers(0, 240)
+                draw.ellipse((x, y, x + 80, y + 60), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            im.save(root / f"{i:06d}.jpg", quality=90)
+        for workers in sorted({1, cpus}):
+            os.environ["GENLAB_CACHE"] = str(Path(tmp) / f"cache{workers}")
+            t0 = time.perf_counter()
+            d = genlab_data.folder(str(root), image_size=64, test_fraction=0.0, workers=workers, in_memory=False)
+            seconds = time.perf_counter() - t0
+            rows.append({"images": len(d), "workers": workers, "seconds": round(seconds, 2),
+                         "img_per_s": round(len(d) / seconds, 1)})
+            print(f"{len(d)} JPEGs (320x240) to 64x64, {workers} process(es): {seconds:.1f} s, "
+                  f"{len(d) / seconds:.0f} img/s", flush=True)
+    return rows
 
 
 def bench_on_nan(args) -> list[dict]:

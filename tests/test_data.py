@@ -119,17 +119,153 @@ def test_real_mnist():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs a CUDA device")
 def test_a_dataset_the_gpu_cannot_hold_is_gathered_into_pinned_memory(monkeypatch):
-    """The dataset stays in pinned host memory; each batch is gathered into a pinned buffer (index_select alone
-    returns pageable memory, whose copy cannot overlap the computation) and equals the in-memory batch."""
+    """The dataset stays where it is on the host (no pinned copy of all of it: a memory-mapped one would be read
+    into memory); each batch is gathered into a pinned buffer (index_select alone returns pageable memory, whose
+    copy cannot overlap the computation) and equals the in-memory batch."""
     images, labels = torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8), torch.arange(64) % 10
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (16, 16))  # "no room": stay on the host
-    pinned = data.Loader(images, labels, 16, "cuda", seed=1)
-    assert pinned.images.is_pinned()
+    host = data.Loader(images, labels, 16, "cuda", seed=1)
+    assert host.images is images
     copies = []
     to = torch.Tensor.to
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: copies.append(self.is_pinned()) or to(self, *a, **kw))
-    batch = next(pinned.epoch(0))
+    batch = next(host.epoch(0))
     monkeypatch.setattr(torch.Tensor, "to", to)
     assert copies and all(copies)
     plain = next(data.Loader(images, labels, 16, "cpu", seed=1).epoch(0))
     assert torch.equal(batch.x.cpu(), plain.x) and torch.equal(batch.y.cpu(), plain.y)
+
+
+def rss_anon() -> int:
+    """This process's own (anonymous) memory in bytes: what a memory-mapped dataset must not grow."""
+    line = next(line for line in open("/proc/self/status") if line.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_memory_mapped_dataset_gives_the_same_batches(tmp_path):
+    """in_memory=false maps the cache file instead of reading it: the same images, the same batches for a seed,
+    and reading all of it leaves the process's own memory where it was (the pages are the file's)."""
+    images, labels = fake_images(40000, 28, 28)
+    write_idx(tmp_path / "MNIST" / "raw", "train", images, labels)
+    held = data.mnist(tmp_path, download=False, in_memory=True)
+    mapped = data.mnist(tmp_path, download=False, in_memory=False)
+    assert torch.equal(held.images, mapped.images) and torch.equal(held.labels, mapped.labels)
+    assert mapped.images.untyped_storage().data_ptr() != held.images.untyped_storage().data_ptr()
+    batches = [list(data.Loader(d.images, d.labels, 64, seed=3).epoch(1)) for d in (held, mapped)]
+    assert len(batches[0]) == 40000 // 64
+    for a, b in zip(*batches):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    before = rss_anon()
+    again = data.mnist(tmp_path, download=False, in_memory=False)
+    total = sum(int(b.x.sum() > 0) for b in data.Loader(again.images, again.labels, 500).epoch(0))
+    assert total == 80 and rss_anon() - before < 10_000_000  # the 31 MB of images are not copied into memory
+
+
+def test_automatic_choice_maps_what_does_not_fit(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    write_idx(tmp_path / "MNIST" / "raw", "train", *fake_images(40, 28, 28))
+    assert data.fits_in_memory(40 * 28 * 28)
+    monkeypatch.setattr(data, "available_memory", lambda: 8 * 40 * 28 * 28 - 8)  # an eighth is one byte short
+    assert not data.fits_in_memory(40 * 28 * 28)
+    mapped = data.mnist(tmp_path, download=False)
+    monkeypatch.setattr(data, "available_memory", lambda: 8 * 40 * 28 * 28)
+    held = data.mnist(tmp_path, download=False)
+    assert torch.equal(held.images, mapped.images)
+    with open("/proc/self/maps") as fh:  # the mapped one is a mapping of the cache file
+        assert any(str(tmp_path / "cache") in line and line.rstrip().endswith(".u8") for line in fh)
+
+
+def test_damaged_images_file_is_decoded_again(tmp_path, caplog, monkeypatch):
+    """A truncated images file is caught by its size (mapped or not); a changed byte by its checksum when the
+    images are read into memory."""
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    images, labels = fake_images(30, 28, 28)
+    write_idx(tmp_path / "MNIST" / "raw", "train", images, labels)
+    data.mnist(tmp_path, download=False)
+    cached = next((data.cache_dir() / "datasets").glob("mnist-train-*.u8"))
+    cached.write_bytes(cached.read_bytes()[:-1])
+    with caplog.at_level("WARNING"):
+        assert torch.equal(data.mnist(tmp_path, download=False, in_memory=False).images[:, 0], torch.from_numpy(images))
+    assert "ignoring the unreadable dataset cache" in caplog.text and "bytes, not the 23,520" in caplog.text
+    blob = bytearray(cached.read_bytes())
+    blob[100] ^= 1
+    cached.write_bytes(bytes(blob))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert torch.equal(data.mnist(tmp_path, download=False, in_memory=True).images[:, 0], torch.from_numpy(images))
+    assert "no longer matches the checksum" in caplog.text
+
+
+def write_pngs(folder, n, size=12, classes=("a", "b")):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (folder / classes[i % len(classes)]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8)).save(
+            folder / classes[i % len(classes)] / f"{i:04d}.png")
+
+
+def test_folder_decode_interrupted_then_resumed(tmp_path, monkeypatch):
+    """Ctrl-C during the first decode keeps the chunks done; the next run decodes only the others, and the result
+    equals an uninterrupted decode (in parallel workers, in another cache)."""
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    write_pngs(tmp_path / "images", 45)
+    (tmp_path / "images" / "b" / "0999.png").write_bytes(b"not a png")  # left out, wherever it falls
+    monkeypatch.setattr(data, "CHUNK", 4)
+    decode, calls = data._decode_chunk, []
+
+    def interrupted(paths, size, mode):
+        calls.append(paths[0].name)
+        if len(calls) == 5 and "resumed" not in calls:
+            raise KeyboardInterrupt
+        return decode(paths, size, mode)
+
+    monkeypatch.setattr(data, "_decode_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.folder(tmp_path / "images", image_size=8, test_fraction=0.0, workers=1)
+    assert not list((data.cache_dir() / "datasets").glob("folder-*.u8"))  # not a cache yet: a partial one
+    calls[:] = ["resumed"]
+    resumed = data.folder(tmp_path / "images", image_size=8, test_fraction=0.0, workers=1)
+    assert len(calls) == 1 + 12 - 4  # 46 files in chunks of 4: the 4 finished chunks are not decoded again
+    assert resumed.images.shape == (45, 3, 8, 8) and sorted(set(resumed.labels.tolist())) == [0, 1]
+    monkeypatch.setattr(data, "_decode_chunk", decode)
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "other"))
+    whole = data.folder(tmp_path / "images", image_size=8, test_fraction=0.0, workers=2)
+    assert torch.equal(whole.images, resumed.images) and torch.equal(whole.labels, resumed.labels)
+    assert not list((data.cache_dir() / "datasets").glob("*.partial"))
+
+
+def test_processes_wanting_one_dataset_decode_it_once(tmp_path, monkeypatch):
+    """Several at once (the ranks of a run, the jobs of a sweep): one decodes, the others wait and read its cache."""
+    import threading
+
+    write_pngs(tmp_path / "images", 20)
+    decode, calls = data._decode_chunk, []
+    monkeypatch.setattr(data, "_decode_chunk", lambda *a: calls.append(1) or decode(*a))
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(data.folder(tmp_path / "images", image_size=8, workers=1)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 3 and len(calls) == 1
+    assert all(torch.equal(d.images, got[0].images) for d in got)
+
+
+CIFAR10 = SHARED_DATA / "cifar-10-batches-py"
+
+
+@pytest.mark.skipif(not CIFAR10.is_dir(), reason="real CIFAR-10 not in ../shared/data")
+def test_real_cifar10():
+    """The shared copy, read by genlab's own reader (torchvision's md5 check refuses it: README.txt there)."""
+    train, test = data.cifar10(SHARED_DATA, download=False), data.cifar10(SHARED_DATA, train=False, download=False)
+    assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
+    assert train.images.dtype == torch.uint8
+    assert np.bincount(train.labels.numpy()).tolist() == [5000] * 10
+    assert np.bincount(test.labels.numpy()).tolist() == [1000] * 10
+    mean = train.images.float().mean((0, 2, 3)) / 255  # CIFAR-10's published per-channel means
+    assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=5e-4)
+    planes = data.cifar10(SHARED_DATA, train=False, download=False, classes=[1], image_size=64, channels=1)
+    assert planes.images.shape == (1000, 1, 64, 64) and set(planes.labels.tolist()) == {1}

@@ -226,7 +226,7 @@ def test_damaged_caches_are_rebuilt(tmp_path, fake_root):
     @fuzz_settings(EXAMPLES)
     @given(damages)
     def check(how):
-        for cache in (cache_dir() / "datasets").glob("mnist-*.pt"):
+        for cache in [*(cache_dir() / "datasets").glob("mnist-*.pt"), *(cache_dir() / "datasets").glob("mnist-*.u8")]:
             cache.write_bytes(damage(cache.read_bytes(), *how))
         code, err = run_genlab("train", "model=gan", *BASE, "dataset=mnist", f"dataset.root={fake_root}",
                                "dataset.download=false", f"hydra.run.dir={tmp_path / 'b'}")
