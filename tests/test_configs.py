@@ -4,12 +4,15 @@ import pytest
 import torch
 
 from hydra.utils import get_method
+from omegaconf import OmegaConf
 
+from genlab import checkpoint
 from genlab.build import build_dataset, build_model, build_optimizers, build_schedulers
 from genlab.data import ImageData
 from genlab.models import GenerativeModel
+from genlab.train import resumed_config
 
-from conftest import compose_train, options
+from conftest import compose_train, make_trainer, options
 
 def test_groups_are_not_empty():
     for group in ("model", "dataset", "loss", "optimizer", "scheduler", "experiment"):
@@ -89,6 +92,54 @@ def test_model_picks_its_default_loss():
     assert compose_train(["model=vae"]).loss._target_ == "genlab.losses.ELBO"
     assert compose_train(["model=dcgan"]).loss._target_ == "genlab.losses.BCE"
     assert compose_train(["model=gan", "loss=hinge"]).loss._target_ == "genlab.losses.Hinge"
+
+
+def test_a_model_sets_its_own_optimizer_defaults():
+    """model/vae.yaml and model/vae_gan.yaml set their measured learning rates over the optimizer's (docs/results.md);
+    a model that sets none trains at the optimizer's."""
+    vae, vae_gan, dcgan = (compose_train([f"model={m}"]).optimizer for m in ("vae", "vae_gan", "dcgan"))
+    assert vae.lr == 2e-3 and list(vae.betas) == [0.5, 0.999] and not vae.nets
+    assert vae_gan.lr == 2e-3 and vae_gan.nets.d.lr == 5e-4
+    assert dcgan.lr == 2e-4 and not dcgan.nets
+
+
+def test_the_command_line_and_presets_win_over_the_models_defaults():
+    assert compose_train(["model=vae", "optimizer.lr=1e-4"]).optimizer.lr == 1e-4
+    assert compose_train(["model=vae_gan", "optimizer.nets.d.lr=1e-5"]).optimizer.nets.d.lr == 1e-5
+    preset = compose_train(["experiment=vae_fashion_mnist"]).optimizer
+    assert preset.lr == 1e-3 and list(preset.betas) == [0.9, 0.999]
+    assert compose_train(["model=vae", "experiment=dcgan_mnist"]).optimizer.lr == 1e-4  # the command's model, the preset's lr
+    tuned = compose_train(["experiment=vae_gan_mnist"]).optimizer
+    assert (tuned.lr, tuned.nets.d.lr) == (2e-3, 5e-4)
+
+
+@pytest.mark.parametrize("model", ["vae", "vae_gan"])
+@pytest.mark.parametrize("optimizer,cls", [("sgd", torch.optim.SGD), ("rmsprop", torch.optim.RMSprop)])
+def test_another_optimizer_takes_the_models_learning_rate_and_nothing_else(model, optimizer, cls):
+    cfg = compose_train([f"model={model}", f"optimizer={optimizer}"])
+    assert "betas" not in cfg.optimizer and cfg.optimizer.lr == 2e-3
+    opts = build_optimizers(cfg.optimizer, build_model(cfg))
+    assert opts and all(type(o) is cls for o in opts.values())
+
+
+def test_the_built_optimizer_runs_at_the_models_rate_and_the_checkpoint_keeps_it(tmp_path):
+    trainer = make_trainer(["model=vae", "dataset=synthetic", "dataset.n=16", "trainer.batch_size=8",
+                            "trainer.max_steps=1", "trainer.n_samples=4"], tmp_path)
+    assert trainer.ctx.optimizers["vae"].param_groups[0]["lr"] == 2e-3
+    trainer.fit()
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["config"]["optimizer"]["lr"] == 2e-3
+    gan = make_trainer(["model=vae_gan", "dataset=synthetic", "dataset.n=16"], tmp_path / "gan")
+    assert {k: o.param_groups[0]["lr"] for k, o in gan.ctx.optimizers.items()} == {"encoder": 2e-3, "decoder": 2e-3,
+                                                                                  "d": 5e-4}
+
+
+@pytest.mark.parametrize("choices", [None, {"model": "vae", "optimizer": "adam"}])
+def test_a_run_from_before_the_models_defaults_resumes_at_its_own_rate(choices):
+    """A VAE run started at Adam 2e-4 (the default then), resumed by its own command: it keeps its stored rate."""
+    stored = OmegaConf.to_container(compose_train(["model=vae"]), resolve=True)
+    stored["optimizer"]["lr"] = 2e-4
+    args = ["model=vae", "resume=somewhere"]
+    assert resumed_config(stored, compose_train(args), args, choices).optimizer.lr == 2e-4
 
 
 def test_dataset_root_from_environment(monkeypatch):

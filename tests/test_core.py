@@ -165,8 +165,8 @@ def test_a_schedule_can_be_a_plain_function(tmp_path):
     cfg_dir.mkdir(parents=True)
     (cfg_dir / "half.yaml").write_text("_target_: test_core.half_life\nevery: 2\nnets: {}\n")
     t = make_trainer(["model=vae", "dataset=synthetic", "dataset.n=64", "trainer.batch_size=16", "trainer.max_steps=5",
-                      "trainer.log_every=1", "scheduler=half", f"hydra.searchpath=[file://{tmp_path / 'configs'}]"],
-                     tmp_path)
+                      "trainer.log_every=1", "scheduler=half", "optimizer.lr=2e-4",
+                      f"hydra.searchpath=[file://{tmp_path / 'configs'}]"], tmp_path)
     t.fit()
     assert [r["lr/vae"] for r in t.history] == pytest.approx([2e-4 * 0.5 ** (s // 2) for s in range(1, 6)])
 
