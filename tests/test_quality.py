@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
@@ -118,6 +119,62 @@ def test_one_yardstick_everywhere(monkeypatch, caplog):
         again, _ = classifier_for(node, "cpu", epochs=1, width=4, min_steps=4)
     assert "unreadable classifier cache" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+def test_flip_and_shift_moves_whole_images():
+    """Each augmented image is its original, mirrored or not, shifted by at most ``pad`` pixels with the border
+    reflected in: one of the 2 x 5 x 5 candidates, and not always the same one."""
+    from genlab.classifier import flip_and_shift
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 3, 8, 8, generator=g)
+    out = flip_and_shift(x, g, pad=2)
+    picked = set()
+    for img, orig in zip(out, x):
+        candidates = [(f, dy, dx) for f in (0, 1) for dy in range(5) for dx in range(5)
+                      if torch.equal(img, torch.nn.functional.pad((orig.flip(2) if f else orig)[None], (2, 2, 2, 2),
+                                                                  mode="reflect")[0, :, dy:dy + 8, dx:dx + 8])]
+        assert candidates, "an augmented image is no flip and shift of its original"
+        picked.add(candidates[0])
+    assert len(picked) > 10 and {f for f, _, _ in picked} == {0, 1}
+
+
+def test_colour_images_get_the_resnet_yardstick(tmp_path):
+    """A colour dataset's classifier is the narrow ResNet-9 (128-d features at width 16), trained with its recipe
+    (flips, shifts, SGD) to tell reddish from bluish noise; a grey one keeps the small CNN (its cache key, and so
+    its weights, as before)."""
+    from PIL import Image
+
+    from genlab.nets.classifier import ResNetClassifier, SmallCNN
+
+    rng = np.random.default_rng(0)
+    for name, tint in (("red", (60, 0, 0)), ("blue", (0, 0, 60))):
+        (tmp_path / name).mkdir()
+        for i in range(90):
+            noise = rng.integers(0, 190, (16, 16, 3)) + np.array(tint)
+            Image.fromarray(noise.astype(np.uint8)).save(tmp_path / name / f"{i}.png")
+    node = compose_train(["dataset=folder", f"dataset.root={tmp_path}", "dataset.image_size=16",
+                          "dataset.test_fraction=0.3"]).dataset
+    net, info = classifier_for(node, "cpu", epochs=1, min_steps=30)
+    assert isinstance(net, ResNetClassifier) and "ResNetClassifier(width=16), 128-d features" == info["architecture"]
+    assert info["test_accuracy"] > 0.8, info  # two classes: 0.5 by chance
+    feats, probs = predict(net, torch.rand(5, 3, 16, 16), "cpu")
+    assert feats.shape == (5, 128) and probs.shape == (5, 2)
+    again, _ = classifier_for(node, "cpu", epochs=1, min_steps=30)  # from the cache
+    assert isinstance(again, ResNetClassifier)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    grey = compose_train(["dataset=synthetic", "dataset.n=600", "dataset.image_size=8"]).dataset
+    assert isinstance(classifier_for(grey, "cpu", epochs=1, width=4, min_steps=4)[0], SmallCNN)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="real CIFAR-10 not in ../shared/data")
+def test_the_cifar10_yardstick_is_competent():
+    """The measuring stick of CIFAR-10 classifies its test split at 85 % or better (docs/results.md: 7-8 minutes on
+    2 CPU cores)."""
+    cfg = compose_train(["dataset=cifar10", f"dataset.root={SHARED_DATA}", "dataset.download=false"])
+    _, info = classifier_for(cfg.dataset, "cpu")
+    assert info["test_accuracy"] >= 0.85, info
 
 
 def test_sampling_precision_auto_is_what_the_configs_say(monkeypatch):

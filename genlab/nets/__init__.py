@@ -3,7 +3,7 @@
 from genlab.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from genlab.nets.dcgan64 import DCGAN64Discriminator, DCGAN64Generator
 from genlab.nets.mlp import MLPDiscriminator, MLPGenerator
-from genlab.nets.classifier import SmallCNN
+from genlab.nets.classifier import ResNetClassifier, SmallCNN
 from genlab.nets.unet import UNet
 from genlab.nets.vae import ConvDecoder, ConvEncoder
 
@@ -17,5 +17,6 @@ __all__ = [
     "ConvEncoder",
     "ConvDecoder",
     "SmallCNN",
+    "ResNetClassifier",
     "UNet",
 ]
