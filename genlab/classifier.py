@@ -34,14 +34,15 @@ class NoClassifier(GenlabError):
 
 
 def classifier_for(dataset: DictConfig, device, epochs: int | None = None, width: int = 16, seed: int = 0,
-                   min_steps: int = 600):
-    """The dataset's classifier (all classes), trained now if no cached one matches; (net, info). ``epochs``
-    (None: the recipe's) are raised to make at least ``min_steps`` steps on a small dataset."""
+                   min_steps: int = 600, kind: str | None = None):
+    """The dataset's classifier (all classes), trained now if no cached one matches; (net, info). ``kind``: small or
+    resnet (None: the small CNN for grey images, the ResNet for colour); ``epochs`` (None: its recipe's) are raised
+    to make at least ``min_steps`` steps on a small dataset."""
     node = OmegaConf.to_container(dataset, resolve=True)
     node["classes"] = None
     for how in ("in_memory", "workers"):  # how the images are held or decoded, not which: the same classifier
         node.pop(how, None)
-    kind = "resnet" if node.get("channels") == 3 else "small"
+    kind = kind or ("resnet" if node.get("channels") == 3 else "small")
     epochs = epochs or {"small": 3, "resnet": 10}[kind]
     # everything its weights depend on: the data, the recipe, and where it was trained (always in fp32, so that
     # one yardstick means the same on every GPU; CPU and CUDA kernels still round differently)
