@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -555,13 +556,14 @@ def _decode_chunks(paths, chunks, size, mode, workers):
     """(chunk, its images [k, C, size, size], its unreadable rows) for each of ``chunks``, in the order they are
     done: in this process, or in ``workers`` processes (None: one a CPU, at most 8)."""
     jobs = [(c, paths[c * CHUNK:(c + 1) * CHUNK]) for c in chunks]
-    workers = min(len(os.sched_getaffinity(0)), 8) if workers is None else workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+    workers = min(cpus, 8) if workers is None else workers
     if workers <= 1 or len(jobs) < 2:
         for c, chunk in jobs:
             yield (c, *_decode_chunk(chunk, size, mode))
         return
-    methods = multiprocessing.get_all_start_methods()  # fork: a worker needs none of this process's imports
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # fork on Linux: a worker needs none of this process's imports (macOS's fork is unsafe with its system libraries)
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=signal.signal,
                                initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C stops this process, not them
     try:
