@@ -42,7 +42,8 @@ def classifier_for(dataset: DictConfig, device, epochs: int | None = None, width
     node["classes"] = None
     for how in ("in_memory", "workers"):  # how the images are held or decoded, not which: the same classifier
         node.pop(how, None)
-    kind = kind or ("resnet" if node.get("channels") == 3 else "small")
+    colour = node.get("channels") == 3 and node.get("image_size", 0) % 8 == 0  # the ResNet halves 3 times
+    kind = kind or ("resnet" if colour else "small")
     epochs = epochs or {"small": 3, "resnet": 10}[kind]
     # everything its weights depend on: the data, the recipe, and where it was trained (always in fp32, so that
     # one yardstick means the same on every GPU; CPU and CUDA kernels still round differently)

@@ -393,6 +393,7 @@ class Cache:
         folder = cache_dir() / "datasets"
         self.images, self.meta = folder / f"{stem}.u8", folder / f"{stem}.pt"
         self.partial, self.progress = folder / f"{stem}.u8.partial", folder / f"{stem}.progress"
+        self.held = None  # the lock file's descriptor while this process holds it
 
     def read(self, in_memory: bool | None = None):
         """(images, labels), or None when there is no complete, intact cache. ``in_memory`` (None:
@@ -426,6 +427,8 @@ class Cache:
     @contextlib.contextmanager
     def lock(self):
         """Held while this process decodes: another one wanting the same dataset waits, then reads the cache."""
+        import fcntl
+
         try:
             self.meta.parent.mkdir(parents=True, exist_ok=True)
             fh = open(self.meta.with_suffix(".lock"), "a")
@@ -433,10 +436,15 @@ class Cache:
             yield
             return
         with fh:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            except OSError as e:  # a file system without locks (Lustre without -o flock, NFS without lockd)
+                log.warning("cannot lock %s (%s); decoding without waiting for other processes", fh.name, e)
+            self.held = fh.fileno()  # for decoding workers to close: a forked copy would hold the lock on
+            try:
+                yield
+            finally:
+                self.held = None
 
     def write(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
         """Keep ``images`` (contiguous uint8) and ``labels``; False (with a warning) where the cache cannot be
@@ -473,11 +481,18 @@ class Cache:
                     entry = json.loads(line)
                     done[int(entry["chunk"])] = entry["bad"]
                 except (ValueError, KeyError, TypeError):  # a line cut short by the interrupt: that chunk again
-                    break
+                    continue
         else:
             self.partial.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.partial, "wb") as fh:
-                fh.truncate(nbytes)
+            try:
+                with open(self.partial, "wb") as fh:
+                    if hasattr(os, "posix_fallocate"):  # the space taken now: a full disk is an OSError here, not
+                        os.posix_fallocate(fh.fileno(), 0, nbytes)  # a SIGBUS at a write into the map later
+                    else:
+                        fh.truncate(nbytes)
+            except OSError:
+                self.partial.unlink(missing_ok=True)
+                raise
             self.progress.write_text("")
         return np.memmap(self.partial, np.uint8, "r+", shape=(nbytes,)), done
 
@@ -529,7 +544,8 @@ def _decode_folder(cache: Cache, paths: list[Path], labels: torch.Tensor, size: 
     from tqdm import tqdm
 
     with tqdm(total=n, initial=n - left, unit="img", desc="decoding images", disable=None, leave=False) as bar:
-        for c, rows, bad in _decode_chunks(paths, todo, size, mode, workers):
+        held = cache.held if cache is not None else None
+        for c, rows, bad in _decode_chunks(paths, todo, size, mode, workers, held):
             images[c * CHUNK:c * CHUNK + len(rows)] = rows
             done[c] = [[c * CHUNK + i, why] for i, why in bad]
             if cache is not None:
@@ -544,7 +560,11 @@ def _decode_folder(cache: Cache, paths: list[Path], labels: torch.Tensor, size: 
     keep[[row for row, _ in bad]] = False
     if cache is None:
         return torch.from_numpy(images[keep]), labels[torch.from_numpy(keep)]
-    cache.finish(images, keep, labels)
+    try:
+        cache.finish(images, keep, labels)
+    except OSError as e:  # a full disk, a quota: train from memory, with the decoded images kept for a rerun
+        log.warning("could not write the dataset cache %s (%s); keeping the images in memory", cache.images, e)
+        return torch.from_numpy(np.array(images[keep])), labels[torch.from_numpy(keep)]
     del images, flat
     found = cache.read(in_memory)
     if found is None:
@@ -552,9 +572,10 @@ def _decode_folder(cache: Cache, paths: list[Path], labels: torch.Tensor, size: 
     return found
 
 
-def _decode_chunks(paths, chunks, size, mode, workers):
+def _decode_chunks(paths, chunks, size, mode, workers, held=None):
     """(chunk, its images [k, C, size, size], its unreadable rows) for each of ``chunks``, in the order they are
-    done: in this process, or in ``workers`` processes (None: one a CPU, at most 8)."""
+    done: in this process, or in ``workers`` processes (None: one a CPU, at most 8). ``held``: a descriptor the
+    workers close (the cache's lock)."""
     jobs = [(c, paths[c * CHUNK:(c + 1) * CHUNK]) for c in chunks]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
     workers = min(cpus, 8) if workers is None else workers
@@ -564,14 +585,27 @@ def _decode_chunks(paths, chunks, size, mode, workers):
         return
     # fork on Linux: a worker needs none of this process's imports (macOS's fork is unsafe with its system libraries)
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=signal.signal,
-                               initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C stops this process, not them
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start, initargs=(held,))
     try:
         futures = {pool.submit(_decode_chunk, chunk, size, mode): c for c, chunk in jobs}
         for f in as_completed(futures):
-            yield (futures[f], *f.result())
+            yield (futures.pop(f), *f.result())  # popped: a finished chunk is not kept in memory
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_start(held) -> None:
+    """In each decoding worker: Ctrl-C stops the main process, which stops the workers; the workers die with it
+    (Linux); and a forked copy of the lock's descriptor is closed, or a worker outliving a killed main process
+    would keep every other process waiting on the lock."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if held is not None and sys.platform.startswith("linux"):  # only a forked worker has the descriptor
+        os.close(held)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _decode_chunk(paths, size: int, mode: str):
