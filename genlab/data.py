@@ -353,7 +353,9 @@ def _cached(name, train, sources, decode, image_size, channels, in_memory):
             return found
         images, labels = decode()
         images = _to_channels(_resize_uint8(images, image_size), channels, name).contiguous()
-        return (cache.write(images, labels) and cache.read(in_memory)) or (images, labels)
+        if not cache.write(images, labels) or (fits_in_memory(images.numel()) if in_memory is None else in_memory):
+            return images, labels  # already in memory: not read back from the file just written
+        return cache.read(False) or (images, labels)
 
 
 def available_memory() -> int:
