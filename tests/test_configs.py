@@ -95,16 +95,18 @@ def test_model_picks_its_default_loss():
 
 
 def test_a_model_sets_its_own_optimizer_defaults():
-    """model/vae.yaml and model/vae_gan.yaml set their measured learning rates over the optimizer's (docs/results.md);
-    a model that sets none trains at the optimizer's."""
+    """model/vae.yaml and model/vae_gan.yaml set their measured learning rates over the optimizer's (docs/results.md),
+    and model_optimizer/vae_adam.yaml the VAE's Adam betas; a model that sets none trains at the optimizer's."""
     vae, vae_gan, dcgan = (compose_train([f"model={m}"]).optimizer for m in ("vae", "vae_gan", "dcgan"))
-    assert vae.lr == 2e-3 and list(vae.betas) == [0.5, 0.999] and not vae.nets
-    assert vae_gan.lr == 2e-3 and vae_gan.nets.d.lr == 5e-4
-    assert dcgan.lr == 2e-4 and not dcgan.nets
+    assert vae.lr == 2e-3 and list(vae.betas) == [0.9, 0.999] and not vae.nets
+    assert vae_gan.lr == 2e-3 and vae_gan.nets.d.lr == 5e-4 and list(vae_gan.betas) == [0.5, 0.999]
+    assert dcgan.lr == 2e-4 and not dcgan.nets and list(dcgan.betas) == [0.5, 0.999]
 
 
 def test_the_command_line_and_presets_win_over_the_models_defaults():
     assert compose_train(["model=vae", "optimizer.lr=1e-4"]).optimizer.lr == 1e-4
+    assert list(compose_train(["model=vae", "optimizer.betas=[0.5,0.99]"]).optimizer.betas) == [0.5, 0.99]
+    assert list(compose_train(["experiment=wgan_gp_mnist", "model=vae"]).optimizer.betas) == [0.0, 0.9]  # the preset's
     assert compose_train(["model=vae_gan", "optimizer.nets.d.lr=1e-5"]).optimizer.nets.d.lr == 1e-5
     preset = compose_train(["experiment=vae_fashion_mnist"]).optimizer
     assert preset.lr == 1e-3 and list(preset.betas) == [0.9, 0.999]
@@ -126,6 +128,7 @@ def test_the_built_optimizer_runs_at_the_models_rate_and_the_checkpoint_keeps_it
     trainer = make_trainer(["model=vae", "dataset=synthetic", "dataset.n=16", "trainer.batch_size=8",
                             "trainer.max_steps=1", "trainer.n_samples=4"], tmp_path)
     assert trainer.ctx.optimizers["vae"].param_groups[0]["lr"] == 2e-3
+    assert trainer.ctx.optimizers["vae"].param_groups[0]["betas"] == (0.9, 0.999)
     trainer.fit()
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["config"]["optimizer"]["lr"] == 2e-3
     gan = make_trainer(["model=vae_gan", "dataset=synthetic", "dataset.n=16"], tmp_path / "gan")
