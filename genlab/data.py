@@ -201,12 +201,10 @@ def folder(root: str, train: bool = True, image_size: int = 64, channels: int = 
     _check_size(image_size)
     labels = torch.tensor([class_names.index(p.relative_to(base).parts[0]) if class_names else 0 for p in chosen])
     cache = Cache("folder", train, chosen, f"{image_size}:{channels}:{test_fraction}")
-    found = cache.read(in_memory)
-    if found is None:
-        with cache.lock():  # one process decodes; the others (ranks, sweep jobs) wait here, then read its cache
-            found = cache.read(in_memory) or _decode_folder(cache, chosen, labels, image_size, mode, workers,
-                                                            in_memory, base)
+    found = cache.read_or_make(in_memory, lambda: _decode_folder(cache, chosen, labels, image_size, mode, workers,
+                                                                 in_memory, base))
     return _select(*found, "folder", train, classes)
+
 
 def synthetic(train: bool = True, n: int = 512, image_size: int = 28, channels: int = 1, n_classes: int = 10,
               classes: list[int] | None = None, seed: int = 0) -> ImageData:
@@ -344,18 +342,15 @@ def _cached(name, train, sources, decode, image_size, channels, in_memory):
     genlab's cache."""
     _check_size(image_size)
     cache = Cache(name, train, sources, f"{image_size}:{channels}")
-    found = cache.read(in_memory)
-    if found is not None:
-        return found
-    with cache.lock():  # one process decodes; the others (ranks, sweep jobs) wait here, then read its cache
-        found = cache.read(in_memory)
-        if found is not None:
-            return found
+
+    def make():
         images, labels = decode()
         images = _to_channels(_resize_uint8(images, image_size), channels, name).contiguous()
         if not cache.write(images, labels) or (fits_in_memory(images.numel()) if in_memory is None else in_memory):
             return images, labels  # already in memory: not read back from the file just written
         return cache.read(False) or (images, labels)
+
+    return cache.read_or_make(in_memory, make)
 
 
 def available_memory() -> int:
@@ -426,23 +421,21 @@ class Cache:
                         first_line(e))
             return None
 
+    def read_or_make(self, in_memory: bool | None, make):
+        """What ``read`` finds, else what ``make()`` decodes (and writes here): one process decodes while the
+        others (ranks, sweep jobs) wait for the lock, then read its cache."""
+        found = self.read(in_memory)
+        if found is None:
+            with self.lock():
+                found = self.read(in_memory) or make()
+        return found
+
     @contextlib.contextmanager
     def lock(self):
-        """Held while this process decodes: another one wanting the same dataset waits, then reads the cache."""
-        import fcntl
-
-        try:
-            self.meta.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(self.meta.with_suffix(".lock"), "a")
-        except OSError:  # an unwritable cache: nothing to share, each process decodes for itself
-            yield
-            return
-        with fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            except OSError as e:  # a file system without locks (Lustre without -o flock, NFS without lockd)
-                log.warning("cannot lock %s (%s); decoding without waiting for other processes", fh.name, e)
-            self.held = fh.fileno()  # for decoding workers to close: a forked copy would hold the lock on
+        """Held while this process decodes: another one wanting the same dataset waits, then reads the cache
+        (an unwritable cache has no lock: each process decodes for itself)."""
+        with checkpoint.file_lock(self.meta.with_suffix(".lock")) as fd:
+            self.held = fd  # for decoding workers to close: a forked copy would hold the lock on
             try:
                 yield
             finally:
