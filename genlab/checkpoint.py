@@ -14,7 +14,9 @@ Every file genlab writes for itself (checkpoints, the dataset and classifier cac
 not check its entries, so a byte changed on disk would otherwise load as a different weight, silently.
 """
 
+import contextlib
 import hashlib
+import logging
 import os
 import pickle
 import shutil
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 
 from genlab.errors import GenlabError, first_line
+
+log = logging.getLogger(__name__)
 
 FORMAT = "genlab-checkpoint"
 VERSION = 3  # 3: no random state (the steps' draws are seeded by step), a checksum
@@ -76,6 +80,27 @@ def write(obj: dict, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock (flock) on the file ``path``, made if missing, held for the block: another process
+    taking it waits. Yields the lock's file descriptor, or None where there is no lock to take (an unwritable
+    folder; a file system without locks, with a warning): the block then runs unguarded."""
+    import fcntl
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a")
+    except OSError:
+        yield None
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (Lustre without -o flock, NFS without lockd)
+            log.warning("cannot lock %s (%s); going on without waiting for other processes", path, e)
+        yield fh.fileno()
 
 
 def read(path: Path, map_location="cpu", required: bool = True) -> dict:

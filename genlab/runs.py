@@ -63,10 +63,11 @@ def record_evaluation(run_dir: Path, task: str, report_dir: Path) -> None:
     path = run_dir / EVALUATIONS
     entry = {"task": task, "dir": str(Path(report_dir).resolve()), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
-        entries = [e for e in _read_json(path, []) if e.get("dir") != entry["dir"]]
-        tmp = path.with_name(f".{EVALUATIONS}.{os.getpid()}")
-        tmp.write_text(json.dumps([*entries, entry], indent=1) + "\n")
-        os.replace(tmp, path)
+        with checkpoint.file_lock(path.with_name(f".{EVALUATIONS}.lock")):  # evaluations at once each add theirs
+            entries = [e for e in _read_json(path, []) if e.get("dir") != entry["dir"]]
+            tmp = path.with_name(f".{EVALUATIONS}.{os.getpid()}")
+            tmp.write_text(json.dumps([*entries, entry], indent=1) + "\n")
+            os.replace(tmp, path)
     except OSError as e:
         log.warning("could not note in %s where the report went (%s): genlab report will not find it", run_dir, e)
 

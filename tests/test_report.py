@@ -33,6 +33,26 @@ def test_evaluate_notes_where_its_reports_went(evaluated_sweep):
     assert where == (evaluated_sweep / "eval" / "2").resolve() and found["normal_classes"] == [1]
 
 
+def _record_many(run_dir, who):
+    for i in range(25):
+        runs.record_evaluation(run_dir, "quality", run_dir / f"eval_{who}_{i}")
+
+
+def test_evaluations_at_once_each_keep_their_entry(tmp_path):
+    """Several `genlab evaluate` of one run at once (a sweep of evaluations): each report's entry is kept."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_record_many, args=(tmp_path, who)) for who in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    entries = json.loads((tmp_path / runs.EVALUATIONS).read_text())
+    assert len(entries) == 4 * 25 == len({e["dir"] for e in entries})
+
+
 def test_sweep_page_data(evaluated_sweep):
     page = report.gather([evaluated_sweep / "sweep"])
     assert [r["name"] for r in page["runs"]] == ["0", "1", "2", "3"]
