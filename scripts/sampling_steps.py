@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--steps", default="5,10,20,50,100")
     p.add_argument("--n", type=int, default=2000, help="samples per point")
     p.add_argument("--out", type=Path, default=Path("sampling_steps"))
-    p.add_argument("--extra", default="", help="more evaluate overrides, comma-separated (e.g. guidance=3)")
+    p.add_argument("--samplers", default="", help="only these samplers, comma-separated (e.g. ddim,euler); default all")
+    p.add_argument("--extra", default="", help="more evaluate overrides, comma-separated (sampling settings with ++: ++guidance=3)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device("auto")
@@ -46,7 +47,7 @@ def main() -> None:
     rows = []
     for run in args.runs:
         name = type(load_model(run)[0]).__name__
-        for sampler in SAMPLERS[name]:
+        for sampler in [s for s in SAMPLERS[name] if not args.samplers or s in args.samplers.split(",")]:
             for steps in map(int, args.steps.split(",")):
                 overrides = [f"ckpt={run}", "task=quality", f"n_samples={args.n}", f"++sampler={sampler}",
                              f"++steps={steps}", *filter(None, args.extra.split(","))]

@@ -82,6 +82,11 @@ def test_experiment_builds(experiment, fake_root):
     assert data.image_shape == (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
 
 
+def test_the_cifar10_cgan_preset_is_the_measured_command():
+    """docs/results.md measured the CIFAR-10 cGAN as `experiment=cgan_mnist dataset=cifar10`: the preset is that."""
+    assert compose_train(["experiment=cgan_cifar10"]) == compose_train(["experiment=cgan_mnist", "dataset=cifar10"])
+
+
 def test_experiment_pins_the_seed_settings():
     cfg = compose_train(["experiment=dcgan_mnist"])
     assert (cfg.optimizer.lr, cfg.trainer.batch_size, cfg.trainer.epochs) == (1e-4, 256, 50)
