@@ -184,6 +184,13 @@ def reconstruction_error(x: Tensor, logits: Tensor, kind: str = "bce") -> Tensor
     return err.flatten(1).sum(dim=1)
 
 
+def total_variation(x: Tensor) -> Tensor:
+    """The summed absolute difference between neighbouring pixels, across and down, per image: [B]. A measure
+    of how much detail an image has: a flat image has 0."""
+    x = x.float()
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).sum(1) + (x[..., 1:] - x[..., :-1]).abs().flatten(1).sum(1)
+
+
 def gaussian_blur(x: Tensor, sigma: float = 1.0, radius: int = 3) -> Tensor:
     """A separable Gaussian blur of images [B, C, H, W], each channel on its own, zero-padded."""
     k = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)

@@ -85,6 +85,8 @@ def test_experiment_builds(experiment, fake_root):
 def test_the_cifar10_cgan_preset_is_the_measured_command():
     """docs/results.md measured the CIFAR-10 cGAN as `experiment=cgan_mnist dataset=cifar10`: the preset is that."""
     assert compose_train(["experiment=cgan_cifar10"]) == compose_train(["experiment=cgan_mnist", "dataset=cifar10"])
+    assert compose_train(["experiment=vae_one_class_cifar10"]) == compose_train(
+        ["experiment=vae_one_class_mnist", "dataset=cifar10", "trainer.epochs=50"])  # as measured
 
 
 def test_experiment_pins_the_seed_settings():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from genlab.losses import BCE, ELBO, LSGAN, Hinge, Minimax, RaLSGAN, Wasserstein
+from genlab.losses import BCE, ELBO, LSGAN, Hinge, Minimax, RaLSGAN, Wasserstein, total_variation
 
 GAN_LOSSES = [BCE, Minimax, Wasserstein, Hinge, LSGAN, RaLSGAN]
 
@@ -74,3 +74,12 @@ def test_each_gan_loss_pushes_the_right_way(loss_cls):
         for p, g in zip(critic.parameters(), grads):
             p -= 0.01 * g
         assert (score(real).mean() - score(fake).mean()).item() > 0
+
+
+def test_total_variation_counts_the_steps_between_neighbours():
+    x = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 0.5]]).view(1, 1, 2, 3)
+    # across: |1-0| + |1-1| + |0-0| + |0.5-0| = 1.5; down: |0-0| + |0-1| + |0.5-1| = 1.5
+    assert total_variation(x).tolist() == [3.0]
+    flat, noisy = torch.full((1, 3, 8, 8), 0.4), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert total_variation(flat).item() == 0.0 and total_variation(noisy).item() > 10
+    assert total_variation(torch.cat([x, 2 * x])).tolist() == [3.0, 6.0]  # per image

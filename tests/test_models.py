@@ -258,3 +258,34 @@ def test_vae_gan_beta_weighs_the_kl_in_the_encoders_objective(tmp_path):
         torch.testing.assert_close(g3 - g1, 2 * p.grad, atol=1e-5, rtol=1e-4)
     with pytest.raises(GenlabError, match="model.beta"):
         build_model(compose_train(["model=vae_gan", "model.beta=-1"]))
+
+
+def test_corrected_score_expects_more_error_of_a_detailed_image(monkeypatch):
+    """``corrected`` fits each term's log against the log total variation of normal images: images as hard as
+    their detail predicts score alike, plain or detailed; more error than that scores higher."""
+    from genlab.losses import ELBO, total_variation
+    from genlab.models import VAE
+    from genlab.nets import ConvDecoder, ConvEncoder
+
+    vae = VAE(ConvEncoder(1, 28, 4, 8), ConvDecoder(1, 28, 4, 8), ELBO())
+    worse = torch.ones(1)  # a factor on every image's error
+
+    def terms(x):  # errors that grow as the square of the detail, give or take 30 %, as reconstructions' do
+        tv = total_variation(x)
+        err = tv**2 * (1.3 + 0.3 * torch.sin(1e3 * x.flatten(1).sum(1))) * worse
+        return err, 2 * err, torch.ones_like(tv)  # an ordinary latent code for every image
+
+    monkeypatch.setattr(vae, "_terms", terms)
+    def images(seed):  # from plain (dim) to detailed (bright noise)
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(200, 1, 28, 28, generator=g) * torch.linspace(0.02, 1, 200).view(-1, 1, 1, 1)
+    with pytest.raises(GenlabError, match="calibrate"):
+        vae.anomaly_score(images(0)[:2], "corrected")
+    vae.calibrate(images(0))
+    new = images(1)
+    s = vae.anomaly_score(new, "corrected")
+    assert abs(s[:100].mean() - s[100:].mean()) < 1.0  # the detail alone is not anomalous
+    blur_kl = vae.anomaly_score(new, "blur_kl")
+    assert blur_kl[100:].mean() > 2.5 * blur_kl[:100].mean()  # blur_kl, uncorrected (its KL part is 1), calls detailed images odd
+    worse.fill_(5.0)  # five times the error their detail predicts
+    assert vae.anomaly_score(new[:100], "corrected").min() > s.max()

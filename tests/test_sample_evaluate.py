@@ -37,15 +37,15 @@ def test_sample_writes_every_picture(vae_run, tmp_path):
     assert torch.equal(x, torch.load(again / "samples.pt", weights_only=True))  # same seed, same samples
 
 
-@pytest.mark.parametrize("score", [None, "elbo", "recon", "mse", "mse_blur"])
+@pytest.mark.parametrize("score", [None, "blur_kl", "elbo", "recon", "mse", "mse_blur"])
 def test_evaluate_scores_the_trained_digit_lowest(vae_run, tmp_path, score):
-    """Each VAE score; None: the default, blur_kl, the best on MNIST and Fashion-MNIST (docs/results.md)."""
+    """Each VAE score; None: the default, corrected, the best on MNIST, Fashion-MNIST and CIFAR-10 (docs/results.md)."""
     out = tmp_path / "e"
     r = genlab("evaluate", f"ckpt={vae_run}", *([f"score={score}"] if score else []), f"hydra.run.dir={out}",
                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
-    assert 0.0 <= report["auroc"] <= 1.0 and report["score"] == (score or "blur_kl")
+    assert 0.0 <= report["auroc"] <= 1.0 and report["score"] == (score or "corrected")
     assert report["normal_classes"] == [0] and report["n_normal"] + report["n_anomalous"] == 360
     assert report["step"] == 150
     means = {int(c): v["mean_score"] for c, v in report["per_class"].items()}
