@@ -261,31 +261,43 @@ def test_vae_gan_beta_weighs_the_kl_in_the_encoders_objective(tmp_path):
 
 
 def test_corrected_score_expects_more_error_of_a_detailed_image(monkeypatch):
-    """``corrected`` fits each term's log against the log total variation of normal images: images as hard as
-    their detail predicts score alike, plain or detailed; more error than that scores higher."""
+    """``corrected`` fits each error's log against the log total variation of normal images, and takes the KL
+    term against its mean: images as hard as their detail predicts score alike, plain or detailed; more error
+    than that, or an odd latent code, scores higher."""
     from genlab.losses import ELBO, total_variation
     from genlab.models import VAE
     from genlab.nets import ConvDecoder, ConvEncoder
 
     vae = VAE(ConvEncoder(1, 28, 4, 8), ConvDecoder(1, 28, 4, 8), ELBO())
-    worse = torch.ones(1)  # a factor on every image's error
+    worse, odd = torch.ones(1), torch.ones(1)  # factors on every image's error and KL term
 
     def terms(x):  # errors that grow as the square of the detail, give or take 30 %, as reconstructions' do
-        tv = total_variation(x)
-        err = tv**2 * (1.3 + 0.3 * torch.sin(1e3 * x.flatten(1).sum(1))) * worse
-        return err, 2 * err, torch.ones_like(tv)  # an ordinary latent code for every image
+        tv, h = total_variation(x), 1e3 * x.flatten(1).sum(1)
+        err = tv**2 * (1.3 + 0.3 * torch.sin(h)) * worse
+        return err, 2 * err, torch.exp(0.2 * torch.cos(h)) * odd  # KL: an ordinary latent code, give or take 20 %
 
     monkeypatch.setattr(vae, "_terms", terms)
-    def images(seed):  # from plain (dim) to detailed (bright noise)
+    def images(seed, n=200):  # from plain (dim) to detailed (bright noise)
         g = torch.Generator().manual_seed(seed)
-        return torch.rand(200, 1, 28, 28, generator=g) * torch.linspace(0.02, 1, 200).view(-1, 1, 1, 1)
+        return torch.rand(n, 1, 28, 28, generator=g) * torch.linspace(0.02, 1, n).view(-1, 1, 1, 1)
     with pytest.raises(GenlabError, match="calibrate"):
         vae.anomaly_score(images(0)[:2], "corrected")
     vae.calibrate(images(0))
     new = images(1)
-    s = vae.anomaly_score(new, "corrected")
+    s = vae.anomaly_score(new)  # the default
+    assert torch.equal(s, vae.anomaly_score(new, "corrected"))
     assert abs(s[:100].mean() - s[100:].mean()) < 1.0  # the detail alone is not anomalous
+    assert abs(s.mean()) < 1.0 and 1.0 < s.std() < 4.0  # in units of the normal images' spread: about 2.2 here
     blur_kl = vae.anomaly_score(new, "blur_kl")
-    assert blur_kl[100:].mean() > 2.5 * blur_kl[:100].mean()  # blur_kl, uncorrected (its KL part is 1), calls detailed images odd
+    assert blur_kl[100:].mean() > 2.5 * blur_kl[:100].mean()  # blur_kl, uncorrected, calls detailed images odd
+    odd.fill_(5.0)  # five times the usual KL term
+    assert vae.anomaly_score(new[:100], "corrected").min() > s.max()
+    odd.fill_(1.0)
     worse.fill_(5.0)  # five times the error their detail predicts
     assert vae.anomaly_score(new[:100], "corrected").min() > s.max()
+    worse.fill_(1.0)
+    for n in (1, 2):  # too few normal images to fit on: a clear error, not NaN or a scale of 1e-8
+        vae.calibrate(images(0, n))
+        assert torch.isfinite(vae.anomaly_score(new, "blur_kl")).all()
+        with pytest.raises(GenlabError, match="needs 10 or more; there were"):
+            vae.anomaly_score(new, "corrected")

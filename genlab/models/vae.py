@@ -59,26 +59,31 @@ class VAE(Autoencoder):
         return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
 
     def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
-        """``elbo``: the negative ELBO, decoded at the posterior mean; ``recon``: its reconstruction
-        term alone (the training likelihood); ``mse``: squared reconstruction error; ``mse_blur``: squared
-        error between the image and its reconstruction both blurred (Gaussian, sigma 1 pixel), which
-        forgives the small stroke shifts normal images have but not a different shape; ``blur_kl``:
-        ``mse_blur`` plus the KL term, each divided by its median over normal training images
-        (``calibrate``), so that both an odd shape and an odd latent code count; ``corrected``: the logs of
-        ``mse_blur``, ``elbo`` and the KL term, each less what normal training images of the same detail
-        (total variation) score and divided by its spread there, summed. A detailed image is hard to
-        reconstruct whatever its class (Serra et al., ICLR 2020), and this takes that out."""
+        """``score`` (None: the first of ``scores``, the default): ``elbo``: the negative ELBO, decoded at the
+        posterior mean; ``recon``: its reconstruction term alone (the training likelihood); ``mse``: squared
+        reconstruction error; ``mse_blur``: squared error between the image and its reconstruction both
+        blurred (Gaussian, sigma 1 pixel), which forgives the small stroke shifts normal images have but not
+        a different shape; ``blur_kl``: ``mse_blur`` plus the KL term, each divided by its median over normal
+        training images (``calibrate``), so that both an odd shape and an odd latent code count;
+        ``corrected``: the logs of ``mse_blur`` and ``elbo`` less what normal training images of the same
+        detail (total variation) score, and the log of the KL term less its mean there, each divided by its
+        spread there, summed. A detailed image is hard to reconstruct whatever its class (Serra et al., ICLR
+        2020), and this takes that out."""
+        score = score or self.scores[0]
         if score in ("blur_kl", "corrected"):
             if self._scale is None:
                 raise GenlabError(f"score={score} needs calibrate(normal training images) first.")
+            terms = self._terms(x)
             if score == "blur_kl":
-                blur, _, kl = self._terms(x)
-                return blur / self._scale["blur"] + kl / self._scale["kl"]
-            y, a = self._logs(x)
-            return ((y - a @ self._scale["coef"]) / self._scale["spread"]).sum(1)
+                return terms[0] / self._scale["blur"] + terms[2] / self._scale["kl"]
+            if self._scale["n"] < 10:
+                raise GenlabError(f"score=corrected fits its terms on the normal training images and needs 10 or "
+                                  f"more; there were {self._scale['n']}. Use score=blur_kl.")
+            y, a = self._logs(terms, x)
+            return ((y - a @ self._scale["coef"]) / self._scale["spread"]).sum(1).float().to(x.device)
         mu, logvar = self.encode(x)
         logits = self.decoder(mu)
-        if score in (None, "elbo"):
+        if score == "elbo":
             return reconstruction_error(x, logits, self.loss.recon) + kl_normal(mu, logvar)
         if score == "recon":
             return reconstruction_error(x, logits, self.loss.recon)
@@ -96,16 +101,21 @@ class VAE(Autoencoder):
         blur = ((gaussian_blur(x) - gaussian_blur(torch.sigmoid(logits.float()))) ** 2).flatten(1).sum(1)
         return blur, reconstruction_error(x, logits, self.loss.recon) + kl, kl
 
-    def _logs(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """`corrected`'s terms: their logs [B, 3], and what they are fitted on, [log total variation, 1]: [B, 2]."""
-        y = torch.stack(self._terms(x), 1).clamp(min=1e-8).log().double()
-        a = torch.stack([total_variation(x).clamp(min=1e-3).log().double(), torch.ones_like(y[:, 0])], 1)
+    @staticmethod
+    def _logs(terms: tuple[Tensor, ...], x: Tensor) -> tuple[Tensor, Tensor]:
+        """`corrected`'s terms: their logs [B, 3], and what they are fitted on, [log total variation, 1]: [B, 2].
+        On the CPU in float64, which every device can hand over (MPS has no float64)."""
+        y = torch.stack(terms, 1).cpu().double().clamp(min=1e-8).log()
+        a = torch.stack([total_variation(x).cpu().double().clamp(min=1e-3).log(), torch.ones_like(y[:, 0])], 1)
         return y, a
 
+    @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
-        blur, _, kl = self._terms(x)
-        y, a = self._logs(x)
-        coef = torch.linalg.lstsq(a.cpu(), y.cpu()).solution.to(y.device)  # [2, 3]: slope and offset per term
-        coef[:, 2] = torch.stack([torch.zeros_like(coef[0, 2]), y[:, 2].mean()])  # the KL term: its mean only
-        self._scale = {"blur": blur.median().clamp(min=1e-8), "kl": kl.median().clamp(min=1e-8),
-                       "coef": coef, "spread": (y - a @ coef).std(0).clamp(min=1e-8)}
+        terms = self._terms(x)
+        y, a = self._logs(terms, x)
+        coef = torch.linalg.lstsq(a, y).solution  # [2, 3]: slope and offset per term
+        coef[:, 2] = torch.tensor([0.0, y[:, 2].mean().item()])  # the KL term: its mean only
+        r = y - a @ coef
+        spread = (r.std(0) if len(r) > 1 else torch.ones(3, dtype=r.dtype)).clamp(min=1e-3)  # a perfect fit has none
+        self._scale = {"blur": terms[0].median().clamp(min=1e-8), "kl": terms[2].median().clamp(min=1e-8),
+                       "coef": coef, "spread": spread, "n": len(x)}
