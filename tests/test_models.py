@@ -296,8 +296,7 @@ def test_corrected_score_expects_more_error_of_a_detailed_image(monkeypatch):
     worse.fill_(5.0)  # five times the error their detail predicts
     assert vae.anomaly_score(new[:100], "corrected").min() > s.max()
     worse.fill_(1.0)
-    for n in (1, 2):  # too few normal images to fit on: a clear error, not NaN or a scale of 1e-8
+    for n in (1, 2, 9):  # too few normal images to fit a slope on: each term against its mean, never NaN or 1e8
         vae.calibrate(images(0, n))
-        assert torch.isfinite(vae.anomaly_score(new, "blur_kl")).all()
-        with pytest.raises(GenlabError, match="needs 10 or more; there were"):
-            vae.anomaly_score(new, "corrected")
+        s = vae.anomaly_score(new, "corrected")
+        assert torch.isfinite(s).all() and s.abs().max() < 1e4 and torch.isfinite(vae.anomaly_score(new, "blur_kl")).all()

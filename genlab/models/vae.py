@@ -67,8 +67,8 @@ class VAE(Autoencoder):
         training images (``calibrate``), so that both an odd shape and an odd latent code count;
         ``corrected``: the logs of ``mse_blur`` and ``elbo`` less what normal training images of the same
         detail (total variation) score, and the log of the KL term less its mean there, each divided by its
-        spread there, summed. A detailed image is hard to reconstruct whatever its class (Serra et al., ICLR
-        2020), and this takes that out."""
+        spread there, summed (with fewer than 10 normal images, each term less its mean only). A detailed image
+        is hard to reconstruct whatever its class (Serra et al., ICLR 2020), and this takes that out."""
         score = score or self.scores[0]
         if score in ("blur_kl", "corrected"):
             if self._scale is None:
@@ -76,9 +76,6 @@ class VAE(Autoencoder):
             terms = self._terms(x)
             if score == "blur_kl":
                 return terms[0] / self._scale["blur"] + terms[2] / self._scale["kl"]
-            if self._scale["n"] < 10:
-                raise GenlabError(f"score=corrected fits its terms on the normal training images and needs 10 or "
-                                  f"more; there were {self._scale['n']}. Use score=blur_kl.")
             y, a = self._logs(terms, x)
             return ((y - a @ self._scale["coef"]) / self._scale["spread"]).sum(1).float().to(x.device)
         mu, logvar = self.encode(x)
@@ -113,9 +110,12 @@ class VAE(Autoencoder):
     def calibrate(self, x: Tensor) -> None:
         terms = self._terms(x)
         y, a = self._logs(terms, x)
-        coef = torch.linalg.lstsq(a, y).solution  # [2, 3]: slope and offset per term
-        coef[:, 2] = torch.tensor([0.0, y[:, 2].mean().item()])  # the KL term: its mean only
+        if len(x) >= 10:
+            coef = torch.linalg.lstsq(a, y).solution  # [2, 3]: slope and offset per term
+            coef[:, 2] = torch.tensor([0.0, y[:, 2].mean().item()])  # the KL term: its mean only
+        else:  # too few images to fit a slope on: each term against its mean
+            coef = torch.stack([torch.zeros_like(y[0]), y.mean(0)])
         r = y - a @ coef
         spread = (r.std(0) if len(r) > 1 else torch.ones(3, dtype=r.dtype)).clamp(min=1e-3)  # a perfect fit has none
         self._scale = {"blur": terms[0].median().clamp(min=1e-8), "kl": terms[2].median().clamp(min=1e-8),
-                       "coef": coef, "spread": spread, "n": len(x)}
+                       "coef": coef, "spread": spread}
