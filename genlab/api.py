@@ -19,11 +19,12 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from genlab import schema
-from genlab.build import load_model
-from genlab.cli import CONFIG_DIR, execute
+from genlab.cli import execute
+from genlab.config import CONFIG_DIR
 from genlab.device import resolve_device
 from genlab.models import GenerativeModel
-from genlab.sample import draw
+from genlab.parts import load_model
+from genlab.sampling import draw
 
 
 def compose(verb: str = "train", overrides=(), config_dir=None) -> DictConfig:
@@ -61,7 +62,7 @@ def sample(model, n: int | None = None, labels=None, seed: int = 0, precision: s
     ``settings``: the model's sampling settings (steps=20, guidance=3, ...)."""
     if not isinstance(model, torch.nn.Module):
         model = load(model)
-    return draw(model, n, labels, seed, precision, compile, batch_size, **settings)
+    return draw(model, n, labels, seed, precision, compile, batch_size, settings=settings)
 
 
 def _run(verb: str, overrides, run_dir, config_dir) -> Path:

@@ -2,8 +2,9 @@
 the per-epoch sample grids and the checkpoints.
 
 The loop (genlab.trainer.Trainer) calls each callback at a few named moments, with itself as the
-argument. A new writer (TensorBoard, MLflow, ...) is one more class here, and nothing in the loop
-changes; under several processes only rank 0 gets the writers.
+argument. Each writer is named by a YAML file of the ``callbacks`` config group (configs/callbacks/), and the
+trackers (genlab.trackers) by the ``logger`` group; a writer of your own is a Callback subclass and a YAML file,
+and nothing in the loop changes. Under several processes only rank 0 gets the writers.
 """
 
 import csv
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from genlab import checkpoint, plots
+from genlab.config import seconds
 from genlab.errors import GenlabError, first_line
 from genlab.images import grid_of, save_gif, save_image
 from genlab.models.base import grid_labels
@@ -27,7 +29,16 @@ log = logging.getLogger(__name__)
 
 
 class Callback:
-    """Each hook does nothing unless a subclass overrides it."""
+    """Each hook does nothing unless a subclass overrides it. ``state_key``: the name its ``state_dict`` is kept
+    under in the checkpoints (its name in the config, else its class's)."""
+
+    @property
+    def state_key(self) -> str:
+        return self.__dict__.get("_state_key") or type(self).__name__
+
+    @state_key.setter
+    def state_key(self, key: str) -> None:
+        self._state_key = key
 
     def on_fit_start(self, trainer) -> None:
         """Before the first step (of this process: after a resume, the resumed step)."""
@@ -61,10 +72,15 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over the steps, with the latest losses; log lines are printed above it."""
+    """A tqdm bar over the steps, with the latest losses; log lines are printed above it. ``enabled=false``
+    (``trainer.progress=false``): none."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
 
     def on_fit_start(self, trainer):
-        self.bar = tqdm(total=trainer.max_steps, initial=trainer.step, unit="step", dynamic_ncols=True, disable=None)
+        self.bar = tqdm(total=trainer.max_steps, initial=trainer.step, unit="step", dynamic_ncols=True,
+                        disable=None if self.enabled else True)
         self.redirect = logging_redirect_tqdm()
         self.redirect.__enter__()
         self._describe(trainer)
@@ -177,15 +193,17 @@ class LossCurves(Callback):
 class SampleGrids(Callback):
     """``samples/epoch_NNNN.png``: ``n`` images from one fixed noise batch (seeded), so that progress can be
     watched; from the moving average of the weights when the run keeps one. A class-conditional model draws
-    one class per row. ``settings``: the model's sampling settings. At the end (and on an interrupt)
+    one class per row. ``settings``: the model's sampling settings, and ``sampler`` (a diffusion or flow model's:
+    a name, or a node of the ``sampler`` config group) one of them. At the end (and on an interrupt)
     ``samples/progress.gif`` shows them all as one animation.
 
     A grid is drawn after the first epoch and the last, and between them at an epoch's end as ``clock``
     (WriteClock) allows."""
 
-    def __init__(self, run_dir, n: int = 64, seed: int = 0, settings: dict | None = None,
+    def __init__(self, run_dir, n: int = 64, seed: int = 0, settings: dict | None = None, sampler=None,
                  clock: WriteClock | None = None):
-        self.dir, self.n, self.seed, self.settings = Path(run_dir) / "samples", n, seed, settings or {}
+        self.dir, self.n, self.seed = Path(run_dir) / "samples", n, seed
+        self.settings = {**(settings or {}), **({"sampler": sampler} if sampler is not None else {})}
         self.clock, self.cost = clock or WriteClock(), None  # what the last grid took
 
     def on_fit_start(self, trainer):
@@ -228,16 +246,19 @@ class SampleGrids(Callback):
 
 
 class Checkpoints(Callback):
-    """``checkpoints/last.pt`` every ``every`` epochs, or after ``every_s`` seconds since the last write (checked
-    after each step, so that a hard kill loses at most that much), at the end and on an interrupt; a kept copy
-    ``epoch_NNNN.pt`` every ``keep_every`` whole epochs (0: none), of which the newest ``keep_last`` stay (0: all).
-    A checkpoint holds the trainer's state, the run's resolved ``config`` and the ``choices`` of config groups it
-    was composed from ({"model": "vae_gan", ...}, when known)."""
+    """``checkpoints/last.pt`` every ``every`` epochs, or, when ``every`` is a duration (``10m``), after that much
+    time since the last write (checked after each step, so that a hard kill loses at most that much), at the end
+    and on an interrupt; a kept copy ``epoch_NNNN.pt`` every ``keep_every`` whole epochs (0: none), of which the
+    newest ``keep_last`` stay (0: all). A checkpoint holds the trainer's state, the run's resolved ``config`` and
+    the ``choices`` of config groups it was composed from ({"model": "vae_gan", ...}, when known)."""
 
-    def __init__(self, run_dir, config: dict, every: int | None = 1, keep_every: int = 0, keep_last: int = 0,
-                 every_s: float | None = None, choices: dict | None = None, clock: WriteClock | None = None):
+    def __init__(self, run_dir, config: dict, every: int | str | None = 1, keep_every: int = 0, keep_last: int = 0,
+                 choices: dict | None = None, clock: WriteClock | None = None):
         self.dir, self.config, self.choices, self.clock = Path(run_dir) / "checkpoints", config, choices, clock or WriteClock()
-        self.every, self.every_s, self.keep_every, self.keep_last = every, every_s, keep_every, keep_last
+        by_time = isinstance(every, str)
+        self.every = None if by_time else every
+        self.every_s = seconds(every, "trainer.checkpoint_every") if by_time else None
+        self.keep_every, self.keep_last = keep_every, keep_last
         self.written = time.monotonic()  # when last.pt was last written
 
     def save(self, trainer, name: str) -> None:

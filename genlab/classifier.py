@@ -17,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from genlab import checkpoint
-from genlab.build import build_dataset
 from genlab.data import cache_dir
 from genlab.errors import GenlabError, first_line
+from genlab.images import as_float
 from genlab.nets.classifier import ResNetClassifier, SmallCNN
+from genlab.parts import build_dataset
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def fit_classifier(train, test, kind: str, args: dict, device, epochs: int, seed
         for _ in range(epochs):
             order = torch.randperm(len(train), generator=g).to(device)
             for idx in order[: len(order) // batch * batch].view(-1, batch):
-                x = images[idx].float().div(255)
+                x = as_float(images[idx])
                 if kind == "resnet":
                     x = flip_and_shift(x, g)
                 loss = F.cross_entropy(net(x), labels[idx], label_smoothing=smoothing)  # fp32: one yardstick everywhere
@@ -147,8 +148,7 @@ def predict(net, images: torch.Tensor, device, batch_size: int = 1000):
     """Features [N, 128] and class probabilities [N, K] of uint8 or [0, 1] float images, on the CPU."""
     feats, probs = [], []
     for b in images.split(batch_size):
-        x = b.to(device)
-        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        x = as_float(b, device)
         f = net.features(x).float()
         feats.append(f.cpu())
         probs.append(F.softmax(net.head(f).float(), dim=1).cpu())

@@ -1,7 +1,6 @@
 """``genlab VERB [hydra overrides]``: each verb is a Hydra app with its own primary config."""
 
 import importlib
-import importlib.resources
 import importlib.util
 import io
 import logging
@@ -11,17 +10,8 @@ import sys
 from pathlib import Path
 
 from genlab import __version__, schema
-
-
-def _config_dir() -> Path:
-    """configs/ of the checkout (an editable install maps genlab.configs to it), or of the wheel."""
-    try:
-        return Path(str(importlib.resources.files("genlab.configs")))
-    except ModuleNotFoundError:  # an editable install from before configs became genlab.configs, or a bare checkout
-        return Path(__file__).resolve().parent.parent / "configs"
-
-
-CONFIG_DIR = _config_dir()
+from genlab.config import CONFIG_DIR
+from genlab.errors import GenlabError, Interrupted, first_line
 
 # verb -> (module with run(cfg, run_dir, overrides), one-line description); config: configs/<verb>.yaml
 VERBS = {
@@ -225,8 +215,6 @@ def execute(verb: str, cfg, run_dir: Path, overrides: list[str]):
     what the command's run returns (train: its metrics, which a sweeper reads)."""
     from omegaconf import OmegaConf
 
-    from genlab.errors import GenlabError
-
     schema.check_keys(cfg, verb)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -236,8 +224,6 @@ def execute(verb: str, cfg, run_dir: Path, overrides: list[str]):
 
 def out_of_memory(verb: str, cfg, error: BaseException) -> str:
     """What to try when a command runs out of memory, for the batch size it ran with."""
-    from genlab.errors import first_line
-
     key = "trainer.batch_size" if verb == "train" else "batch_size"
     batch = cfg.trainer.batch_size if verb == "train" else cfg.get("batch_size")
     where = "the GPU" if "CUDA" in str(error) or "cuda" in str(error) else "this machine"
@@ -258,54 +244,58 @@ def _hydra_app(verb: str):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        import torch
-
         from genlab import dist, sweep
-        from genlab.errors import GenlabError, Interrupted
 
         if _held_stderr.current is not None:  # Hydra composed the command line: genlab speaks for itself now
             _held_stderr.current.release()
-
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         launched = dist.launched()
         rank = launched[0] if launched else 0
-        who = f"genlab {verb}" + (f" (rank {rank})" if rank else "")
         if rank:  # rank 0 logs for the run (a SLURM job's tasks share one train.log)
             logging.getLogger().setLevel(logging.WARNING)
         job = None
         if hc.mode == RunMode.MULTIRUN and not rank:  # a job of a sweep: it records how it ends, and a failure lets
             job = sweep.Job(run_dir, hc.job.num, hc.overrides.task)  # the sweep go on
             sweep.share_cpus(hc.launcher)
-        try:
-            try:
-                result = execute(verb, cfg, run_dir, list(hc.overrides.task))
-            except (MemoryError, torch.OutOfMemoryError) as e:  # the host's, a GPU's
-                raise GenlabError(out_of_memory(verb, cfg, e)) from e
-        except KeyboardInterrupt as e:
-            if job is not None:
-                job.end(e)
-            print(f"{who}: interrupted; the run directory is {run_dir}", file=sys.stderr)
-            sys.exit(130)
-        except Exception as e:
-            known = isinstance(e, (GenlabError, OSError))  # OSError: a file that cannot be written or read, a full disk
-            alone = job is None or isinstance(e, Interrupted)  # one run, or a signal: the process ends here
-            record = job.end(e) if job is not None else None
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or (alone and not known):
-                raise
-            if known and not (rank and getattr(e, "shared", False)):  # rank 0 says what every rank met
-                print(f"{who}: error: {e}", file=sys.stderr)
-            elif not known:  # a bug, met by one job of a sweep: its traceback, and the sweep goes on
-                logging.getLogger(__name__).exception("genlab %s: error in %s", verb, run_dir)
-            if alone:
-                sys.exit(getattr(e, "exit_code", 1))
-            return record
-        if not rank:
-            print(f"genlab {verb}: run directory {run_dir}")
-        return {**(result or {}), **job.end()} if job is not None else result
+        return _run_task(verb, cfg, run_dir, list(hc.overrides.task), rank, job)
 
     task.__module__ = f"genlab.{verb}"
     return hydra.main(config_path=str(CONFIG_DIR), config_name=verb, version_base="1.3")(task)
+
+
+def _run_task(verb: str, cfg, run_dir: Path, overrides: list[str], rank: int, job):
+    """One command in Hydra's task: its result, or its error said in one line (a bug's traceback) with the exit
+    status it calls for; a job of a sweep records how it ended and lets the sweep go on."""
+    import torch
+
+    who = f"genlab {verb}" + (f" (rank {rank})" if rank else "")
+    try:
+        try:
+            result = execute(verb, cfg, run_dir, overrides)
+        except (MemoryError, torch.OutOfMemoryError) as e:  # the host's, a GPU's
+            raise GenlabError(out_of_memory(verb, cfg, e)) from e
+    except KeyboardInterrupt as e:
+        if job is not None:
+            job.end(e)
+        print(f"{who}: interrupted; the run directory is {run_dir}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        known = isinstance(e, (GenlabError, OSError))  # OSError: a file that cannot be written or read, a full disk
+        alone = job is None or isinstance(e, Interrupted)  # one run, or a signal: the process ends here
+        record = job.end(e) if job is not None else None
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or (alone and not known):
+            raise
+        if known and not (rank and getattr(e, "shared", False)):  # rank 0 says what every rank met
+            print(f"{who}: error: {e}", file=sys.stderr)
+        elif not known:  # a bug, met by one job of a sweep: its traceback, and the sweep goes on
+            logging.getLogger(__name__).exception("genlab %s: error in %s", verb, run_dir)
+        if alone:
+            sys.exit(getattr(e, "exit_code", 1))
+        return record
+    if not rank:
+        print(f"genlab {verb}: run directory {run_dir}")
+    return {**(result or {}), **job.end()} if job is not None else result
 
 
 def _register_sweeper() -> None:

@@ -1,4 +1,4 @@
-"""Which device and which precision a command runs in."""
+"""Which device and which precision a command runs in, and compiling for it."""
 
 import contextlib
 from pathlib import Path
@@ -78,3 +78,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def compile_networks(model: torch.nn.Module) -> None:
+    """torch.compile each network of a model in place: the state dict keys stay as they are, so checkpoints move
+    freely between compiled and eager runs."""
+    if not torch._dynamo.is_dynamo_supported():
+        raise GenlabError("trainer.compile=true, but torch.compile is not supported with this Python/PyTorch; "
+                          "use trainer.compile=false.")
+    for net in model.children():
+        net.compile()

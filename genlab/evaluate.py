@@ -11,13 +11,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from genlab import plots, runs, summary
+from genlab import checkpoint, plots, runs, summary
 from genlab.anomaly import anomaly_report
+from genlab.build import trackers_of
 from genlab.device import resolve_device
 from genlab.errors import GenlabError
 from genlab.inception import load_inception
 from genlab.quality import folder_report, quality_report
-from genlab.trackers import after_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,30 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
         report = report_of(cfg.ckpt, run_dir, cfg, device)
         log.info("%s", headline(report))
         runs.record_evaluation(runs.of_checkpoint(cfg.ckpt), cfg.task, run_dir)
-        after_evaluation(cfg.ckpt, report)
+        send_to_trackers(cfg.ckpt, report)
         return
     rows = []
     for sub in found:
         report = report_of(sub, run_dir / sub.name, cfg, device)
         log.info("%s (%s): %s", sub.name, " ".join(report["overrides"]), headline(report))
         runs.record_evaluation(sub, cfg.task, run_dir / sub.name)
-        after_evaluation(sub, report)
+        send_to_trackers(sub, report)
         rows.append(report)
     write_summary(rows, run_dir)
     runs.record_evaluation(Path(cfg.ckpt).expanduser(), cfg.task, run_dir)
+
+
+def send_to_trackers(ckpt, report: dict) -> None:
+    """The report's numbers (AUROC, FID, KID, ...) into the tracker runs of the run it is about, as
+    ``evaluate/NAME`` at the checkpoint's step; a tracker that cannot be reached now is a warning, not an error."""
+    state = checkpoint.load(ckpt)
+    metrics = {f"evaluate/{k}": float(v) for k, v in report.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and not k.startswith("n_")}
+    for tracker in trackers_of(state, checkpoint.resolve(ckpt).parent.parent):
+        try:
+            tracker.log_evaluation(metrics, int(state["step"]))
+        except Exception as e:  # the report is written: a tracker out of reach now costs only its copy
+            log.warning("could not send the report to logger.%s: %s", tracker.state_key, e)
 
 
 def headline(r: dict) -> str:

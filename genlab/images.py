@@ -1,13 +1,27 @@
-"""Images to and from files: a grid as one PNG, a folder of PNGs, a folder read back."""
+"""Images as tensors and files: uint8 pixels to floats and back, a grid as one PNG, a folder of PNGs, a folder
+read back."""
 
 import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
+from genlab.errors import GenlabError
+
 log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def as_float(images: torch.Tensor, device=None) -> torch.Tensor:
+    """uint8 images as floats in [0, 1] (float images as they are), on ``device`` when given: the one place where
+    stored pixels become what models take."""
+    if device is not None:
+        images = images.to(device)
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
 def grid_of(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
@@ -42,8 +56,6 @@ def write_pngs(images: torch.Tensor, folder, labels: torch.Tensor | None = None)
     """Images [N, C, H, W] in [0, 1] as ``folder/000000.png``, ... (grey or RGB, 8 bits), and ``samples.npz``
     beside them: ``images`` uint8 [N, H, W, C] and, when given, ``labels`` [N]. torch-fidelity, clean-fid and
     pytorch-fid read such a folder."""
-    import numpy as np
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # a folder written before: leave no stale samples
@@ -59,9 +71,6 @@ def read_images(folder, channels: int, size: int) -> torch.Tensor:
     """The images of a folder (png, jpg, ...) as uint8 [N, C, H, W]: grey for 1 channel, RGB for 3 (others are
     converted, with a warning); every image must be ``size`` x ``size``. A `genlab sample format=png` run
     directory stands for its ``samples/`` folder."""
-    from genlab.data import IMAGE_SUFFIXES
-    from genlab.errors import GenlabError
-
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise GenlabError(f"samples={folder} is not a folder of images.")

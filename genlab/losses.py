@@ -1,9 +1,8 @@
-"""Losses: pure functions of logits (GANs) or of reconstructions and posteriors (VAEs), and the small
-classes the ``loss/*.yaml`` configs name by ``_target_``.
+"""Losses: the GAN objectives and the VAE's negative ELBO that the ``loss/*.yaml`` configs name by ``_target_``,
+and the pure functions they and the models are made of.
 
-GAN losses come in pairs: ``d_<name>(real, fake)`` for the discriminator or critic and
-``g_<name>(fake)`` for the generator, where ``real`` and ``fake`` are the critic's
-outputs (logits) on real and generated images.
+A GAN objective is a pair of formulas on the critic's outputs (logits): ``d(real, fake)`` for the discriminator
+or critic and ``g(fake, real)`` for the generator, each written once, as that class's method.
 """
 
 import torch
@@ -13,62 +12,11 @@ from torch import Tensor
 from genlab.errors import GenlabError
 
 
-def d_bce(real: Tensor, fake: Tensor) -> Tensor:
-    # -log sigmoid(real) - log(1 - sigmoid(fake)), written with softplus for stability
-    return F.softplus(-real).mean() + F.softplus(fake).mean()
-
-
-def g_bce(fake: Tensor) -> Tensor:
-    # non-saturating: -log sigmoid(fake)
-    return F.softplus(-fake).mean()
-
-
-def g_minimax(fake: Tensor) -> Tensor:
-    # the original objective: minimise log(1 - sigmoid(fake)) = -softplus(fake)
-    return -F.softplus(fake).mean()
-
-
-def d_wasserstein(real: Tensor, fake: Tensor) -> Tensor:
-    return fake.mean() - real.mean()
-
-
-def g_wasserstein(fake: Tensor) -> Tensor:
-    return -fake.mean()
-
-
-def d_hinge(real: Tensor, fake: Tensor) -> Tensor:
-    return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-
-
-def g_hinge(fake: Tensor) -> Tensor:
-    return -fake.mean()
-
-
-def d_lsgan(real: Tensor, fake: Tensor) -> Tensor:
-    return 0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake**2).mean()
-
-
-def g_lsgan(fake: Tensor) -> Tensor:
-    return 0.5 * ((fake - 1) ** 2).mean()
-
-
-def d_rals(real: Tensor, fake: Tensor) -> Tensor:
-    # relativistic average least squares (Jolicoeur-Martineau 2018): real should beat the average fake by 1
-    return 0.5 * ((real - fake.mean() - 1) ** 2).mean() + 0.5 * ((fake - real.mean() + 1) ** 2).mean()
-
-
-def g_rals(fake: Tensor, real: Tensor) -> Tensor:
-    return 0.5 * ((fake - real.mean() - 1) ** 2).mean() + 0.5 * ((real - fake.mean() + 1) ** 2).mean()
-
-
-# --- GAN losses as config targets (loss=NAME names one of these by _target_) ---------------------
-
-
 class GANLoss:
     """A GAN objective: ``d(real, fake)`` for the discriminator and ``g(fake, real)`` for the generator, on
     the critic's logits. ``real`` is passed to ``g`` only when ``needs_real`` (relativistic losses);
-    ``gp_weight`` > 0 adds the WGAN-GP gradient penalty to the discriminator's loss. Your own loss: a
-    subclass in your own module, named by ``_target_`` in a loss config."""
+    ``gp_weight`` > 0 adds the WGAN-GP gradient penalty to the discriminator's loss (genlab.regularizers). Your
+    own loss: a subclass in your own module, named by ``_target_`` in a loss config."""
 
     needs_real = False
 
@@ -88,55 +36,61 @@ class BCE(GANLoss):
     """Binary cross-entropy on logits; the generator's is the non-saturating form."""
 
     def d(self, real, fake):
-        return d_bce(real, fake)
+        # -log sigmoid(real) - log(1 - sigmoid(fake)), written with softplus for stability
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
 
     def g(self, fake, real=None):
-        return g_bce(fake)
+        return F.softplus(-fake).mean()  # non-saturating: -log sigmoid(fake)
 
 
 class Minimax(BCE):
-    """The original minimax objective: the generator minimises log(1 - D(G(z)))."""
+    """The original minimax objective: the generator minimises log(1 - D(G(z))) = -softplus(fake)."""
 
     def g(self, fake, real=None):
-        return g_minimax(fake)
+        return -F.softplus(fake).mean()
 
 
 class Wasserstein(GANLoss):
     """The critic's mean score gap (with ``gp_weight`` > 0: WGAN-GP)."""
 
     def d(self, real, fake):
-        return d_wasserstein(real, fake)
+        return fake.mean() - real.mean()
 
     def g(self, fake, real=None):
-        return g_wasserstein(fake)
+        return -fake.mean()
 
 
 class Hinge(GANLoss):
+    """The hinge loss of SAGAN and BigGAN."""
+
     def d(self, real, fake):
-        return d_hinge(real, fake)
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
 
     def g(self, fake, real=None):
-        return g_hinge(fake)
+        return -fake.mean()
 
 
 class LSGAN(GANLoss):
+    """Least squares (Mao et al. 2017): real towards 1, fake towards 0."""
+
     def d(self, real, fake):
-        return d_lsgan(real, fake)
+        return 0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake**2).mean()
 
     def g(self, fake, real=None):
-        return g_lsgan(fake)
+        return 0.5 * ((fake - 1) ** 2).mean()
 
 
 class RaLSGAN(GANLoss):
-    """Relativistic average least squares: each side is judged against the average of the other."""
+    """Relativistic average least squares (Jolicoeur-Martineau 2018): each side is judged against the average of
+    the other, real beating the average fake by 1."""
 
     needs_real = True
 
     def d(self, real, fake):
-        return d_rals(real, fake)
+        return 0.5 * ((real - fake.mean() - 1) ** 2).mean() + 0.5 * ((fake - real.mean() + 1) ** 2).mean()
 
     def g(self, fake, real=None):
-        return g_rals(fake, real)
+        return 0.5 * ((fake - real.mean() - 1) ** 2).mean() + 0.5 * ((real - fake.mean() + 1) ** 2).mean()
 
 
 def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
@@ -182,6 +136,12 @@ def reconstruction_error(x: Tensor, logits: Tensor, kind: str = "bce") -> Tensor
     else:
         raise ValueError(f"unknown reconstruction error {kind!r}: use bce or mse")
     return err.flatten(1).sum(dim=1)
+
+
+def feature_error(h: Tensor, h_recon: Tensor) -> Tensor:
+    """Half the squared distance between two images' discriminator features, summed over features: [B] (the
+    VAE-GAN's likelihood in feature space)."""
+    return 0.5 * (h_recon - h).pow(2).sum(1)
 
 
 def total_variation(x: Tensor) -> Tensor:

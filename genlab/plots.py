@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from genlab.errors import GenlabError  # noqa: E402
+
 
 def loss_curves(rows: list[dict], path: Path, title: str = "") -> None:
     """One line per loss column of metrics rows (``step`` on the x axis); below them the learning rates when
@@ -48,8 +50,6 @@ def loss_curves(rows: list[dict], path: Path, title: str = "") -> None:
 def latent_map(points, labels, path: Path, method: str = "pca", title: str = "") -> None:
     """A 2-D map of latent vectors [N, D] (PCA or t-SNE), one colour per class label."""
     import numpy as np
-
-    from genlab.errors import GenlabError
 
     if method == "pca":
         from sklearn.decomposition import PCA

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from genlab import checkpoint, metrics, plots, runs, schema, summary
-from genlab.build import check_sampling, load_model, test_split
+from genlab import checkpoint, metrics, plots, runs, summary
 from genlab.classifier import NoClassifier, classifier_for, predict
 from genlab.errors import GenlabError
-from genlab.images import read_images, save_grid
+from genlab.images import as_float, read_images, save_grid
 from genlab.inception import inception_features
-from genlab.sample import draw
+from genlab.parts import test_split
+from genlab.sampling import draw, from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,11 @@ def quality_report(ckpt, out_dir: Path, cfg: DictConfig, device, inception=None)
     """How good and how varied a checkpoint's samples are, against the test split of its run's dataset.
     ``inception``: genlab.inception.load_inception's (net, info), to add the standard FID. A conditional
     model draws every class equally often, and the report says how often the classifier sees the class asked for."""
-    model, train_cfg, state = load_model(ckpt, device, ema=cfg.ema)
-    settings = schema.sampling_overrides(cfg, "evaluate")
-    check_sampling(model, settings, command="evaluate")  # before draw: a key may be named like its arguments
+    model, train_cfg, state, settings = from_checkpoint(ckpt, cfg, "evaluate", device)
     if cfg.dataset_root is not None:
         train_cfg.dataset.root = cfg.dataset_root
     fake, labels = draw(model, cfg.n_samples, None, cfg.seed, cfg.precision, cfg.compile, cfg.batch_size,
-                        command="evaluate", **settings)
+                        command="evaluate", settings=settings)
     about = {"model": type(model).__name__, "checkpoint": str(checkpoint.resolve(ckpt)), "step": int(state["step"]),
              "weights": state["weights"], "sampling": settings, "overrides": runs.overrides(runs.of_checkpoint(ckpt))}
     return measure(fake, labels, train_cfg.dataset, about, out_dir, cfg, device, inception)
@@ -45,7 +43,7 @@ def folder_report(folder, out_dir: Path, cfg: DictConfig, device, inception=None
     node = cfg.dataset.copy()
     if cfg.dataset_root is not None:
         node.root = cfg.dataset_root
-    fake = read_images(folder, node.channels, node.image_size).float().div(255)
+    fake = as_float(read_images(folder, node.channels, node.image_size))
     about = {"model": f"images in {Path(folder).name}", "samples": str(Path(folder).resolve()), "weights": "-",
              "sampling": {}, "overrides": []}
     return measure(fake, None, node, about, out_dir, cfg, device, inception)

@@ -37,6 +37,8 @@ class TrainerSchema:
     keep_last: int = MISSING
     progress: bool = MISSING
     compile: bool = MISSING
+    detect_anomaly: bool = MISSING
+    deterministic: bool = MISSING
     ema: EMASchema = field(default_factory=EMASchema)
     sampling: Dict[str, Any] = field(default_factory=dict)  # checked against the model's generate()
 
@@ -67,6 +69,8 @@ class TrainSchema:
     loss: Any = None  # null for models that own their objective
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    callbacks: Any = None  # the writers, by name (configs/callbacks/), checked when built
+    sampler: Any = None  # a sampler's node (configs/sampler/): the grids' and in-training FID's sampling setting
     logger: Any = None  # trackers and callbacks of your own, by name (configs/logger/), checked when built
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     trial: TrialSchema = field(default_factory=TrialSchema)
@@ -84,6 +88,7 @@ class FromCheckpointSchema:
     precision: str = MISSING
     compile: str = MISSING  # auto | true | false
     batch_size: int = MISSING
+    sampler: Any = None  # a sampler's node (configs/sampler/), passed to the model as its sampling setting
 
 
 @dataclass
@@ -103,7 +108,7 @@ class EvaluateSchema(FromCheckpointSchema):
     samples: Optional[str] = MISSING
     dataset: Any = None  # with samples=DIR
     task: str = MISSING
-    score: Optional[str] = MISSING
+    score: Any = None  # an anomaly score's node (configs/score/), or null: the model's default
     normal_classes: Optional[list[int]] = MISSING
     n_samples: int = MISSING
     inception_weights: Optional[str] = MISSING
@@ -120,12 +125,14 @@ def register() -> None:
 
 
 def sampling_overrides(cfg: DictConfig, verb: str) -> dict:
-    """`genlab sample steps=20`: the top-level keys of sample and evaluate that are not the command's own
-    are settings for the model's sampler (checked against the model once it is loaded)."""
+    """`genlab sample steps=20`: the top-level keys of sample and evaluate that are not the command's own are
+    settings for the model's sampling (checked against the model once it is loaded), and so is ``sampler=`` (a
+    config group of the command's, whose node the model's sampling setting ``sampler`` takes)."""
     if verb == "train":
         return {}
-    own = {f.name for f in dataclasses.fields(SCHEMAS[verb])}
-    return OmegaConf.to_container(OmegaConf.create({k: cfg[k] for k in cfg if k not in own}), resolve=True)
+    own = {f.name for f in dataclasses.fields(SCHEMAS[verb])} - {"sampler"}
+    free = {k: cfg[k] for k in cfg if k not in own and not (k == "sampler" and cfg[k] is None)}
+    return OmegaConf.to_container(OmegaConf.create(free), resolve=True)
 
 
 def free_keys(verb: str, arg: str) -> str:

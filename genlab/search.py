@@ -1,23 +1,13 @@
-"""What a hyperparameter search needs inside a training run, as callbacks of the loop: the objective measured
-on the test split as training goes (``Evaluation``), and pruning (``Pruning``: each measurement reported to
-the trial's Optuna study, which may stop the run early).
+"""What a hyperparameter search's sweeper needs from genlab: the metrics a run measures, the better direction
+of each, and the Optuna storage a study lives in.
 
 The search itself, Optuna's ask-and-tell over trials that are ordinary genlab runs, is the Hydra sweeper
 ``hydra/sweeper=optuna`` (hydra_plugins/genlab_optuna_sweeper). It names the objective, a metric of the run's
-rows: one of ``METRICS`` below, or a training loss ``train/NAME`` of the model.
+rows: one of ``METRICS`` below, or a training loss ``train/NAME`` of the model. Inside a trial, the measuring and
+the pruning are callbacks of the loop (genlab.measures).
 """
 
-import logging
-
-import numpy as np
-import torch
-
-from genlab import metrics
-from genlab.callbacks import Callback
-
-log = logging.getLogger(__name__)
-
-# the metrics Evaluation measures: key -> (the better direction, what it is)
+# the metrics genlab.measures.Evaluation measures: key -> (the better direction, what it is)
 METRICS = {
     "val/loss": ("minimize", "a VAE's negative ELBO per test image (beta 1, decoded at the posterior mean)"),
     "eval/fid": ("minimize", "genlab's FID of evaluation.n_samples samples against the test split"),
@@ -31,123 +21,11 @@ def direction(metric: str) -> str:
     return METRICS[metric][0] if metric in METRICS else "minimize"
 
 
-class ValidationLoss:
-    """``val/loss``: the model's negative ELBO (its ``elbo`` anomaly score) averaged over ``images`` (uint8)."""
-
-    def __init__(self, images: torch.Tensor, batch_size: int = 250):
-        self.images, self.batch_size = images, batch_size
-
-    def __call__(self, model, device, precision: str) -> dict:
-        from genlab.anomaly import scores_of  # here, not above: genlab train imports this module
-
-        return {"val/loss": float(scores_of(model, self.images, "elbo", self.batch_size, device).mean())}
-
-
-class SampleQuality:
-    """``eval/fid`` and ``eval/kid``: ``n`` samples against the ``reference`` images (uint8) in the features of
-    genlab's ``classifier`` (genlab.classifier), with the model's sampling ``settings``; the same ``seed``, the
-    same noise at every measurement."""
-
-    def __init__(self, classifier, reference: torch.Tensor, n: int = 1000, seed: int = 0, settings: dict | None = None,
-                 batch_size: int = 250):
-        self.classifier, self.reference, self.n, self.seed = classifier, reference, n, seed
-        self.settings, self.batch_size = settings or {}, batch_size
-        self.real = None  # the reference features, computed once
-
-    def __call__(self, model, device, precision: str) -> dict:
-        from genlab.classifier import predict
-        from genlab.sample import draw
-
-        if self.real is None:
-            self.real = predict(self.classifier, self.reference, device)[0]
-        fake, _ = draw(model, self.n, seed=self.seed, precision=precision, compile="false", batch_size=self.batch_size,
-                       command="train", **self.settings)
-        fake = predict(self.classifier, fake, device)[0]
-        return {"eval/fid": metrics.fid(self.real, fake), "eval/kid": metrics.kid(self.real, fake)[0]}
-
-
-class OneClassAUROC:
-    """``eval/auroc``: how well the model's anomaly ``score`` (its default when None) tells the test ``images``
-    of the ``normal`` classes from the others, after it has seen the normal training images ``calibration``."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normal: list[int], calibration: torch.Tensor,
-                 score: str | None = None, batch_size: int = 250):
-        self.images, self.calibration, self.score, self.batch_size = images, calibration, score, batch_size
-        self.anomalous = ~np.isin(labels.numpy(), list(normal))
-
-    @torch.inference_mode()
-    def __call__(self, model, device, precision: str) -> dict:
-        from sklearn.metrics import roc_auc_score
-
-        from genlab.anomaly import scores_of
-
-        model.calibrate(self.calibration.to(device).float().div(255))
-        s = scores_of(model, self.images, self.score or model.scores[0], self.batch_size, device)
-        return {"eval/auroc": float(roc_auc_score(self.anomalous, s)) if np.isfinite(s).all() else float("nan")}
-
-
-class Evaluation(Callback):
-    """Runs each of ``measures`` (ValidationLoss, SampleQuality, OneClassAUROC) every ``every`` epochs and at the
-    end of the run, and adds what they return to that epoch's metrics row, so that metrics.csv and a search see
-    it. It must come before the writers, which write the row. It measures the moving average of the weights
-    when the run keeps one, in eval mode, and leaves the random state of training as it was: a run measured
-    trains exactly as one that is not."""
-
-    def __init__(self, measures: list, every: int = 1):
-        self.measures, self.every = measures, every
-
-    def on_log(self, trainer, row):
-        epoch_end = trainer.step % trainer.loader.steps_per_epoch == 0
-        if trainer.signal is not None or not (trainer.done or (epoch_end and row["epoch"] % self.every == 0)):
-            return
-        model = trainer.ema.model if trainer.ema is not None else trainer.model
-        was_training = model.training
-        model.eval()
-        try:  # its random draws change no training step's: each step seeds its own (genlab.trainer.step_seed)
-            for measure in self.measures:
-                row.update(measure(model, trainer.ctx.device, trainer.ctx.precision))
-        finally:
-            model.train(was_training)
-        log.info("epoch %d: %s", row["epoch"],
-                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("val/", "eval/"))))
-
-
-class Pruning(Callback):
-    """Reports ``objective`` to trial ``number`` of the Optuna study ``study`` in ``storage`` at each epoch's end
-    where the row has it (the step reported is the epoch), and stops the run there when the study's pruner says so
-    (trainer.request_stop: the epoch's writers then save as at a run's end; genlab.train's result names why it
-    stopped). The pruner is the
-    one the sweeper stored in the study (its user attribute ``pruner``, a ``_target_`` node)."""
-
-    def __init__(self, storage: str, study: str, number: int, objective: str):
-        self.storage, self.study, self.number, self.objective = storage, study, number, objective
-
-    def on_fit_start(self, trainer):
-        import optuna
-        from hydra.utils import instantiate
-
-        storage = open_storage(self.storage)
-        spec = optuna.load_study(study_name=self.study, storage=storage).user_attrs.get("pruner")
-        study = optuna.load_study(study_name=self.study, storage=storage,
-                                  pruner=instantiate(spec) if spec else optuna.pruners.NopPruner())
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study),
-                                                                   self.number)
-        self.trial = optuna.trial.Trial(study, trial_id)
-
-    def on_log(self, trainer, row):
-        if self.objective not in row:  # measured at an epoch's end (Evaluation, earlier in the list)
-            return
-        self.trial.report(row[self.objective], row["epoch"])
-        if not trainer.done and self.trial.should_prune():
-            trainer.request_stop(f"pruned: trial {self.number} after epoch {row['epoch']}, {self.objective} "
-                                 f"{row[self.objective]:.4g}")
-
-
 def open_storage(spec: str):
     """An Optuna storage: a database URL (``sqlite:///search.db``, ``postgresql://...``; needs SQLAlchemy) or
     else the path of a journal file (Optuna's JournalFileBackend: no database, many processes and machines
     on a shared file system)."""
-    import optuna
+    import optuna  # an optional extra: pip install 'genlab[scale]'
 
     if "://" in spec:
         return optuna.storages.RDBStorage(spec)

@@ -58,7 +58,6 @@ class Tracker(Callback):
     def __init__(self, run_dir, config: dict):
         self.run_dir, self.config = Path(run_dir), config
         self.held = -1  # the last step the tracker's run holds
-        self.state_key = type(self).__name__  # its name under logger: (build_loggers sets it)
         self.live = False  # its run is open and has not failed
 
     def on_fit_start(self, trainer):
@@ -328,31 +327,3 @@ class WandB(Tracker):
         end = self.ending(trainer)
         self.run.summary.update({"genlab/status": end["status"], "genlab/checkpoint": end["checkpoint"]})
         self.run.finish(exit_code=0 if end["status"] == "finished" else 1)
-
-
-def after_evaluation(ckpt, report: dict) -> None:
-    """`genlab evaluate`'s numbers (AUROC, FID, KID, ...) into the tracker runs of the run it evaluated, as
-    ``evaluate/NAME`` at the checkpoint's step; a tracker that cannot be reached now is a warning, not an error."""
-    import logging
-
-    from genlab import checkpoint
-    from genlab.build import locate
-
-    state = checkpoint.load(ckpt)
-    kept = state.get("callbacks") or {}
-    metrics = {f"evaluate/{k}": float(v) for k, v in report.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and not k.startswith("n_")}
-    for name, node in (state["config"].get("logger") or {}).items():
-        try:
-            cls = locate(node["_target_"])
-        except Exception:  # a callback of the user's that is not importable from here: not a tracker of genlab's
-            continue
-        try:
-            if not (isinstance(cls, type) and issubclass(cls, Tracker)) or name not in kept:
-                continue
-            settings = {k: v for k, v in node.items() if not k.startswith("_")}
-            tracker = cls(run_dir=checkpoint.resolve(ckpt).parent.parent, config=state["config"], **settings)
-            tracker.load_state_dict(kept[name])
-            tracker.log_evaluation(metrics, int(state["step"]))
-        except Exception as e:  # the report is written: a tracker out of reach now costs only its copy
-            logging.getLogger(__name__).warning("could not send the report to logger.%s: %s", name, e)

@@ -1,23 +1,27 @@
 """genlab train: build the parts named by the config and run the shared loop."""
 
+import contextlib
 import csv
 import logging
+import os
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from genlab import checkpoint, dist
-from genlab.build import build_trainer, seconds
+from genlab.build import build_trainer
+from genlab.config import seconds
 from genlab.errors import GenlabError
-from genlab.trainer import check_on_nan
+from genlab.step import check_on_nan
 
 log = logging.getLogger(__name__)
 
 # what an override may change when a run is resumed: how long and where it trains, and how it reports;
 # everything else (model, loss, data, optimizer, schedule, seed, batch size) must be the run's own
 CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download", "dataset.in_memory",
-              "dataset.workers", "evaluation.")
+              "dataset.workers", "evaluation.", "callbacks.")
 FIXED = ("trainer.batch_size",)
 
 
@@ -52,7 +56,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
                         "more time with trainer.max_time=...", path.parent.parent, trainer.wall_time, cfg.trainer.max_time)
             return result(trainer.history)
         log.info("resuming from %s at step %d", path, state["step"])
-    trainer.fit()
+    with debugging(cfg.trainer):
+        trainer.fit()
     dist.finish()
     dist.teardown()  # the run is over: leave the group now, while the interpreter is whole
     if trainer.stopped is not None:
@@ -61,6 +66,22 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
         log.info("trainer.max_time=%s reached after %d of %d steps", cfg.trainer.max_time, trainer.step, trainer.max_steps)
     log.info("done: %d steps; checkpoint %s", trainer.step, run_dir / "checkpoints" / "last.pt")
     return {**result(trainer.history), "stopped": trainer.stopped}
+
+
+@contextlib.contextmanager
+def debugging(t: DictConfig):
+    """``trainer.detect_anomaly``: autograd names the operation that made a NaN or an infinity (slow);
+    ``trainer.deterministic``: PyTorch's deterministic algorithms only, an error where an operation has none."""
+    if t.get("deterministic"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        with torch.autograd.set_detect_anomaly(bool(t.get("detect_anomaly")), check_nan=True):
+            yield
+    finally:
+        if t.get("deterministic"):
+            torch.use_deterministic_algorithms(False)
 
 
 def result(rows: list[dict]) -> dict:
@@ -89,8 +110,6 @@ def check_trainer(t: DictConfig) -> None:
 def hydra_choices() -> dict | None:
     """The config groups' options this command was composed from ({"model": "vae_gan", ...}); None outside
     Hydra's app (genlab.api)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return None
     choices = OmegaConf.to_container(HydraConfig.get().runtime.choices)
@@ -113,6 +132,8 @@ def resumed_config(stored: dict, cfg: DictConfig, overrides, choices: dict | Non
         key = key.lstrip("+~")
         if key in ("resume", "launcher") or key.startswith("hydra"):  # launcher: where it runs
             continue
+        if key == "callbacks" or key.startswith("callbacks."):  # what the run writes: this command's (below)
+            continue
         if key == "logger" or key.startswith("logger."):  # what watches the run: this command's trackers
             OmegaConf.update(merged, "logger", OmegaConf.to_container(cfg, resolve=True).get("logger"), merge=False,
                              force_add=True)
@@ -134,18 +155,24 @@ def resumed_config(stored: dict, cfg: DictConfig, overrides, choices: dict | Non
                 changed[path] = f"{path} (the run has {'no such setting' if old is MISSING_VALUE else repr(old)}, " \
                                 f"this command {new!r})"
     if changed:
-        listed = list(changed.values())
-        raise GenlabError(
-            f"resume= continues a run as it was configured, and this command would change {', '.join(listed[:4])}"
-            f"{' and more' if len(listed) > 4 else ''}. Start a new run for that, or drop the override. On resume "
-            "you may change device, dataset.root, dataset.in_memory, logger and trainer settings other than "
-            "trainer.batch_size."
-        )
+        raise refusal(list(changed.values()))
     merged.resume = cfg.resume
+    # the writers are this command's, each reading its settings from the run's trainer (trainer.keep_last=3 on
+    # resume takes effect); a run from before they were a config group has none stored
+    OmegaConf.update(merged, "callbacks", cfg.get("callbacks"), merge=False, force_add=True)
     return merged
 
 
 MISSING_VALUE = object()
+
+
+def refusal(changes: list[str]) -> GenlabError:
+    return GenlabError(
+        f"resume= continues a run as it was configured, and this command would change {', '.join(changes[:4])}"
+        f"{' and more' if len(changes) > 4 else ''}. Start a new run for that, or drop the override. On resume "
+        "you may change device, dataset.root, dataset.in_memory, logger, callbacks and trainer settings other than "
+        "trainer.batch_size."
+    )
 
 
 def leaves(node, prefix: str):

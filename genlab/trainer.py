@@ -1,14 +1,12 @@
-"""The one training loop shared by every model, and the step context a model trains with.
+"""The one training loop shared by every model.
 
-A model owns its step, ``model.training_step(batch, ctx)``: it computes its losses and calls
-``ctx.backward``, ``ctx.clip`` and ``ctx.step`` in the order it needs. The loop owns the rest: the
-data order, the NaN policy, the moving average of the weights, the metrics rows and the clock.
+A model owns its step, ``model.training_step(batch, ctx)``, with the step context of genlab.step. The loop owns
+the rest: the data order, the NaN policy, the moving average of the weights, the metrics rows and the clock.
 Whatever writes (metrics.csv, pictures, checkpoints, the progress bar, loggers) is a callback
 (genlab.callbacks), so the loop itself never touches a file.
 """
 
 import contextlib
-import hashlib
 import logging
 import math
 import signal
@@ -19,215 +17,16 @@ import torch
 from torch import Tensor
 
 from genlab import dist
-from genlab.device import autocast, resolve_precision, synchronize
+from genlab.device import synchronize
 from genlab.errors import GenlabError, Interrupted, first_line
+from genlab.step import StepContext, step_seed
 
 log = logging.getLogger(__name__)
 
-ON_NAN = ("stop", "skip")
 # the signals that stop a run after its current step, with a checkpoint: Ctrl-C, a kill, and the user signals a
 # cluster sends before a time limit or a preemption (submitit's SIGUSR2; SIGUSR1 in many sbatch scripts)
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 SKIP_LIMIT = 50  # on_nan=skip gives up after this many dropped steps in a row
-
-
-def check_on_nan(value: str) -> None:
-    if value not in ON_NAN:
-        raise GenlabError(f"trainer.on_nan={value} is not one of {', '.join(ON_NAN)}.")
-
-
-class StepContext:
-    """What ``training_step`` gets: the run's precision and the optimizers, by name.
-
-    - ``autocast()``: the mixed-precision context for forward passes.
-    - ``backward(loss, name)``: gradients of ``loss`` into the parameters of optimizer ``name`` only (every
-      parameter without a name), scaled under fp16. Several losses may be backpropagated before any
-      step, so that every gradient is taken before any weight changes (``retain_graph=True`` for a
-      shared graph).
-    - ``clip(name, max_norm)``: clip that optimizer's gradient norm (unscaled first under fp16); returns the norm.
-    - ``step(name)``: apply that optimizer's update, then clear its gradients.
-    - ``applied(name)``: whether the last ``step(name)`` changed the weights (false when the fp16 scaler
-      skipped it for overflowing gradients, or on_nan=skip dropped the step). Under fp16 it reads the
-      scaler's verdict from the device, a sync, so it is computed only when asked.
-    - ``step_index``: the optimisation steps done before this one.
-
-    A training step is all or nothing: ``on_nan=skip`` reads each loss, and without a scaler each
-    gradient, on the host before it is used, and a non-finite one drops the whole step; under fp16, an
-    update the scaler skips for overflowing gradients drops the whole step too. The updates a dropped step
-    had already applied are undone (each optimizer's weights and state are copied before its update, when
-    a later one could still drop the step), and the loop puts back the batch-norm statistics of its start.
-    Under fp16 that happens on the device, with no host sync.
-
-    Under several processes (genlab.dist) each optimizer's gradients are averaged over the ranks, in one
-    flat all-reduce, before it clips or steps; a non-finite loss on any rank (``on_nan=skip``) rides along
-    in that all-reduce, so that every rank drops the same steps. No network is wrapped (no
-    DistributedDataParallel), so a model's step may take several backward passes, ``inputs=`` and
-    ``retain_graph`` as it likes: what is averaged is what each optimizer is about to apply.
-    """
-
-    def __init__(self, optimizers: dict, precision: str = "fp32", device="cpu", schedulers: dict | None = None,
-                 on_nan: str = "stop"):
-        check_on_nan(on_nan)
-        self.optimizers, self.schedulers, self.on_nan = optimizers, schedulers or {}, on_nan
-        self.device = torch.device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.params = {k: [p for group in o.param_groups for p in group["params"]] for k, o in optimizers.items()}
-        self.step_index = 0
-        self.dropped = False  # on_nan=skip found a non-finite loss or gradient in this training step (every rank agrees)
-        self._bad = False  # this rank saw a non-finite loss (on_nan=skip), not yet shared with the others
-        self._reduced: set[str] = set()  # optimizers whose gradients were averaged over the ranks in this step
-        self._applied: dict[str, bool | Tensor] = {}  # name -> applied (a device flag under fp16)
-        # an update may have to be undone when a later one of the same step can still drop it
-        self.undoable = (on_nan == "skip" or self.scaler is not None) and len(optimizers) > 1
-        self._saved: list[tuple] = []  # (optimizer, param, copies of the param and its state) before this step's updates
-        self._scaled = False  # the scaler unscaled or stepped an optimizer in this training step: it must update
-
-    def autocast(self):
-        return autocast(self.device, self.precision)
-
-    def backward(self, loss: Tensor, name: str | None = None, retain_graph: bool = False) -> None:
-        if self.on_nan == "skip" and not self.dropped and not self._bad and not torch.isfinite(loss):
-            self._bad = True
-            self.dropped = dist.world() == 1  # alone, drop at once; else the step's all-reduce tells every rank
-        if self.dropped:
-            return
-        if self.scaler is not None:
-            loss = self.scaler.scale(loss)
-        inputs = None
-        if name is not None:  # a frozen parameter (requires_grad=False) in an optimizer's group gets no gradient
-            inputs = [p for p in self.params[name] if p.requires_grad]
-            if not inputs:
-                raise GenlabError(f"ctx.backward(loss, {name!r}): every parameter of optimizer {name!r} has "
-                                  "requires_grad=False, so there is nothing to train; unfreeze some, or leave that "
-                                  "optimizer out of optimizer_groups().")
-        loss.backward(inputs=inputs, retain_graph=retain_graph)
-
-    def clip(self, name: str, max_norm: float) -> Tensor:
-        self._average(name)
-        if self.scaler is not None and not self.dropped:
-            self.scaler.unscale_(self.optimizers[name])
-            self._scaled = True
-        return torch.nn.utils.clip_grad_norm_(self.params[name], max_norm)
-
-    def step(self, name: str) -> None:
-        opt = self.optimizers[name]
-        self._average(name)
-        if self.dropped:
-            self._applied[name] = False
-        elif self.scaler is None and self.on_nan == "skip" and not grads_finite(self.params[name]):
-            self.dropped, self._applied[name] = True, False
-        else:
-            if self.undoable:
-                self._save(opt)
-            if self.scaler is not None:  # the scaler skips an update whose gradients overflowed, on the device
-                self.scaler.step(opt)
-                self._scaled = True
-                self._applied[name] = sum(self.scaler._found_inf_per_device(opt).values()) == 0
-            else:
-                opt.step()
-                self._applied[name] = True
-        opt.zero_grad(set_to_none=True)
-
-    def _average(self, name: str) -> None:
-        """Several processes: this optimizer's gradients averaged over the ranks (once a step), and whether any
-        rank saw a non-finite loss (on_nan=skip) agreed with the same all-reduce."""
-        if dist.world() == 1 or self.dropped or name in self._reduced:
-            return
-        self._reduced.add(name)
-        flag = torch.tensor([float(self._bad)], device=self.device) if self.on_nan == "skip" else None
-        bad = dist.average_gradients(self.params[name], flag)
-        if bad is not None and bad.item() > 0:
-            self.dropped = True
-
-    def _save(self, opt) -> None:
-        """Copies of what ``opt``'s update is about to change: its parameters that have gradients, and their state."""
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    state = opt.state.get(p)
-                    self._saved.append((opt, p, p.detach().clone(), {k: v.clone() if isinstance(v, Tensor) else v
-                                                                     for k, v in state.items()} if state else None))
-
-    def _undo(self, undo: bool | Tensor) -> None:
-        """Put back what this step's updates changed: at once when ``undo`` is True; under fp16 where the device
-        flag ``undo`` says so, with no host sync (lerp by 0 or 1 is exact at both ends)."""
-        if isinstance(undo, Tensor) and any(state is None for *_, state in self._saved):
-            undo = bool(undo)  # a first update created the state: whether to remove it is decided on the host
-        with torch.no_grad():
-            if not isinstance(undo, Tensor):
-                for opt, p, before, state in self._saved if undo else ():
-                    p.copy_(before)
-                    if state is None:
-                        opt.state.pop(p, None)
-                    else:
-                        opt.state[p] = state
-                return
-            now, then = [], []
-            for opt, p, before, state in self._saved:
-                pairs = [(p, before)] + [(opt.state[p][k], v) for k, v in state.items() if isinstance(v, Tensor)]
-                for a, b in pairs:
-                    if a.is_floating_point():
-                        now.append(a)
-                        then.append(b)
-                    else:
-                        a.copy_(torch.where(undo, b, a))
-            if now:
-                torch._foreach_lerp_(now, then, [undo.to(t.dtype) for t in now])
-
-    def applied(self, name: str) -> bool:
-        return bool(self._applied.get(name, False))
-
-    def begin(self, step_index: int) -> None:
-        self.step_index, self.dropped, self._applied, self._scaled = step_index, False, {}, False
-        self._bad, self._reduced, self._saved = False, set(), []
-
-    def end(self) -> Tensor | bool:
-        """Close a training step: the scaler's update, each schedule's step. Returns whether every update
-        was applied: False when the step was dropped; under fp16 a device flag (no sync)."""
-        if self._scaled:
-            self.scaler.update()
-        for s in self.schedulers.values():
-            s.step()
-        if self.dropped:
-            for o in self.optimizers.values():  # nothing of the dropped step carries over, gradients included
-                o.zero_grad(set_to_none=True)
-            if self._saved:
-                self._undo(True)
-            return False
-        flags = [f for f in self._applied.values() if isinstance(f, Tensor)]
-        if not flags:
-            return True
-        applied = torch.stack(flags).all()
-        if self._saved:  # fp16: an update skipped for overflow drops the whole step
-            self._undo(~applied)
-        return applied
-
-    def state_dict(self) -> dict:
-        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        for k, s in self.schedulers.items():
-            if k in state.get("schedulers", {}):
-                s.load_state_dict(state["schedulers"][k])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of a training step's random draws (noise, latents, timesteps, dropout): a function of the run's
-    seed, the process's rank and the step alone, so that a resumed run draws what an uninterrupted one would,
-    whatever ran in between, and each rank draws its own."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest(), "little")
-
-
-def grads_finite(params) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
 
 class Trainer:
@@ -491,7 +290,8 @@ class Trainer:
 
 
 def key_of(callback) -> str:
-    """A callback's name in a checkpoint's ``callbacks``: its name under ``logger:``, else its class's."""
+    """A callback's name in a checkpoint's ``callbacks``: its ``state_key`` (genlab.callbacks.Callback's: its name in
+    the config), else its class's."""
     return getattr(callback, "state_key", None) or type(callback).__name__
 
 

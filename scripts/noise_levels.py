@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from genlab.build import load_model, test_split
+from genlab.images import as_float
+from genlab.parts import load_model, test_split
 from genlab.runs import sweep_runs
 
 LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -26,7 +27,7 @@ RANGES = {"0.05-0.4 (genlab before 2026-11-30)": (0.05, 0.4), "0.5-0.9": (0.5, 0
 @torch.inference_mode()
 def errors(model, images: torch.Tensor, batch_size: int = 250) -> np.ndarray:
     """[len(LEVELS), N] denoising errors, the images in batches of ``batch_size`` (as `evaluate` scores them)."""
-    out = [model.denoise_errors(b.float().div(255), LEVELS) for b in images.split(batch_size)]
+    out = [model.denoise_errors(as_float(b), LEVELS) for b in images.split(batch_size)]
     return torch.cat(out, 1).numpy()
 
 

@@ -2,7 +2,8 @@
 
 For each run and sampler, `genlab evaluate task=quality` at each number of steps (the same protocol,
 seed and number of samples throughout), then FID, precision and recall against the network
-evaluations the samples cost (Heun takes two a step, but the last).
+evaluations the samples cost (Heun takes two a step, but the last). Every sampler that fits the run's model
+(genlab.samplers.sampler_names) is measured, or those of --samplers.
 
     python scripts/sampling_steps.py outputs/train/DDPM_RUN outputs/train/FLOW_RUN --steps 5,10,20,50,100 \\
         --n 2000 --out docs/sampling_steps
@@ -20,16 +21,11 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from genlab import schema  # noqa: E402
-from genlab.build import load_model  # noqa: E402
-from genlab.cli import CONFIG_DIR  # noqa: E402
+from genlab.config import CONFIG_DIR  # noqa: E402
 from genlab.device import resolve_device  # noqa: E402
+from genlab.parts import load_model  # noqa: E402
 from genlab.quality import quality_report  # noqa: E402
-
-SAMPLERS = {"DDPM": ["ddim"], "FlowMatching": ["euler", "heun"]}
-
-
-def evaluations(sampler: str, steps: int) -> int:
-    return 2 * steps - 1 if sampler == "heun" else steps
+from genlab.samplers import make_sampler, sampler_names  # noqa: E402
 
 
 def main() -> None:
@@ -46,16 +42,17 @@ def main() -> None:
     schema.register()
     rows = []
     for run in args.runs:
-        name = type(load_model(run)[0]).__name__
-        for sampler in [s for s in SAMPLERS[name] if not args.samplers or s in args.samplers.split(",")]:
+        model = load_model(run)[0]
+        name = type(model).__name__
+        for sampler in [s for s in sampler_names(model) if not args.samplers or s in args.samplers.split(",")]:
             for steps in map(int, args.steps.split(",")):
-                overrides = [f"ckpt={run}", "task=quality", f"n_samples={args.n}", f"++sampler={sampler}",
+                overrides = [f"ckpt={run}", "task=quality", f"n_samples={args.n}", f"sampler={sampler}",
                              f"++steps={steps}", *filter(None, args.extra.split(","))]
                 with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
                     cfg = compose("evaluate", overrides=overrides)
                 r = quality_report(run, args.out / f"{run.name}-{sampler}-{steps}", cfg, device)
                 rows.append({"run": run.name, "model": name, "sampler": sampler, "steps": steps,
-                             "evaluations": evaluations(sampler, steps), "fid": r["fid"], "precision": r["precision"],
+                             "evaluations": make_sampler(sampler).evaluations(steps), "fid": r["fid"], "precision": r["precision"],
                              "recall": r["recall"], "classes_covered": r["classes_covered"]})
                 print(json.dumps(rows[-1]), flush=True)
     (args.out / "steps.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -13,10 +13,11 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from genlab.build import load_model, test_split
 from genlab.classifier import classifier_for
+from genlab.images import as_float
+from genlab.parts import load_model, test_split
 from genlab.quality import classifier_metrics
-from genlab.sample import draw
+from genlab.sampling import draw
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     real = test_split(OmegaConf.create({"dataset": dataset})).images
     train = test_split(OmegaConf.create({"dataset": dataset}), train=True).images[: args.n]
     print("| samples | classifier | FID | KID | precision | recall | classes covered |\n|---|---|---|---|---|---|---|")
-    rows = [("training split (the floor)", train.float().div(255), None)]
+    rows = [("training split (the floor)", as_float(train), None)]
     for run, model, cfg, step in models:
         fake, labels = draw(model, args.n, None, 0, "auto", "false", 250, command="evaluate")
         rows.append((f"{run} (step {step})", fake, labels))

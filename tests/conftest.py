@@ -1,5 +1,8 @@
 """Shared fixtures: the real configs composed with tiny CPU-only overrides, and small on-disk datasets."""
 
+import contextlib
+import io
+import logging
 import os
 import pickle
 import struct
@@ -14,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from genlab import schema
 from genlab.build import build_trainer
-from genlab.cli import CONFIG_DIR
+from genlab.config import CONFIG_DIR
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -79,6 +82,38 @@ def fake_root(tmp_path_factory) -> Path:
         with open(folder / f, "wb") as fh:
             pickle.dump({"data": data, "labels": labels.tolist()}, fh)
     return root
+
+
+def genlab_here(*args, cwd) -> subprocess.CompletedProcess:
+    """`genlab ARGS...` run in this process, through the console script's own entry (genlab.cli:main): for the
+    commands that are refused before or as they start, where a new interpreter (3 s of imports) would be most of the
+    test. What the command configured for itself (logging, Hydra's run config, the working folder, sys.argv) is
+    put back afterwards."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from genlab import cli
+
+    root, saved = logging.getLogger(), (logging.getLogger().handlers[:], logging.getLogger().level, sys.argv[:])
+    full_error, here = os.environ.pop("HYDRA_FULL_ERROR", None), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+        for handler in [h for h in root.handlers if h not in saved[0]]:
+            root.removeHandler(handler)
+            handler.close()
+        root.handlers[:], sys.argv = saved[0], saved[2]
+        root.setLevel(saved[1])
+        HydraConfig.instance().cfg = None
+        if full_error is not None:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    return subprocess.CompletedProcess(["genlab", *args], code, out.getvalue(), err.getvalue())
 
 
 def genlab(*args, cwd, env=None, timeout=600):

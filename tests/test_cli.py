@@ -8,7 +8,7 @@ import yaml
 
 from genlab import checkpoint
 
-from conftest import SHARED_DATA, genlab
+from conftest import SHARED_DATA, genlab, genlab_here
 
 FAST = ["dataset=synthetic", "dataset.n=128", "trainer.batch_size=32", "trainer.log_every=2",
         "trainer.n_samples=16", "trainer.precision=fp32", "device=cpu"]
@@ -107,14 +107,14 @@ def test_resume_continues_the_run(tmp_path):
     (["+loss.n_critic=5"], "loss.n_critic is not a setting of BCE; its settings are: gp_weight."),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, args, message):
-    r = genlab("train", *args, "trainer.max_steps=1", "device=cpu", cwd=tmp_path)
+    r = genlab_here("train", *args, "trainer.max_steps=1", "device=cpu", cwd=tmp_path)
     assert r.returncode != 0
     assert message in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
 
 
 def test_sample_without_a_checkpoint(tmp_path):
-    r = genlab("sample", cwd=tmp_path)
+    r = genlab_here("sample", cwd=tmp_path)
     assert r.returncode == 1 and "genlab sample needs a value for ckpt" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -125,7 +125,7 @@ def test_full_traceback_on_request(tmp_path):
 
 def test_foreign_checkpoint_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    r = genlab("train", f"resume={tmp_path / 'other.pt'}", cwd=tmp_path)
+    r = genlab_here("train", f"resume={tmp_path / 'other.pt'}", cwd=tmp_path)
     assert r.returncode == 1 and "not a genlab checkpoint" in r.stderr
 
 

@@ -7,9 +7,9 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from genlab import checkpoint
-from genlab.build import build_dataset, build_model, build_optimizers, build_schedulers
 from genlab.data import ImageData
 from genlab.models import GenerativeModel
+from genlab.parts import build_dataset, build_model, build_optimizers, build_schedulers
 from genlab.train import resumed_config
 
 from conftest import compose_train, make_trainer, options

@@ -13,16 +13,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from genlab import checkpoint
-from genlab.build import build_model, build_trainer
+from genlab.build import build_trainer
 from genlab.callbacks import Callback
 from genlab.data import Batch
 from genlab.ema import EMA
 from genlab.errors import GenlabError
 from genlab.losses import BCE
+from genlab.parts import build_model
 from genlab.schedules import Constant, Cosine, Linear
-from genlab.trainer import StepContext
+from genlab.step import StepContext
 
-from conftest import compose_train, genlab, make_trainer
+from conftest import compose_train, genlab, genlab_here, make_trainer
 from test_reliability import tensors
 
 PLUGINS = Path(__file__).resolve().parent.parent / "examples" / "plugin"
@@ -253,7 +254,7 @@ def test_plugin_model_resumes_bit_identically(toy_runs):
     assert [s["last_epoch"] for s in a["schedulers"].values()] == [s["last_epoch"] for s in b["schedulers"].values()]
 
 
-def test_plugin_model_samples_chosen_labels_and_settings(toy_runs, tmp_path):
+def test_plugin_model_samples_chosen_labels_and_settings(toy_runs, tmp_path, monkeypatch):
     run = toy_runs / "whole"
 
     def sample(name, *args):
@@ -276,7 +277,8 @@ def test_plugin_model_samples_chosen_labels_and_settings(toy_runs, tmp_path):
                           (["temperature=hot"], "temperature must be float; got 'hot'"),
                           (["labels=[12]"], "labels [12] are not classes of this model"),
                           (["labels=[]"], "labels=[] names no class"), (["n=0"], "n must be at least 1")):
-        r = genlab("sample", f"ckpt={run}", *args, cwd=tmp_path, env=PLUGIN_ENV)
+        monkeypatch.syspath_prepend(str(PLUGINS))  # in this process, as PYTHONPATH puts it for a command
+        r = genlab_here("sample", f"ckpt={run}", *args, cwd=tmp_path)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -165,10 +165,10 @@ def test_automatic_choice_maps_what_does_not_fit(tmp_path, monkeypatch):
     monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
     write_idx(tmp_path / "MNIST" / "raw", "train", *fake_images(40, 28, 28))
     assert data.fits_in_memory(40 * 28 * 28)
-    monkeypatch.setattr(data, "available_memory", lambda: 8 * 40 * 28 * 28 - 8)  # an eighth is one byte short
+    monkeypatch.setattr(data.cache, "available_memory", lambda: 8 * 40 * 28 * 28 - 8)  # an eighth is one byte short
     assert not data.fits_in_memory(40 * 28 * 28)
     mapped = data.mnist(tmp_path, download=False)
-    monkeypatch.setattr(data, "available_memory", lambda: 8 * 40 * 28 * 28)
+    monkeypatch.setattr(data.cache, "available_memory", lambda: 8 * 40 * 28 * 28)
     held = data.mnist(tmp_path, download=False)
     assert torch.equal(held.images, mapped.images)
     with open("/proc/self/maps") as fh:  # the mapped one is a mapping of the cache file
@@ -212,8 +212,8 @@ def test_folder_decode_interrupted_then_resumed(tmp_path, monkeypatch):
     monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
     write_pngs(tmp_path / "images", 45)
     (tmp_path / "images" / "b" / "0999.png").write_bytes(b"not a png")  # left out, wherever it falls
-    monkeypatch.setattr(data, "CHUNK", 4)
-    decode, calls = data._decode_chunk, []
+    monkeypatch.setattr(data.decode, "CHUNK", 4)
+    decode, calls = data.decode._decode_chunk, []
 
     def interrupted(paths, size, mode):
         calls.append(paths[0].name)
@@ -221,7 +221,7 @@ def test_folder_decode_interrupted_then_resumed(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return decode(paths, size, mode)
 
-    monkeypatch.setattr(data, "_decode_chunk", interrupted)
+    monkeypatch.setattr(data.decode, "_decode_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         data.folder(tmp_path / "images", image_size=8, test_fraction=0.0, workers=1)
     assert not list((data.cache_dir() / "datasets").glob("folder-*.u8"))  # not a cache yet: a partial one
@@ -229,7 +229,7 @@ def test_folder_decode_interrupted_then_resumed(tmp_path, monkeypatch):
     resumed = data.folder(tmp_path / "images", image_size=8, test_fraction=0.0, workers=1)
     assert len(calls) == 1 + 12 - 4  # 46 files in chunks of 4: the 4 finished chunks are not decoded again
     assert resumed.images.shape == (45, 3, 8, 8) and sorted(set(resumed.labels.tolist())) == [0, 1]
-    monkeypatch.setattr(data, "_decode_chunk", decode)
+    monkeypatch.setattr(data.decode, "_decode_chunk", decode)
     monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "other"))
     whole = data.folder(tmp_path / "images", image_size=8, test_fraction=0.0, workers=2)
     assert torch.equal(whole.images, resumed.images) and torch.equal(whole.labels, resumed.labels)
@@ -241,8 +241,8 @@ def test_processes_wanting_one_dataset_decode_it_once(tmp_path, monkeypatch):
     import threading
 
     write_pngs(tmp_path / "images", 20)
-    decode, calls = data._decode_chunk, []
-    monkeypatch.setattr(data, "_decode_chunk", lambda *a: calls.append(1) or decode(*a))
+    decode, calls = data.decode._decode_chunk, []
+    monkeypatch.setattr(data.decode, "_decode_chunk", lambda *a: calls.append(1) or decode(*a))
     got = []
     threads = [threading.Thread(target=lambda: got.append(data.folder(tmp_path / "images", image_size=8, workers=1)))
                for _ in range(3)]

@@ -12,8 +12,9 @@ from genlab.errors import GenlabError
 from genlab.models import DDPM, FlowMatching
 from genlab.models.diffusion import noise_schedule, trailing_steps
 from genlab.nets import UNet
+from genlab.samplers import make_sampler
 
-from conftest import first_batch, genlab, make_trainer
+from conftest import first_batch, genlab, genlab_here, make_trainer
 
 X0 = torch.linspace(-0.9, 0.9, 2 * 4 * 4).view(2, 1, 4, 4)  # the one pair of images the oracle's data holds
 
@@ -54,6 +55,9 @@ def with_oracle(cls, **kwargs):
     (DDPM, {"prediction": "v"}, {"sampler": "ddpm", "steps": 25}),
     (FlowMatching, {}, {"steps": 5}),
     (FlowMatching, {}, {"sampler": "heun", "steps": 3}),
+    (FlowMatching, {}, {"sampler": "ddim", "steps": 4}),  # the samplers fit either path
+    (FlowMatching, {}, {"sampler": "ddpm", "steps": 20}),
+    (DDPM, {"prediction": "v"}, {"sampler": "ddim", "eta": 0.5, "steps": 12}),
 ])
 def test_samplers_recover_the_data_from_an_exact_denoiser(cls, kwargs, settings):
     """With the exact denoiser of a one-batch dataset, every sampler must land on that batch from any noise:
@@ -63,7 +67,28 @@ def test_samplers_recover_the_data_from_an_exact_denoiser(cls, kwargs, settings)
     x = model.generate(torch.randn(2, 1, 4, 4), **settings)
     torch.testing.assert_close(x, (X0 + 1) / 2, atol=2e-4, rtol=0)
     evaluations = settings["steps"] * (2 if settings.get("sampler") == "heun" else 1) - (settings.get("sampler") == "heun")
-    assert len(oracle.calls) == evaluations
+    assert len(oracle.calls) == evaluations == make_sampler(settings.get("sampler", "ddim")).evaluations(settings["steps"])
+
+
+def test_ddim_on_the_straight_path_is_euler_and_a_sampler_asks_for_what_it_needs():
+    """On flow matching's straight path DDIM (eta 0) is Euler's method; Heun needs a velocity, which DDPM does not
+    offer: one clear line naming the samplers it has. A sampler of one's own is an object of the same protocol."""
+    from genlab.samplers import DDIM, Euler
+
+    torch.manual_seed(0)
+    model = FlowMatching(UNet(1, 28, width=8, mults=(1, 2))).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the UNet's output layer starts at zero: a velocity of zero everywhere
+            p.normal_(0, 0.05)
+        z = torch.randn(2, 1, 28, 28)
+        euler, ddim = model.generate(z, steps=4), model.generate(z, sampler=DDIM(), steps=4)
+    torch.testing.assert_close(ddim, euler, atol=1e-5, rtol=0)
+    assert torch.equal(euler, model.generate(z, sampler=Euler(), steps=4))
+    with pytest.raises(GenlabError, match=r"sampler=heun needs a model that offers velocity.*DDPM does not\. "
+                                          r"Its samplers: ddim, ddpm\."):
+        with_oracle(DDPM)[0].generate(torch.randn(2, 1, 4, 4), sampler="heun", steps=2)
+    with pytest.raises(GenlabError, match="sampler.eta is not a setting of Ancestral"):
+        with_oracle(DDPM)[0].generate(torch.randn(2, 1, 4, 4), sampler="ddpm", eta=0.5, steps=2)
 
 
 @pytest.mark.parametrize("cls,kwargs", [(DDPM, {"prediction": "v"}), (DDPM, {"prediction": "eps"}), (FlowMatching, {})])
@@ -169,8 +194,8 @@ def test_train_sample_evaluate_through_the_commands(tmp_path):
     r = genlab("evaluate", f"ckpt={tmp_path / 'run'}", "normal_classes=[0]", f"hydra.run.dir={tmp_path / 'e'}",
                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = genlab("sample", f"ckpt={tmp_path / 'run'}", "sampler=ddim", cwd=tmp_path)
-    assert r.returncode == 1 and "sampler=ddim is not one of euler, heun" in r.stderr
+    r = genlab_here("sample", f"ckpt={tmp_path / 'run'}", "sampler=nope", cwd=tmp_path)
+    assert r.returncode == 1 and "Could not find 'sampler/nope'" in r.stderr and "ddim, ddpm, euler, heun" in r.stderr
 
 
 def test_max_time_ends_the_run_with_a_checkpoint(tmp_path):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from genlab import checkpoint
-from genlab.build import build_model
 from genlab.data import Loader
+from genlab.parts import build_model
 
 from conftest import compose_train, genlab
 from dist_worker import COMMON, FAMILIES

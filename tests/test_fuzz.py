@@ -8,19 +8,17 @@ in docs/reliability.md.
 """
 
 import contextlib
-import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genlab import checkpoint, cli
+from genlab import checkpoint
 
-from conftest import fake_images, write_idx
+from conftest import fake_images, genlab_here, write_idx
 
 EXAMPLES = int(os.environ.get("GENLAB_FUZZ_EXAMPLES", 10))
 LONG = int(os.environ.get("GENLAB_FUZZ_LONG", 300))
@@ -78,16 +76,8 @@ def override(draw) -> str:
 def run_genlab(*args) -> tuple[int, str]:
     """``genlab ARGS`` in this process: (exit status, what it wrote to stderr). An exception that escapes is a
     traceback the user would have seen: the test fails with it."""
-    err, out, argv = io.StringIO(), io.StringIO(), sys.argv
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            try:
-                code = cli.main(list(args))
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-    return code, err.getvalue()
+    r = genlab_here(*args, cwd=os.getcwd())
+    return r.returncode, r.stderr
 
 
 def check_outcome(code: int, err: str, verb: str) -> None:

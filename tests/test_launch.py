@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from genlab import checkpoint, schema
-from genlab.cli import CONFIG_DIR
+from genlab.config import CONFIG_DIR
 
 from conftest import genlab, options
 

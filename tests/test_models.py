@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from genlab.build import build_model, load_model
 from genlab.data import Batch
 from genlab.errors import GenlabError
 from genlab.losses import BCE, gradient_penalty, kl_normal
 from genlab.models import GAN
 from genlab.nets import MLPDiscriminator, MLPGenerator
-from genlab.trainer import StepContext
+from genlab.parts import build_model, load_model
+from genlab.scores import score_names
+from genlab.step import StepContext
 
 from conftest import compose_train, first_batch, make_trainer
 
@@ -231,7 +232,8 @@ def test_vae_gan_takes_every_gradient_before_any_update(tmp_path):
     m.eval()
     x = m.sample(4, generator=torch.Generator().manual_seed(0))
     assert x.shape == (4, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
-    for score in m.scores:
+    assert score_names(m) == ["feature", "mse", "mse_blur"]  # those whose needs it offers, its default first
+    for score in score_names(m):
         s = m.anomaly_score(batch.x, score)
         assert s.shape == (len(batch.x),) and (s >= 0).all()
     trainer.fit()
@@ -264,6 +266,7 @@ def test_corrected_score_expects_more_error_of_a_detailed_image(monkeypatch):
     """``corrected`` fits each error's log against the log total variation of normal images, and takes the KL
     term against its mean: images as hard as their detail predicts score alike, plain or detailed; more error
     than that, or an odd latent code, scores higher."""
+    from genlab import scores
     from genlab.losses import ELBO, total_variation
     from genlab.models import VAE
     from genlab.nets import ConvDecoder, ConvEncoder
@@ -276,7 +279,7 @@ def test_corrected_score_expects_more_error_of_a_detailed_image(monkeypatch):
         err = tv**2 * (1.3 + 0.3 * torch.sin(h)) * worse
         return err, 2 * err, torch.exp(0.2 * torch.cos(h)) * odd  # KL: an ordinary latent code, give or take 20 %
 
-    monkeypatch.setattr(vae, "_terms", terms)
+    monkeypatch.setattr(scores, "error_terms", lambda model, x: terms(x))  # the terms the scores read from a model
     def images(seed, n=200):  # from plain (dim) to detailed (bright noise)
         g = torch.Generator().manual_seed(seed)
         return torch.rand(n, 1, 28, 28, generator=g) * torch.linspace(0.02, 1, n).view(-1, 1, 1, 1)

@@ -17,9 +17,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from genlab.build import build_model
 from genlab.images import read_images, to_uint8, write_pngs
-from genlab.sample import draw
+from genlab.parts import build_model
+from genlab.sampling import draw
 
 from conftest import compose_train, genlab
 

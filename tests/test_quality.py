@@ -66,7 +66,7 @@ def test_evaluate_quality_through_the_command(tmp_path):
     r = genlab("train", "model=gan", "trainer.max_steps=30", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = genlab("evaluate", "task=quality", f"ckpt={tmp_path / 'run'}", "n_samples=500", f"hydra.run.dir={tmp_path / 'q'}",
-               cwd=tmp_path, env={"GENLAB_CACHE": str(tmp_path / "cache")})
+               cwd=tmp_path)  # the digits classifier: from the session's cache, where the test above trained it
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "q" / "report.json").read_text())
     for k in ("fid", "kid", "precision", "recall", "inception_score", "classes_covered", "class_histogram", "protocol"):

@@ -8,7 +8,7 @@ import torch
 
 from genlab import checkpoint, evaluate
 
-from conftest import genlab
+from conftest import genlab, genlab_here
 
 VAE_ON_ZERO = ["model=vae", "dataset.classes=[0]", "trainer.batch_size=32", "trainer.max_steps=150",
                "trainer.log_every=50", "trainer.n_samples=16", "device=cpu", "trainer.precision=fp32",
@@ -114,7 +114,7 @@ def test_sweep_summary_statistics(tmp_path):
     (["+no_such_key=1"], "no_such_key is not a setting of genlab evaluate nor a sampling setting of VAE"),
 ])
 def test_evaluate_bad_input(vae_run, tmp_path, args, message):
-    r = genlab("evaluate", f"ckpt={vae_run}", *args, cwd=tmp_path)
+    r = genlab_here("evaluate", f"ckpt={vae_run}", *args, cwd=tmp_path)
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
 
 
@@ -127,5 +127,5 @@ def test_damaged_checkpoints_are_one_clear_line(vae_run, tmp_path):
     cases = {"cut.pt": "truncated or damaged", "newer.pt": "Upgrade genlab", "notes.pt": "cannot be read",
              "missing.pt": "checkpoint not found"}
     for name, message in cases.items():
-        r = genlab("sample", f"ckpt={tmp_path / name}", cwd=tmp_path)
+        r = genlab_here("sample", f"ckpt={tmp_path / name}", cwd=tmp_path)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)

@@ -14,10 +14,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from genlab import checkpoint, schema, search
-from genlab.build import build_model
-from genlab.build import test_split as split_of
-from genlab.cli import CONFIG_DIR
+from genlab.config import CONFIG_DIR
 from genlab.errors import GenlabError
+from genlab.parts import build_model
+from genlab.parts import test_split as split_of
 
 from conftest import TINY, compose_train, genlab, make_trainer, options
 
@@ -111,12 +111,12 @@ def test_measurements_join_the_rows_and_leave_training_as_it_was(tmp_path):
 def test_fid_and_auroc_in_the_loop(tmp_path, monkeypatch):
     """eval/fid and eval/kid: the samples against the test split in a classifier's features (here an untrained
     one: genlab's own takes a minute to train); eval/auroc on one class."""
-    from genlab import classifier, metrics
+    from genlab import build, classifier, metrics
     from genlab.nets.classifier import SmallCNN
 
     torch.manual_seed(0)
     net = SmallCNN(channels=1, image_size=28, n_classes=10, width=4).eval()
-    monkeypatch.setattr(classifier, "classifier_for", lambda dataset, device: (net, {}))
+    monkeypatch.setattr(build, "classifier_for", lambda dataset, device: (net, {}))  # where the run finds it
     gan = make_trainer(["model=dcgan", "trainer.max_steps=2", "trainer.batch_size=16", "trainer.n_samples=4",
                         "evaluation.metrics=[eval/fid]", "evaluation.n_samples=64"], tmp_path / "g")
     gan.fit()

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from genlab import device as device_mod
-from genlab.nets import dropout
-from genlab.build import build_model, build_optimizers
 from genlab.device import resolve_precision
 from genlab.errors import GenlabError
+from genlab.nets import dropout
+from genlab.parts import build_model, build_optimizers
 from genlab.trainer import Trainer
 
 from conftest import compose_train, make_trainer

@@ -77,7 +77,7 @@ def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
            "HOME": str(tmp_path)}  # no ~/.netrc: W&B offline
     first, second = tmp_path / "first", tmp_path / "second"
     r = genlab("train", "--config-dir", str(PLUGINS / "configs"), *RUN, "trainer.epochs=4",
-               "logger=[tensorboard,mlflow,wandb,jsonl]", f"hydra.run.dir={first}", cwd=tmp_path, env=env)
+               "logger=[tensorboard,mlflow,wandb]", "callbacks=[default,jsonl]", f"hydra.run.dir={first}", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     rows = rows_of(first)
     steps = [int(row["step"]) for row in rows]
@@ -104,7 +104,7 @@ def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
     assert [h["_step"] for h in logged] == steps
     assert logged[-1]["train/loss_d"] == pytest.approx(float(rows[-1]["train/loss_d"]), rel=1e-5)
 
-    # a callback of your own, from a YAML file and a class: the rows and how the run ended
+    # a writer of your own, from a YAML file and a class (callbacks=): the rows and how the run ended
     lines = [json.loads(x) for x in (first / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines[:-1]] == steps and lines[-1] == {"status": "finished", "step": steps[-1]}
 
@@ -114,7 +114,7 @@ def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
 
     # resumed from the copy kept at epoch 2: the same tracker runs, the rows after it not twice
     r = genlab("train", "--config-dir", str(PLUGINS / "configs"), *RUN, "trainer.epochs=6",
-               "logger=[tensorboard,mlflow,wandb,jsonl]", f"resume={first / 'checkpoints' / 'epoch_0002.pt'}",
+               "logger=[tensorboard,mlflow,wandb]", "callbacks=[default,jsonl]", f"resume={first / 'checkpoints' / 'epoch_0002.pt'}",
                f"hydra.run.dir={second}", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert not (second / "tensorboard").exists()  # the first run's log dir goes on

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from genlab.data import Batch
+from genlab.scores import Score, score_for, score_names
 
 
 class GenerativeModel(nn.Module):
@@ -17,10 +18,16 @@ class GenerativeModel(nn.Module):
     ``num_classes`` > 0 marks a class-conditional model: it samples the classes it is given.
     Sampling settings (a diffusion model's ``steps``, say) are the keyword-only parameters of
     ``generate``, with their defaults; `genlab sample`, `evaluate` and the per-epoch grids pass them.
+
+    Anomaly scores are parts (genlab.scores): a score works for any model that offers what it needs (a
+    reconstruction, the ELBO's terms, a denoising error, a discriminator), and ``default_score`` names the one
+    used when none is chosen. A model of your own may instead compute its scores itself: list their names in
+    ``scores`` and override ``anomaly_score`` (and ``calibrate``, where they need normal images first).
     """
 
     num_classes: int = 0
-    scores: tuple[str, ...] = ()  # anomaly scores it offers (evaluate score=NAME); the first is the default
+    default_score: str | None = None  # a name in configs/score/, or one of ``scores``
+    scores: tuple[str, ...] = ()  # the scores this model's own ``anomaly_score`` computes (a model of your own)
 
     def optimizer_groups(self) -> dict[str, Iterable[nn.Parameter]]:
         """The parameters each named optimizer steps, e.g. {"g": ..., "d": ...}."""
@@ -28,7 +35,7 @@ class GenerativeModel(nn.Module):
 
     def training_step(self, batch: Batch, ctx) -> dict[str, Tensor]:
         """One optimisation step on ``batch`` (``batch.x`` images, ``batch.y`` labels) with the step context
-        ``ctx`` (genlab.trainer.StepContext); returns detached scalar losses by name."""
+        ``ctx`` (genlab.step.StepContext); returns detached scalar losses by name."""
         raise NotImplementedError
 
     def latent(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -40,11 +47,22 @@ class GenerativeModel(nn.Module):
         raise NotImplementedError
 
     def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
-        """How unusual each image of ``x`` is (higher: more anomalous): [B]."""
-        raise NotImplementedError
+        """How unusual each image of ``x`` is (higher: more anomalous), [B]: genlab's score ``score`` (its name in
+        configs/score/; None: ``default_score``), calibrated by the last ``calibrate``."""
+        return self._score(score)(self, x)
 
     def calibrate(self, x: Tensor) -> None:
-        """See normal training images ``x`` before scoring; for scores that need their scale. Optional."""
+        """Show the scores that need their scale (blur_kl, corrected) normal training images ``x``."""
+        for name in score_names(self, own=False):
+            self._score(name).calibrate(self, x)
+
+    def _score(self, name: str | None) -> Score:
+        """genlab's score ``name`` for this model, kept with its calibration."""
+        kept = self.__dict__.setdefault("_calibrated", {})
+        name = name or self.default_score
+        if name not in kept:
+            kept[name] = score_for(self, name, own=False)
+        return kept[name]
 
     @classmethod
     def sampling_settings(cls) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 class-conditional with classifier-free guidance.
 
 Both learn to undo noise: the network sees a noisy image x_t and its time t and predicts what was added.
-They differ in the path from image to noise and in how sampling walks it back. Images cross the
-network in [-1, 1].
+They differ in the path from image to noise. Sampling walks it back with a sampler (genlab.samplers), which asks
+the model for its path's times and coefficients, its predictions of the image and the noise, and (flow) its
+velocity. Images cross the network in [-1, 1].
 """
 
 import math
@@ -14,17 +15,16 @@ from torch import Tensor, nn
 
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel
-
-SCORE_TIMES = (0.6, 0.7, 0.8, 0.9, 0.95)  # the `denoise` anomaly score: mean error at these fractions of the path
+from genlab.samplers import Sampler, make_sampler
 
 
 class Denoiser(GenerativeModel):
     """What DDPM and flow matching share: the UNet, its optimizer, class conditioning with labels dropped at
     rate ``p_uncond`` in training (label ``num_classes`` means "no class"), classifier-free guidance in one
     batched forward (``guidance``: the weight sampling uses unless told otherwise), gradient clipping at
-    ``clip``, and the ``denoise`` anomaly score."""
+    ``clip``, sampling with any sampler that fits (``walk``), and what the ``denoise`` anomaly score needs."""
 
-    scores = ("denoise",)
+    default_score = "denoise"
 
     def __init__(self, unet: nn.Module, num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0,
                  guidance: float = 1.0):
@@ -64,26 +64,23 @@ class Denoiser(GenerativeModel):
             ctx.clip("unet", self.clip)
         ctx.step("unet")
 
-    def sampling_guidance(self, steps: int, guidance: float | None) -> float:
-        """The guidance weight to sample with (the model's own when None), after checking the settings."""
+    def walk(self, z: Tensor, labels, sampler, steps: int, eta: float | None, guidance: float | None) -> Tensor:
+        """Images in [0, 1] from noise ``z``: the sampler ``sampler`` names (genlab.samplers.make_sampler) walks
+        this model's path in ``steps`` steps; ``eta`` goes to the sampler (DDIM's), the guidance weight is the
+        model's own when None."""
         if steps < 1:
             raise GenlabError(f"steps must be at least 1; got {steps}.")
         if guidance is not None and guidance != 1.0 and not self.num_classes:
             raise GenlabError("guidance needs a class-conditional model (model.num_classes > 0).")
-        return self.guidance if guidance is None else guidance
-
-    def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
-        """``denoise``: the mean squared error of the network's prediction at the heavy noise levels of
-        SCORE_TIMES, with seeded noise (a batch always gets the same scores), unconditional. There the
-        network must restore the shape from little of the image, and it restores the shapes it was trained
-        on; light noise measures how much ink an image has instead (docs/results.md)."""
-        if score not in (None, "denoise"):
-            raise GenlabError(f"score={score} is not offered by {type(self).__name__}: use denoise.")
-        return self.denoise_errors(x, SCORE_TIMES).mean(0)
+        chosen = make_sampler(sampler, **({} if eta is None else {"eta": eta}))
+        chosen.check(self)
+        x = chosen(self, z, steps, labels, self.guidance if guidance is None else guidance)
+        return (x.clamp(-1, 1) + 1) / 2
 
     def denoise_errors(self, x: Tensor, times, seed: int = 0) -> Tensor:
         """The mean squared error of the unconditional prediction for images ``x`` in [0, 1], noised to each
-        fraction of the path in ``times`` with noise drawn from ``seed``: [len(times), B]."""
+        fraction of the path in ``times`` with noise drawn from ``seed``: [len(times), B]. The ``denoise``
+        anomaly score (genlab.scores.Denoise) averages it over heavy noise levels."""
         g = torch.Generator().manual_seed(seed)
         x0 = x.float() * 2 - 1
         errors = []
@@ -97,8 +94,8 @@ class Denoiser(GenerativeModel):
 class DDPM(Denoiser):
     """Denoising diffusion (Ho et al. 2020) over ``timesteps`` steps with a ``linear`` or ``cosine`` (Nichol &
     Dhariwal 2021) noise schedule; the network predicts the noise (``eps``) or the velocity (``v``, Salimans &
-    Ho 2022). Sampling: DDIM (Song et al. 2021) over ``steps`` evenly spaced steps with ``eta`` (0:
-    deterministic), or ``sampler=ddpm``, ancestral sampling (eta 1; with steps=1000, the original)."""
+    Ho 2022). Sampled by default with DDIM (Song et al. 2021) over ``steps`` evenly spaced steps with ``eta`` (0:
+    deterministic); ``sampler=ddpm`` is ancestral sampling (eta 1; with steps=1000, the original)."""
 
     def __init__(self, unet: nn.Module, schedule: str = "cosine", prediction: str = "v", timesteps: int = 1000,
                  num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0, guidance: float = 1.0):
@@ -126,37 +123,36 @@ class DDPM(Denoiser):
         self.step_unet(loss, ctx)
         return {"loss": loss.detach()}
 
-    def generate(self, z, labels=None, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+    def generate(self, z, labels=None, *, sampler: str | Sampler = "ddim", steps: int = 50, eta: float | None = None,
                  guidance: float | None = None):
-        if sampler not in ("ddim", "ddpm"):
-            raise GenlabError(f"sampler={sampler} is not one of ddim, ddpm.")
-        guidance = self.sampling_guidance(steps, guidance)
-        eta = 1.0 if sampler == "ddpm" else eta
-        ts = trailing_steps(self.timesteps, steps).tolist()
-        x = z.float()
-        for i, t in enumerate(ts):
-            ab = self.alpha_bar[t]
-            ab_prev = self.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(ab)
-            out = self.predict(x, torch.full((len(x),), float(t), device=x.device), labels, guidance)
-            if self.prediction == "eps":
-                x0 = (x - (1 - ab).sqrt() * out) / ab.sqrt()
-            else:
-                x0 = ab.sqrt() * x - (1 - ab).sqrt() * out
-            x0 = x0.clamp(-1, 1)
-            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-            sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
-            if eta and i + 1 < len(ts):
-                x = x + sigma * torch.randn_like(x)
-        return (x.clamp(-1, 1) + 1) / 2
+        return self.walk(z, labels, sampler, steps, eta, guidance)
+
+    def times(self, steps: int) -> list[int]:
+        """The sampling path: ``steps`` of the T steps (trailing), then -1, the clean image."""
+        return trailing_steps(self.timesteps, steps).tolist() + [-1]
+
+    def coefficients(self, t: int):
+        ab = self.alpha_bar[t] if t >= 0 else torch.ones((), device=self.alpha_bar.device)
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def denoise(self, x: Tensor, t: int, labels, guidance: float) -> tuple[Tensor, Tensor]:
+        """The predicted image, clamped to [-1, 1], and the noise that goes with it at step ``t``."""
+        ab = self.alpha_bar[t]
+        out = self.predict(x, torch.full((len(x),), float(t), device=x.device), labels, guidance)
+        if self.prediction == "eps":
+            x0 = (x - (1 - ab).sqrt() * out) / ab.sqrt()
+        else:
+            x0 = ab.sqrt() * x - (1 - ab).sqrt() * out
+        x0 = x0.clamp(-1, 1)
+        return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
 
 class FlowMatching(Denoiser):
     """Flow matching on the straight path x_t = (1 - t) x0 + t * noise (rectified flow, Liu et al. 2022;
     Lipman et al. 2022): the network predicts the velocity noise - x0 at t ~ U(0, 1) (``logit_normal``:
     t = sigmoid(N(0, 1)), which weights the middle of the path, Esser et al. 2024). Sampling integrates from
-    noise (t=1) to an image (t=0) in ``steps`` steps with ``euler`` or ``heun`` (two network evaluations a
-    step, but the last)."""
+    noise (t=1) to an image (t=0) in ``steps`` steps, by default with Euler's method (``heun``: two network
+    evaluations a step, but the last; ``ddim`` and ``ddpm`` fit the straight path too)."""
 
     def __init__(self, unet: nn.Module, time_sampling: str = "uniform", num_classes: int = 0, p_uncond: float = 0.1,
                  clip: float | None = 1.0, guidance: float = 1.0):
@@ -181,23 +177,22 @@ class FlowMatching(Denoiser):
         self.step_unet(loss, ctx)
         return {"loss": loss.detach()}
 
-    def generate(self, z, labels=None, *, sampler: str = "euler", steps: int = 50, guidance: float | None = None):
-        if sampler not in ("euler", "heun"):
-            raise GenlabError(f"sampler={sampler} is not one of euler, heun.")
-        guidance = self.sampling_guidance(steps, guidance)
-        ts = torch.linspace(1, 0, steps + 1).tolist()
-        x = z.float()
+    def generate(self, z, labels=None, *, sampler: str | Sampler = "euler", steps: int = 50, eta: float | None = None,
+                 guidance: float | None = None):
+        return self.walk(z, labels, sampler, steps, eta, guidance)
 
-        def velocity(x, t):
-            return self.predict(x, torch.full((len(x),), t * 1000, device=x.device), labels, guidance)
+    def times(self, steps: int) -> list[float]:
+        return torch.linspace(1, 0, steps + 1).tolist()
 
-        for t, t_next in zip(ts, ts[1:]):
-            v = velocity(x, t)
-            x_next = x + (t_next - t) * v
-            if sampler == "heun" and t_next > 0:
-                x_next = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
-            x = x_next
-        return (x.clamp(-1, 1) + 1) / 2
+    def coefficients(self, t: float):
+        return 1 - t, t
+
+    def velocity(self, x: Tensor, t: float, labels, guidance: float) -> Tensor:
+        return self.predict(x, torch.full((len(x),), t * 1000, device=x.device), labels, guidance)
+
+    def denoise(self, x: Tensor, t: float, labels, guidance: float) -> tuple[Tensor, Tensor]:
+        v = self.velocity(x, t, labels, guidance)  # noise - image, so x_t - t v is the image and x_t + (1 - t) v the noise
+        return x - t * v, x + (1 - t) * v
 
 
 def noise_schedule(kind: str, timesteps: int) -> Tensor:

@@ -7,8 +7,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from genlab.errors import GenlabError
-from genlab.losses import GANLoss, gradient_penalty
+from genlab.losses import GANLoss
 from genlab.models.base import GenerativeModel
+from genlab.regularizers import GradientPenalty
 
 
 def per_sample(net: nn.Module) -> bool:
@@ -40,12 +41,17 @@ class GAN(GenerativeModel):
 
     Class-conditional with ``num_classes`` > 0 (a cGAN): both networks take the labels, ``g(z, y)`` and
     ``d(x, y)``; fakes are drawn for the real batch's labels, so each class is as common among them as in the data.
+
+    The discriminator's step is open: ``augment`` (a differentiable function of a batch of images in [-1, 1], such
+    as DiffAugment's) is applied to real and fake images alike wherever the discriminator sees them in training,
+    and each of ``regularizers`` (genlab.regularizers: R1, the gradient penalty; ``loss.gp_weight`` adds the
+    latter) adds its term to the discriminator's loss. The anomaly score ``critic`` asks ``discriminate``.
     """
 
-    scores = ("critic",)
+    default_score = "critic"
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, loss: GANLoss, n_critic: int = 1,
-                 num_classes: int = 0):
+                 num_classes: int = 0, augment=None, regularizers: dict | None = None):
         super().__init__()
         if n_critic < 1:
             raise GenlabError(f"model.n_critic must be at least 1; got {n_critic}.")
@@ -58,6 +64,8 @@ class GAN(GenerativeModel):
         self.z_dim = generator.z_dim
         self.loss, self.n_critic, self.num_classes = loss, n_critic, num_classes
         self.joint = per_sample(discriminator)
+        self.augment = augment
+        self.regularizers = {**({"gp": GradientPenalty(loss.gp_weight)} if loss.gp_weight else {}), **(regularizers or {})}
 
     def optimizer_groups(self):
         return {"g": self.g.parameters(), "d": self.d.parameters()}
@@ -72,11 +80,16 @@ class GAN(GenerativeModel):
         """The discriminator's logits [B] in fp32 (given the labels when conditional)."""
         return (self.d(x, y) if self.num_classes else self.d(x)).float()
 
+    def seen(self, x: Tensor) -> Tensor:
+        """Images as the discriminator sees them in training: augmented, when the model has an ``augment``."""
+        return x if self.augment is None else self.augment(x)
+
     def critic(self, real: Tensor, fake: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The discriminator's logits on real and fake images (both of labels ``y``), in fp32."""
+        """The discriminator's logits on real and fake images (both of labels ``y``) as it sees them in training,
+        in fp32."""
         if self.joint:
-            return self.logits(torch.cat([real, fake]), None if y is None else torch.cat([y, y])).chunk(2)
-        return self.logits(real, y), self.logits(fake, y)
+            return self.logits(self.seen(torch.cat([real, fake])), None if y is None else torch.cat([y, y])).chunk(2)
+        return self.logits(self.seen(real), y), self.logits(self.seen(fake), y)
 
     def training_step(self, batch, ctx) -> dict[str, Tensor]:
         x = batch.x * 2 - 1  # the generator's Tanh range
@@ -86,8 +99,10 @@ class GAN(GenerativeModel):
             fake = self.fakes(z, y)
             real_logits, fake_logits = self.critic(x, fake.detach(), y)
             loss_d = self.loss.d(real_logits, fake_logits)
-            if self.loss.gp_weight:
-                loss_d = loss_d + self.loss.gp_weight * gradient_penalty(lambda v: self.logits(v, y), x, fake.detach())
+            for regularizer in self.regularizers.values():
+                term = regularizer(lambda v: self.logits(self.seen(v), y), x, fake.detach(), ctx.step_index)
+                if term is not None:  # a lazy one adds its term every few steps only
+                    loss_d = loss_d + term
         ctx.backward(loss_d, "d")
         ctx.step("d")
         out = {"loss_d": loss_d.detach()}
@@ -96,7 +111,7 @@ class GAN(GenerativeModel):
                 if self.loss.needs_real:
                     real_logits, fake_logits = self.critic(x, fake, y)
                 else:
-                    real_logits, fake_logits = None, self.logits(fake, y)
+                    real_logits, fake_logits = None, self.logits(self.seen(fake), y)
                 loss_g = self.loss.g(fake_logits, real_logits)
             ctx.backward(loss_g, "g")  # into the generator's weights only
             ctx.step("g")
@@ -109,11 +124,11 @@ class GAN(GenerativeModel):
     def generate(self, z, labels=None):
         return (self.fakes(z, labels).float() + 1) / 2
 
-    def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
-        """``critic``: minus the discriminator's logit, so images it finds unreal score high (conditional: its
-        highest logit over the classes, the class the image looks most like)."""
+    def discriminate(self, x: Tensor) -> Tensor:
+        """The discriminator's logit [B] of each image of ``x`` in [0, 1], unaugmented (conditional: its highest over
+        the classes, the class the image looks most like): how real it finds them."""
         x = x * 2 - 1
         if not self.num_classes:
-            return -self.logits(x, None)
+            return self.logits(x, None)
         y = torch.arange(self.num_classes, device=x.device)
-        return -torch.stack([self.logits(x, c.expand(len(x))) for c in y]).amax(0)
+        return torch.stack([self.logits(x, c.expand(len(x))) for c in y]).amax(0)

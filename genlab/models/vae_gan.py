@@ -5,13 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from genlab.errors import GenlabError
-from genlab.losses import GANLoss, gradient_penalty, kl_normal
+from genlab.losses import GANLoss, feature_error, gradient_penalty, kl_normal
 from genlab.models.vae import Autoencoder
-
-
-def feature_error(h: Tensor, h_recon: Tensor) -> Tensor:
-    """Half the squared distance between two images' discriminator features, summed over features: [B]."""
-    return 0.5 * (h_recon - h).pow(2).sum(1)
 
 
 class VAEGAN(Autoencoder):
@@ -25,11 +20,11 @@ class VAEGAN(Autoencoder):
     - discriminator: the GAN loss, real images against reconstructions and prior samples.
 
     The three losses come from one forward pass, and all three gradients are taken before any optimizer steps.
-    Anomaly scores: ``feature`` (the feature error of the posterior mean's reconstruction; the default, the
-    better of the two on one-class MNIST) and ``mse`` (its squared pixel error).
+    Its default anomaly score is ``feature`` (genlab.scores.Feature: the feature error of the posterior mean's
+    reconstruction, the better one on one-class MNIST); the reconstruction's pixel errors (``mse``) fit it too.
     """
 
-    scores = ("feature", "mse")  # the first is the default
+    default_score = "feature"
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, discriminator: nn.Module, loss: GANLoss,
                  gamma: float = 0.1, beta: float = 1.0):
@@ -69,11 +64,6 @@ class VAEGAN(Autoencoder):
             ctx.step(name)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "feature": feature.detach(), "kl": kl.detach()}
 
-    def anomaly_score(self, x: Tensor, score: str | None = None) -> Tensor:
-        recon = self.reconstruct(x)
-        if score in (None, "feature"):
-            h = self.d.features(torch.cat([x.float(), recon]) * 2 - 1).float()
-            return feature_error(h[:len(x)], h[len(x):])
-        if score == "mse":
-            return (recon - x.float()).pow(2).flatten(1).sum(1)
-        raise GenlabError(f"score={score} is not offered by VAEGAN: use {' | '.join(self.scores)}.")
+    def features(self, x: Tensor) -> Tensor:
+        """The discriminator's features of images ``x`` in [0, 1], in fp32: what the ``feature`` score compares."""
+        return self.d.features(x * 2 - 1).float()

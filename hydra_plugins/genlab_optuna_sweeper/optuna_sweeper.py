@@ -28,6 +28,8 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
 
+from genlab import search
+
 log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"  # the default storage, in the sweep directory
@@ -134,10 +136,7 @@ class OptunaSweeper(Sweeper):
         sys.exit(1)
 
     def sweep(self, arguments: List[str]) -> None:
-        import optuna
         from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        from genlab import search
 
         objective, direction = self.objective, self.direction
         if not objective or not (objective in search.METRICS or objective.startswith("train/")):
@@ -154,11 +153,25 @@ class OptunaSweeper(Sweeper):
         if not space:
             self.stop("nothing to search: give hydra.sweeper.params (a preset: hparams_search=NAME) or a "
                       "sweep on the command line, e.g. 'optimizer.lr=tag(log, interval(1e-5, 1e-2))'.")
-
         sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         storage = self.storage or str(sweep_dir / JOURNAL)
+        study = self.open_study(storage, objective, direction)
+        for start in range(0, self.n_trials, self.n_jobs):
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - start))]
+            self.launch(study, trials, fixed, storage, objective, sweep_dir)
+            best = write_results(study, sweep_dir, objective, storage)
+        if best is None:
+            log.warning("no trial of study %s has completed yet: no best parameters", self.study_name)
+        else:
+            log.info("best: trial %d, %s %.6g, with %s (%s)", best["best_trial"], objective, best["best_value"],
+                     best["best_overrides"], sweep_dir / RESULTS)
+
+    def open_study(self, storage: str, objective: str, direction: str):
+        """The study in ``storage`` (made, or continued when it has the same objective and direction)."""
+        import optuna
+
         sampler, pruner = self.build(self.sampler, "sampler"), self.build(self.pruner, "pruner")
         study = optuna.create_study(study_name=self.study_name, storage=search.open_storage(storage), sampler=sampler,
                                     pruner=pruner, direction=direction, load_if_exists=True)
@@ -170,31 +183,29 @@ class OptunaSweeper(Sweeper):
         study.set_user_attr("pruner", OmegaConf.to_container(self.pruner) if self.pruner else None)  # for the runs
         log.info("Optuna study %s in %s (%s %s): %d trials so far, %d more, %d at a time", self.study_name, storage,
                  direction, objective, len(study.trials), self.n_trials, self.n_jobs)
+        return study
 
-        for start in range(0, self.n_trials, self.n_jobs):
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - start))]
-            batch = []
+    def launch(self, study, trials, fixed: list[str], storage: str, objective: str, sweep_dir: Path) -> None:
+        """One batch of trials through the launcher, each an ordinary run in ``sweep_dir/<trial number>`` told
+        which study it reports to; then each result told to the study."""
+        import optuna
+
+        batch = []
+        for t in trials:
+            t.set_user_attr("run_dir", str(sweep_dir / str(t.number)))
+            batch.append([*fixed, *(f"{k}={text(v)}" for k, v in t.params.items()),
+                          f"trial.storage={quoted(storage)}", f"trial.study={quoted(self.study_name)}",
+                          f"trial.number={t.number}", f"trial.objective={quoted(objective)}",
+                          f"hydra.sweep.subdir={t.number}"])  # a continued study adds directories
+        try:
+            self.validate_batch_is_legal(batch)
+            returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
+        except BaseException:
             for t in trials:
-                t.set_user_attr("run_dir", str(sweep_dir / str(t.number)))
-                batch.append([*fixed, *(f"{k}={text(v)}" for k, v in t.params.items()),
-                              f"trial.storage={quoted(storage)}", f"trial.study={quoted(self.study_name)}",
-                              f"trial.number={t.number}", f"trial.objective={quoted(objective)}",
-                              f"hydra.sweep.subdir={t.number}"])  # a continued study adds directories
-            try:
-                self.validate_batch_is_legal(batch)
-                returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
-            except BaseException:
-                for t in trials:
-                    study.tell(t, state=optuna.trial.TrialState.FAIL)
-                raise
-            for t, ret in zip(trials, returns):
-                tell(study, t, ret, objective)
-            best = write_results(study, sweep_dir, objective, storage)
-        if best is None:
-            log.warning("no trial of study %s has completed yet: no best parameters", self.study_name)
-        else:
-            log.info("best: trial %d, %s %.6g, with %s (%s)", best["best_trial"], objective, best["best_value"],
-                     best["best_overrides"], sweep_dir / RESULTS)
+                study.tell(t, state=optuna.trial.TrialState.FAIL)
+            raise
+        for t, ret in zip(trials, returns):
+            tell(study, t, ret, objective)
 
     def build(self, node, what: str):
         """The sampler or pruner a ``_target_`` node names (None: Optuna's default sampler, no pruning)."""
