@@ -106,7 +106,7 @@ class ProgressBar(Callback):
 
 class MetricsCSV(Callback):
     """``metrics.csv``: step, epoch, the mean losses (``train/...``), measurements on the test split (``val/...``,
-    ``eval/...``: genlab.search.Evaluation), each scheduled learning rate (``lr/NAME``), img_per_s and wall_time;
+    ``eval/...``: genlab.measures.Evaluation), each scheduled learning rate (``lr/NAME``), img_per_s and wall_time;
     rewritten whole when a new column appears (e.g. n_critic > 1)."""
 
     def __init__(self, run_dir):

@@ -64,7 +64,7 @@ def test_sweep_with_multirun(tmp_path):
 
 def test_resume_continues_the_run(tmp_path):
     first = tmp_path / "first"
-    r = genlab("train", "model=vae", "trainer.epochs=1", *FAST, f"hydra.run.dir={first}", cwd=tmp_path)
+    r = genlab_here("train", "model=vae", "trainer.epochs=1", *FAST, f"hydra.run.dir={first}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = genlab("train", f"resume={first}", "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -74,11 +74,11 @@ def test_resume_continues_the_run(tmp_path):
         steps = [int(row["step"]) for row in csv.DictReader(fh)]
     assert steps == sorted(steps) and steps[0] < 4 < steps[-1] == 8  # the first run's rows, then more
     assert (first / "checkpoints" / "last.pt").is_file()  # nothing of the first run was touched
-    r = genlab("train", f"resume={first}", "model=gan", cwd=tmp_path)
+    r = genlab_here("train", f"resume={first}", "model=gan", cwd=tmp_path)
     assert r.returncode == 1 and "resume=" in r.stderr
     assert "would change model (the run has vae, this command gan)" in r.stderr
-    r = genlab("train", f"resume={tmp_path / 'second'}", "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'third'}",
-               cwd=tmp_path)
+    r = genlab_here("train", f"resume={tmp_path / 'second'}", "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'third'}",
+                    cwd=tmp_path)
     assert r.returncode == 0 and "nothing to train: the run in" in r.stdout + r.stderr
     assert not (tmp_path / "third" / "checkpoints").exists()
 

@@ -222,9 +222,10 @@ def test_plugin_model_takes_every_gradient_before_any_step():
 def toy_runs(tmp_path_factory):
     """The plug-in model trained 8 steps in one go, and 4 steps then resumed to 8."""
     cwd = tmp_path_factory.mktemp("toy")
+    sys.path.insert(0, str(PLUGINS))  # in this process, as PYTHONPATH puts it for the command below
     for name, steps in (("whole", 8), ("half", 4)):  # the schedule runs over 8 steps in both
-        r = genlab("train", *TOY, "scheduler.steps=8", f"trainer.max_steps={steps}", f"hydra.run.dir={cwd / name}",
-                   cwd=cwd, env=PLUGIN_ENV)
+        r = genlab_here("train", *TOY, "scheduler.steps=8", f"trainer.max_steps={steps}", f"hydra.run.dir={cwd / name}",
+                        cwd=cwd)
         assert r.returncode == 0, r.stderr
     # the command again with resume= added, as a requeue script would run it: accepted
     r = genlab("train", *TOY, "scheduler.steps=8", "trainer.max_steps=8", f"resume={cwd / 'half'}",
@@ -257,8 +258,10 @@ def test_plugin_model_resumes_bit_identically(toy_runs):
 def test_plugin_model_samples_chosen_labels_and_settings(toy_runs, tmp_path, monkeypatch):
     run = toy_runs / "whole"
 
+    monkeypatch.syspath_prepend(str(PLUGINS))  # in this process, as PYTHONPATH puts it for a command
+
     def sample(name, *args):
-        r = genlab("sample", f"ckpt={run}", *args, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, env=PLUGIN_ENV)
+        r = genlab_here("sample", f"ckpt={run}", *args, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         return torch.load(tmp_path / name / "samples.pt", weights_only=True), tmp_path / name
 
@@ -277,19 +280,18 @@ def test_plugin_model_samples_chosen_labels_and_settings(toy_runs, tmp_path, mon
                           (["temperature=hot"], "temperature must be float; got 'hot'"),
                           (["labels=[12]"], "labels [12] are not classes of this model"),
                           (["labels=[]"], "labels=[] names no class"), (["n=0"], "n must be at least 1")):
-        monkeypatch.syspath_prepend(str(PLUGINS))  # in this process, as PYTHONPATH puts it for a command
         r = genlab_here("sample", f"ckpt={run}", *args, cwd=tmp_path)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_a_users_own_loss_by_target(tmp_path):
-    r = genlab("train", "model=gan", "loss=user_softplus", SEARCHPATH, "dataset=synthetic", "dataset.n=64",
-               "trainer.batch_size=32", "trainer.max_steps=2", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}",
-               cwd=tmp_path, env=PLUGIN_ENV)
+def test_a_users_own_loss_by_target(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(PLUGINS))  # in this process, as PYTHONPATH puts it for a command
+    r = genlab_here("train", "model=gan", "loss=user_softplus", SEARCHPATH, "dataset=synthetic", "dataset.n=64",
+                    "trainer.batch_size=32", "trainer.max_steps=2", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}",
+                    cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert checkpoint.load(tmp_path / "run")["config"]["loss"]["_target_"] == "user_losses.Softplus"
-    r = genlab("train", "model=vae", "loss=user_softplus", SEARCHPATH, "trainer.max_steps=1", cwd=tmp_path,
-               env=PLUGIN_ENV)
+    r = genlab_here("train", "model=vae", "loss=user_softplus", SEARCHPATH, "trainer.max_steps=1", cwd=tmp_path)
     assert r.returncode == 1 and "VAE takes a loss of type ELBO (loss=elbo); loss=user_losses.Softplus does not fit" \
         in r.stderr
 

@@ -205,5 +205,5 @@ def test_max_time_ends_the_run_with_a_checkpoint(tmp_path):
     state = checkpoint.load(tmp_path / "run")
     assert 0 < state["step"] < 200000 and state["wall_time"] >= 1.0
     assert "trainer.max_time=1s reached after" in r.stdout + r.stderr
-    r = genlab("train", "trainer.max_time=soon", cwd=tmp_path)
+    r = genlab_here("train", "trainer.max_time=soon", cwd=tmp_path)
     assert r.returncode == 1 and "trainer.max_time must be a duration such as 90s, 30m" in r.stderr

@@ -33,25 +33,26 @@ SMALL = ["dataset=synthetic", "dataset.n=64", "trainer.batch_size=32", "trainer.
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("flow") / "run"
-    r = genlab("train", "model=flow", "model.unet.width=8", *SMALL, "trainer.sampling.steps=2", f"hydra.run.dir={run}",
-               cwd=run.parent)
+    r = genlab_here("train", "model=flow", "model.unet.width=8", *SMALL, "trainer.sampling.steps=2",
+                    f"hydra.run.dir={run}", cwd=run.parent)
     assert r.returncode == 0, r.stderr
     return run
 
 
 def test_a_sampler_of_ones_own_from_its_yaml(flow_run, tmp_path, monkeypatch):
-    """sampler=midpoint (examples/plugin/midpoint.py) on a flow run: samples of their own, its two evaluations a
-    step; genlab's Heun differs from it, and a model without a velocity is refused by name."""
+    """sampler=midpoint (examples/plugin/midpoint.py) on a flow run: samples of their own; genlab's Heun differs
+    from it; a setting it does not have is refused by name."""
+    monkeypatch.syspath_prepend(str(PLUGINS))  # in this process, as PYTHONPATH puts it for a command
+
     def sample(*args):
         out = tmp_path / "-".join(a.split("=")[-1] for a in args)
-        r = genlab("sample", *CONFIGS, f"ckpt={flow_run}", "n=4", "steps=3", *args, f"hydra.run.dir={out}",
-                   cwd=tmp_path, env=ENV)
+        r = genlab_here("sample", *CONFIGS, f"ckpt={flow_run}", "n=4", "steps=3", *args, f"hydra.run.dir={out}",
+                        cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         return torch.load(out / "samples.pt", weights_only=True)
 
     midpoint, heun = sample("sampler=midpoint"), sample("sampler=heun")
     assert midpoint.shape == (4, 1, 28, 28) and not torch.equal(midpoint, heun)
-    monkeypatch.syspath_prepend(str(PLUGINS))  # in this process, as PYTHONPATH puts it for a command
     r = genlab_here("sample", *CONFIGS, f"ckpt={flow_run}", "sampler=midpoint", "+sampler.order=2", cwd=tmp_path)
     assert r.returncode == 1 and "sampler.order is not a setting of Midpoint; it has no settings" in r.stderr
 
@@ -70,8 +71,8 @@ def test_an_anomaly_score_of_ones_own_and_the_registry(flow_run, tmp_path, monke
 
 def test_the_example_score_reports_on_a_vae(tmp_path):
     run = tmp_path / "vae"
-    r = genlab("train", "model=vae", "dataset.classes=[0]", "trainer.max_steps=20", "device=cpu",
-               "trainer.progress=false", f"hydra.run.dir={run}", cwd=tmp_path)
+    r = genlab_here("train", "model=vae", "dataset.classes=[0]", "trainer.max_steps=20", "device=cpu",
+                    "trainer.progress=false", f"hydra.run.dir={run}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = genlab("evaluate", *CONFIGS, f"ckpt={run}", "score=latent_norm", f"hydra.run.dir={tmp_path / 'e'}",
                cwd=tmp_path, env=ENV)
@@ -80,12 +81,13 @@ def test_the_example_score_reports_on_a_vae(tmp_path):
     assert report["score"] == "latent_norm" and 0 <= report["auroc"] <= 1
 
 
-def test_an_augmentation_and_regularizers_from_config(tmp_path):
+def test_an_augmentation_and_regularizers_from_config(tmp_path, monkeypatch):
     """augment=flip (examples/plugin/flip.py) and regularizer=[r1,gp] reach the GAN, and train; a model with no
     discriminator refuses them in one line."""
+    monkeypatch.syspath_prepend(str(PLUGINS))  # in this process, as PYTHONPATH puts it for a command
     run = tmp_path / "run"
-    r = genlab("train", *CONFIGS, "model=dcgan", "augment=flip", "regularizer=[r1,gp]", "model.regularizers.r1.every=1",
-               *SMALL, f"hydra.run.dir={run}", cwd=tmp_path, env=ENV)
+    r = genlab_here("train", *CONFIGS, "model=dcgan", "augment=flip", "regularizer=[r1,gp]",
+                    "model.regularizers.r1.every=1", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     model = checkpoint.load(run)["config"]["model"]
     assert model["augment"] == {"_target_": "flip.Flip", "p": 0.5}
@@ -162,7 +164,7 @@ def test_writers_are_a_config_group(tmp_path):
     assert lines[-1] == {"status": "finished", "step": 2}
     assert not (one / "loss_curves.png").exists() and (one / "checkpoints" / "last.pt").is_file()
     none = tmp_path / "none"
-    r = genlab("train", "callbacks=none", *SMALL, f"hydra.run.dir={none}", cwd=tmp_path)
+    r = genlab_here("train", "callbacks=none", *SMALL, f"hydra.run.dir={none}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in none.iterdir()) == [".hydra", "train.log"]
 

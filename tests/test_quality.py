@@ -21,7 +21,7 @@ from genlab.data import digits, mnist
 from genlab.errors import GenlabError
 from genlab.inception import inception_features, load_inception
 
-from conftest import SHARED_DATA, compose_train, genlab
+from conftest import SHARED_DATA, compose_train, genlab, genlab_here
 
 
 def test_fid_of_identical_sets_is_zero_and_grows_with_shift():
@@ -63,7 +63,8 @@ def test_fid_rises_monotonically_with_noise_on_real_images():
 
 
 def test_evaluate_quality_through_the_command(tmp_path):
-    r = genlab("train", "model=gan", "trainer.max_steps=30", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    r = genlab_here("train", "model=gan", "trainer.max_steps=30", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}",
+                    cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = genlab("evaluate", "task=quality", f"ckpt={tmp_path / 'run'}", "n_samples=500", f"hydra.run.dir={tmp_path / 'q'}",
                cwd=tmp_path)  # the digits classifier: from the session's cache, where the test above trained it
@@ -227,9 +228,10 @@ def test_mnist_classifier_reaches_99_percent():
 
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="real MNIST not in ../shared/data")
 def test_evaluate_a_folder_of_images(tmp_path):
-    """(Beside the test above: the MNIST classifier it trains is cached for this one.) The MNIST test split written as PNG files and measured as samples: an FID near 0 against the test split
-    (any change to the pixels on the way, a flip, a scale, a channel, moves it away); noise: a large one."""
-    test = mnist(SHARED_DATA, train=False, download=False)
+    """(Beside the test above: the MNIST classifier it trains is cached for this one.) The test images of one MNIST
+    class written as PNG files and measured as samples against that class of the test split: an FID near 0 (any
+    change to the pixels on the way, a flip, a scale, a channel, moves it away); noise: a large one."""
+    test = mnist(SHARED_DATA, train=False, download=False, classes=[0])
     for name, images in (("real", test.images),
                          ("noise", torch.randint(0, 256, (500, 1, 28, 28), generator=torch.Generator().manual_seed(0),
                                                  dtype=torch.uint8))):
@@ -238,11 +240,13 @@ def test_evaluate_a_folder_of_images(tmp_path):
             Image.fromarray(image[0].numpy()).save(tmp_path / name / f"{i:06d}.png")
     fids = {}
     for name in ("real", "noise"):
-        r = genlab("evaluate", "task=quality", f"samples={tmp_path / name}", "dataset=mnist",
-                   f"dataset.root={SHARED_DATA}", "dataset.download=false", f"hydra.run.dir={tmp_path / ('e' + name)}",
-                   cwd=tmp_path)
+        r = genlab_here("evaluate", "task=quality", f"samples={tmp_path / name}", "dataset=mnist",
+                        f"dataset.root={SHARED_DATA}", "dataset.download=false", "dataset.classes=[0]",
+                        f"hydra.run.dir={tmp_path / ('e' + name)}", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-        fids[name] = json.loads((tmp_path / f"e{name}" / "report.json").read_text())["fid"]
+        report = json.loads((tmp_path / f"e{name}" / "report.json").read_text())
+        fids[name] = report["fid"]
+    assert report["protocol"]["reference"] == f"mnist test split, {len(test)} images, classes [0]"
     assert fids["real"] < 0.01 and fids["noise"] > 100, fids
     r = genlab("evaluate", "task=quality", f"samples={tmp_path / 'real'}", cwd=tmp_path)
     assert r.returncode == 1 and "dataset=mnist" in r.stderr
@@ -267,8 +271,8 @@ def inception_weights(tmp_path_factory):
 def gan_on_ones(tmp_path_factory):
     """A GAN trained briefly on the digit 1, whose test split (37 images) keeps Inception on a CPU quick."""
     cwd = tmp_path_factory.mktemp("gan1")
-    r = genlab("train", "model=gan", "dataset.classes=[1]", "trainer.max_steps=20", "device=cpu",
-               f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    r = genlab_here("train", "model=gan", "dataset.classes=[1]", "trainer.max_steps=20", "device=cpu",
+                    f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
     assert r.returncode == 0, r.stderr
     return cwd / "run"
 

@@ -21,7 +21,7 @@ from genlab.schedules import Cosine
 from genlab.train import check_trainer, resumed_config
 from genlab.trainer import SKIP_LIMIT
 
-from conftest import compose_train, genlab, make_trainer
+from conftest import compose_train, genlab, genlab_here, make_trainer
 
 COMMON = ["dataset=synthetic", "dataset.n=96", "trainer.batch_size=32", "device=cpu", "trainer.precision=fp32",
           "trainer.log_every=1", "trainer.n_samples=4"]
@@ -41,10 +41,11 @@ def tensors(obj, prefix=""):
 
 @pytest.mark.parametrize("model,precision", [("gan", "fp32"), ("vae", "fp32"), ("dcgan", "bf16")])
 def test_resume_is_bit_identical(model, precision, tmp_path):
-    """4 steps + resume + 4 steps == 8 steps in one go (3 steps an epoch: the cut is mid-epoch)."""
+    """4 steps + resume + 4 steps == 8 steps in one go (3 steps an epoch: the cut is mid-epoch). The resumed run is a
+    process of its own, as after a crash; the two before it run in this one, through the same entry."""
     args = [f"model={model}", *COMMON, f"trainer.precision={precision}"]
     for name, extra in (("whole", ["trainer.max_steps=8"]), ("half", ["trainer.max_steps=4"])):
-        r = genlab("train", *args, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        r = genlab_here("train", *args, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
     r = genlab("train", f"resume={tmp_path / 'half'}", "trainer.max_steps=8", f"hydra.run.dir={tmp_path / 'resumed'}",
                cwd=tmp_path)

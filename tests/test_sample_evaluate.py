@@ -18,7 +18,7 @@ VAE_ON_ZERO = ["model=vae", "dataset.classes=[0]", "trainer.batch_size=32", "tra
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("rt")
-    r = genlab("train", *VAE_ON_ZERO, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    r = genlab_here("train", *VAE_ON_ZERO, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
     assert r.returncode == 0, r.stderr
     return cwd / "run"
 
@@ -32,8 +32,8 @@ def test_sample_writes_every_picture(vae_run, tmp_path):
     x = torch.load(out / "samples.pt", weights_only=True)
     assert x.shape == (16, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
     again = tmp_path / "s2"
-    genlab("sample", f"ckpt={vae_run / 'checkpoints' / 'last.pt'}", "n=16", "seed=3", "n_latent=200",
-           f"hydra.run.dir={again}", cwd=tmp_path)
+    genlab_here("sample", f"ckpt={vae_run / 'checkpoints' / 'last.pt'}", "n=16", "seed=3", "n_latent=200",
+                f"hydra.run.dir={again}", cwd=tmp_path)
     assert torch.equal(x, torch.load(again / "samples.pt", weights_only=True))  # same seed, same samples
 
 
@@ -41,8 +41,8 @@ def test_sample_writes_every_picture(vae_run, tmp_path):
 def test_evaluate_scores_the_trained_digit_lowest(vae_run, tmp_path, score):
     """Each VAE score; None: the default, corrected, the best on MNIST, Fashion-MNIST and CIFAR-10 (docs/results.md)."""
     out = tmp_path / "e"
-    r = genlab("evaluate", f"ckpt={vae_run}", *([f"score={score}"] if score else []), f"hydra.run.dir={out}",
-               cwd=tmp_path)
+    r = genlab_here("evaluate", f"ckpt={vae_run}", *([f"score={score}"] if score else []), f"hydra.run.dir={out}",
+                    cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert 0.0 <= report["auroc"] <= 1.0 and report["score"] == (score or "corrected")
@@ -58,8 +58,8 @@ def test_evaluate_scores_the_trained_digit_lowest(vae_run, tmp_path, score):
 
 
 def test_evaluate_a_gan_by_its_critic(tmp_path):
-    r = genlab("train", "model=gan", "dataset.classes=[1]", "trainer.max_steps=20", "device=cpu",
-               f"hydra.run.dir={tmp_path / 'gan'}", cwd=tmp_path)
+    r = genlab_here("train", "model=gan", "dataset.classes=[1]", "trainer.max_steps=20", "device=cpu",
+                    f"hydra.run.dir={tmp_path / 'gan'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = genlab("evaluate", f"ckpt={tmp_path / 'gan'}", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
