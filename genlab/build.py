@@ -67,14 +67,21 @@ def run_callbacks(cfg: DictConfig, run_dir, model: GenerativeModel, data: ImageD
     the writers write), then the writers (``callbacks``), the trackers (``logger``), and a search's pruning last
     (after the epoch's writers). Built on every rank, so that a mistake in them stops every rank here."""
     loss = f", loss {type(model.loss).__name__}" if getattr(model, "loss", None) is not None else ""
-    context = {"run_dir": run_dir, "config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["dataset"].update({"split": data.split} if data.split else {})  # a folder's test images, checked later
+    context = {"run_dir": run_dir, "config": config, "choices": choices,
                "clock": WriteClock(cfg.trainer.write_share),  # one share of the run's time for all that is written
                "title": f"{type(model).__name__} on {data.name}{loss}"}
     writers = build_callbacks(cfg.get("callbacks"), "callbacks", context)
     trackers = build_callbacks(cfg.get("logger"), "logger", context)
-    if not dist.is_main():
-        return []
-    return [*build_evaluation(cfg, model, data, device), *writers, *trackers, *build_pruning(cfg)]
+    error, callbacks = None, []
+    if dist.is_main():  # alone: the first run on a dataset trains its yardstick classifier here, which may take minutes
+        try:
+            callbacks = [*build_evaluation(cfg, model, data, device), *writers, *trackers, *build_pruning(cfg)]
+        except Exception as e:
+            error = e
+    dist.settle(error, "building the measurements")  # the others wait for it, with no timeout
+    return callbacks
 
 
 def build_callbacks(nodes, group: str, context: dict) -> list:

@@ -9,8 +9,6 @@ and nothing in the loop changes. Under several processes only rank 0 gets the wr
 
 import csv
 import logging
-import os
-import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -272,6 +270,8 @@ class Checkpoints(Callback):
     def on_fit_start(self, trainer):
         self.clock.begin()
         self.written = time.monotonic()
+        for tmp in checkpoint.clean(self.dir):  # an earlier run of this directory killed while writing
+            log.info("removed %s, left by a write that was cut short", tmp.name)
 
     def on_step_end(self, trainer):
         if self.every_s is not None and time.monotonic() - self.written >= self.every_s:
@@ -282,35 +282,26 @@ class Checkpoints(Callback):
         due = trainer.done or (self.every and epochs % self.every == 0)
         whole = trainer.step % trainer.loader.steps_per_epoch == 0
         kept = f"epoch_{epochs:04d}.pt" if self.keep_every and epochs % self.keep_every == 0 and whole else None
-        if kept:  # a kept copy, and last.pt the same file (written once)
+        if kept:  # a kept copy, and last.pt a copy of it (serialized once)
             self.save(trainer, kept)
-            self.link(trainer, kept, "last.pt")
+            self.copy(kept, "last.pt")
             trainer.saved = (self.dir / "last.pt", trainer.step)
             self.prune()
         elif due and trainer.saved != (self.dir / "last.pt", trainer.step):  # not again at the same step
             self.save(trainer, "last.pt")
 
-    def link(self, trainer, name: str, to: str) -> None:
-        """``to`` as the same file as ``name``: a hard link (a copy where the disk takes none), put in place
-        atomically; rewriting one later replaces it and leaves the other."""
-        tmp = self.dir / f".{to}.link{os.getpid()}"
-        try:
-            with self.clock.timing("link"):
-                tmp.unlink(missing_ok=True)
-                os.link(self.dir / name, tmp)
-                os.replace(tmp, self.dir / to)
-            self.written = time.monotonic()
-        except OSError:  # a disk that takes no hard links: written again, whole (checkpoint.save)
-            tmp.unlink(missing_ok=True)
-            self.save(trainer, to)
+    def copy(self, name: str, to: str) -> None:
+        """``to`` as a copy of ``name``: a file of its own, so that changing one leaves the other (a hard link
+        shared the bytes: an in-place edit of a kept copy changed last.pt too)."""
+        with self.clock.timing("copy"):
+            checkpoint.copy(self.dir / name, self.dir / to)
+        self.written = time.monotonic()
 
     def prune(self) -> None:
         """Keep the newest ``keep_last`` kept copies, newest by epoch number (epoch_10000.pt sorts before
         epoch_9990.pt by name)."""
-        kept = {int(m.group(1)): p for p in self.dir.glob("epoch_*.pt") if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))}
-        if self.keep_last:
-            for epoch in sorted(kept)[: -self.keep_last]:
-                kept[epoch].unlink()
+        for path in checkpoint.kept(self.dir.parent)[self.keep_last:] if self.keep_last else ():
+            path.unlink()
 
     def on_interrupt(self, trainer):
         self.save(trainer, "last.pt")

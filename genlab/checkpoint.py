@@ -14,14 +14,17 @@ Every file genlab writes for itself (checkpoints, the dataset and classifier cac
 not check its entries, so a byte changed on disk would otherwise load as a different weight, silently.
 """
 
+import collections
 import contextlib
 import hashlib
 import logging
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from genlab.errors import GenlabError, first_line
@@ -66,10 +69,43 @@ def digest(obj) -> str:
     return h.hexdigest()
 
 
+# what torch.load(weights_only=True) reads back, besides tensors and the containers that ``portable`` walks
+PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def portable(obj, where: str = ""):
+    """``obj`` as ``read`` can read it back (weights_only=True): numpy numbers become Python's, numpy arrays
+    tensors, paths strings, subclasses of int, float and str their base; anything else is refused with one line
+    naming its key (``where``), so that a run finds out at its first checkpoint, not at its resume."""
+    if isinstance(obj, torch.Tensor) or type(obj) in PLAIN:
+        return obj
+    if isinstance(obj, dict):
+        kind = collections.OrderedDict if isinstance(obj, collections.OrderedDict) else dict
+        return kind((portable(k, f"{where}/{k!r} (a key)"), portable(v, f"{where}/{k}")) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set)):
+        kind = next(t for t in (list, tuple, set) if isinstance(obj, t))  # a named tuple: a plain one
+        return kind(portable(v, f"{where}/{i}") for i, v in enumerate(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    for base in (bool, int, float, complex, str, bytes):
+        if isinstance(obj, base):
+            return base(obj)
+    raise GenlabError(f"{where.lstrip('/') or 'the value'} is a {type(obj).__module__}.{type(obj).__qualname__}, which a "
+                      "checkpoint cannot hold: genlab reads checkpoints back with weights_only=True (tensors, numbers, "
+                      "strings, lists, tuples, sets and dicts). Turn it into one of those in the state_dict() that "
+                      "returns it.")
+
+
 def write(obj: dict, path: Path) -> None:
     """``obj`` with its ``checksum``, atomically: a temporary file, fsync, then rename over ``path``. Raises
-    OSError or RuntimeError when the write fails (a full disk shows as either); ``path`` is then as it was."""
+    OSError or RuntimeError when the write fails (a full disk shows as either); ``path`` is then as it was.
+    What ``read`` could not read back is converted or refused first (``portable``)."""
     path = Path(path)
+    obj = portable(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -130,6 +166,10 @@ def save(state: dict, path: Path) -> None:
     path = Path(path)
     try:
         write({"format": FORMAT, "version": VERSION, **state}, path)
+    except Damaged:
+        raise
+    except GenlabError as e:  # a value no checkpoint can hold (portable)
+        raise GenlabError(f"could not write the checkpoint {path}: {e}") from e
     except (OSError, RuntimeError) as e:  # a full disk shows as either, depending on where the write stopped
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short (a full disk, a quota, a file-size limit?)"
         free = shutil.disk_usage(path.parent).free / 2**20
@@ -149,6 +189,66 @@ def resolve(path) -> Path:
     if not p.is_file():
         raise GenlabError(f"checkpoint not found: {p} (give a run directory or a .pt file).")
     return p
+
+
+def copy(source: Path, path: Path) -> None:
+    """``path`` as a copy of the file ``source`` (a kept checkpoint's ``last.pt``): its own file, not a link, so
+    that changing one never changes the other; put in place atomically, as ``write`` does."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(source, tmp)  # copy_file_range: a reflink where the file system has them
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def clean(folder: Path) -> list[Path]:
+    """Remove the temporary files (``.NAME.tmpPID``) that writes killed midway left in ``folder``: those of processes
+    that are gone, and this one's. Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def kept(run_dir: Path) -> list[Path]:
+    """A run's kept copies (``checkpoints/epoch_NNNN.pt``), newest first (by epoch number, not by name)."""
+    found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("epoch_*.pt")
+             if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load_intact(run_dir: Path, map_location="cpu") -> tuple[Path, dict]:
+    """The newest checkpoint of a run that can be read whole: ``last.pt``, or, when it is damaged (truncated,
+    a byte changed), the newest kept copy that is not, with a warning. Raises the damage of ``last.pt`` when
+    none is intact."""
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    try:
+        return last, load(last, map_location)
+    except Damaged as damage:
+        for path in kept(run_dir):
+            try:
+                state = load(path, map_location)
+            except Damaged:
+                continue
+            log.warning("%s; resuming from the newest intact kept copy, %s (step %d)", damage, path.name, state["step"])
+            return path, state
+        raise
 
 
 def load(path, map_location="cpu") -> dict:
@@ -174,4 +274,7 @@ def upgrade(state: dict) -> dict:
         config.setdefault("scheduler", {"_target_": "genlab.schedules.Constant", "warmup": 0, "nets": {}})
         state.setdefault("schedulers", {})
         state.setdefault("ema", None)
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    if isinstance(dataset, dict) and dataset.get("_target_") in ("genlab.data.folder", "genlab.data.datasets.folder"):
+        dataset.setdefault("split", "order")  # trained before folders were split by file name: its own split
     return state

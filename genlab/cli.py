@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from genlab import __version__, schema
+from genlab import __version__, errors, schema
 from genlab.config import CONFIG_DIR
 from genlab.errors import GenlabError, Interrupted, first_line
 
@@ -83,21 +83,19 @@ class _held_stderr:
     a typo in the override grammar) in its own words, then exits 1. Until genlab's task starts, what Hydra writes
     to stderr is held back, and such a report comes out as one ``genlab VERB: error:`` paragraph."""
 
-    current = None  # the one a running task releases
-
     def __init__(self, verb: str):
         self.verb = verb
 
     def __enter__(self):
         self.real, self.held = sys.stderr, io.StringIO()
-        sys.stderr, _held_stderr.current = self.held, self
+        sys.stderr = self.held
+        errors.hold(self.release)
         return self
 
     def release(self) -> None:
         if sys.stderr is self.held:
             sys.stderr = self.real
             self.real.write(self.held.getvalue())
-        _held_stderr.current = None
 
     def __exit__(self, kind, error, tb):
         refused = sys.stderr is self.held and kind is SystemExit and error.code not in (0, None)
@@ -246,8 +244,7 @@ def _hydra_app(verb: str):
 
         from genlab import dist, sweep
 
-        if _held_stderr.current is not None:  # Hydra composed the command line: genlab speaks for itself now
-            _held_stderr.current.release()
+        errors.composed()  # Hydra composed the command line: genlab speaks for itself now
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
         launched = dist.launched()

@@ -55,7 +55,9 @@ def launched() -> tuple[int, int] | None:
 
 def setup(device: str = "auto") -> torch.device:
     """Join the process group when this process is one of several, and return its device: with CUDA,
-    ``cuda:LOCAL_RANK`` (one process per GPU); else the CPU. One process: ``device`` as resolved."""
+    ``cuda:LOCAL_RANK`` (one process per GPU); else the CPU. One process: ``device`` as resolved. A collective
+    that waits longer than GENLAB_DIST_TIMEOUT seconds (default 1800) fails; the waits for work that rank 0
+    does alone go through the store instead (``settle``), with no limit."""
     if launched() is None:
         return resolve_device(device)
     if not dist.is_initialized():
@@ -75,7 +77,7 @@ def setup(device: str = "auto") -> torch.device:
             torch.cuda.set_device(local)
         try:
             dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
-                                    timeout=datetime.timedelta(minutes=30),
+                                    timeout=datetime.timedelta(seconds=float(os.environ.get("GENLAB_DIST_TIMEOUT", 1800))),
                                     device_id=torch.device("cuda", local) if use_cuda else None)
         except (RuntimeError, ValueError) as e:
             raise GenlabError(f"could not join the other processes of this run: {first_line(e)}") from e
@@ -98,22 +100,59 @@ def _export_slurm() -> None:
 
 def finish() -> None:
     """Wait for every rank at the end of a run (rank 0 may still be writing), so none leaves the group early. Then
-    rank 0, which may host the group's store, waits until every rank is out of that barrier: a peer that leaves
-    while another is still in a collective aborts that one under gloo."""
-    global _finishes
+    rank 0, which may host the group's store, waits until every rank is out of that wait: a peer that leaves
+    while another still waits on the store aborts that one. Through the store, so with no time limit."""
     if world() > 1 and dist.is_initialized():
-        _finishes += 1
-        key = f"genlab/finished/{_finishes}"  # every rank calls this as often as the others
+        key = _next_key("finished")  # every rank calls this as often as the others
         with _with_peers():
-            dist.barrier()
             store = dist.distributed_c10d._get_default_store()
-            done, deadline = store.add(key, 1), time.monotonic() + 60
+            store.add(key, 1)
+            _wait(lambda: store.add(key, 0) >= world())
+            done, deadline = store.add(key + "/out", 1), time.monotonic() + 60
             while is_main() and done < world() and time.monotonic() < deadline:
                 time.sleep(0.01)
-                done = store.add(key, 0)
+                done = store.add(key + "/out", 0)
 
 
-_finishes = 0
+def settle(error: BaseException | None, what: str) -> None:
+    """Every rank says whether ``what`` failed on it, and waits for every other's word: through the process
+    group's store, with no time limit, so that rank 0 may take as long as it needs for work it does alone
+    (training the yardstick classifier, writing a checkpoint) while the others wait for it without a
+    collective's timeout. Then, if any rank failed, every rank stops: the failed one with its own error, the
+    others with the first failed rank's message. One process: ``error`` is raised, if any."""
+    if world() == 1 or not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    key = _next_key("settle")
+    with _with_peers():
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{key}/{rank()}", "" if error is None else f"{type(error).__name__}: {first_line(error)}")
+        keys = [f"{key}/{r}" for r in range(world())]
+        _wait(lambda: store.check(keys))
+        words = [store.get(k).decode() for k in keys]
+    if error is not None:
+        raise error
+    failed = next(((r, w) for r, w in enumerate(words) if w), None)
+    if failed is not None:
+        raise PeerGone(f"process {failed[0]} of this run stopped ({what}), so this one stops too: {failed[1]}")
+
+
+def _wait(ready) -> None:
+    """Poll ``ready()`` until it holds: every millisecond at first, every 50 ms after a while."""
+    pause = 0.001
+    while not ready():
+        time.sleep(pause)
+        pause = min(0.05, pause * 1.5)
+
+
+def _next_key(kind: str) -> str:
+    """A store key of its own for each agreement of this kind (every rank makes the same ones, in the same order)."""
+    _agreements[kind] = _agreements.get(kind, 0) + 1
+    return f"genlab/{kind}/{_agreements[kind]}"
+
+
+_agreements: dict[str, int] = {}
 
 
 def teardown() -> None:
@@ -123,6 +162,11 @@ def teardown() -> None:
 
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_world() -> int:
+    """The run's processes on this machine (LOCAL_WORLD_SIZE, set by torchrun and submitit); 1 when alone."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
 def rank() -> int:
@@ -166,16 +210,35 @@ def broadcast_tensors(tensors) -> None:
 
 def average_gradients(params, extra: torch.Tensor | None = None) -> torch.Tensor | None:
     """Every rank's gradients of ``params`` replaced by their mean over the ranks, in one flat all-reduce;
-    ``extra`` (a small tensor) rides along and comes back summed over the ranks. The parameters without a
-    gradient are the same on every rank (the same code took the same backward passes), and stay without."""
-    grads = [p.grad for p in params if p.grad is not None]
-    parts = [g.reshape(-1) for g in grads] + ([extra.reshape(-1).to(grads[0].dtype)] if extra is not None and grads else [])
-    if not parts:
-        return all_reduce(extra.clone()) if extra is not None else None
+    ``extra`` (a small tensor) rides along and comes back summed over the ranks.
+
+    The ranks need not agree on which parameters have gradients (a branch taken only for some classes, on the
+    ranks whose slice of the batch holds them): a rank adds zeros for those it lacks and a 0/1 mark for each
+    parameter, so that the flat tensors line up. A parameter that any rank has a gradient for gets the mean
+    over all ranks (a lacking rank counting as zero, as in the one-process gradient of the whole batch); one
+    that no rank has a gradient for stays without. Only a rank that lacks some reads the marks on the host."""
+    params = list(params)
+    like = next((p.grad for p in params if p.grad is not None), None)
+    if like is None and extra is None and world() == 1:
+        return None
+    dtype = like.dtype if like is not None else torch.float32
+    device = like.device if like is not None else params[0].device if params else extra.device
+    lacking = [p.grad is None for p in params]
+    parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel(), dtype=dtype) for p in params]
+    parts.append(torch.tensor([0.0 if lack else 1.0 for lack in lacking], dtype=dtype, device=device))
+    if extra is not None:
+        parts.append(extra.reshape(-1).to(device=device, dtype=dtype))
     flat = all_reduce(torch.cat(parts))
+    total = sum(p.numel() for p in params)
+    marks = flat[total:total + len(params)].tolist() if any(lacking) else [1.0] * len(params)
     offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g)).div_(world())
+    for p, mark in zip(params, marks):
+        n = p.numel()
+        if mark > 0:
+            mean = flat[offset:offset + n].view_as(p).div_(world())
+            if p.grad is None:
+                p.grad = mean.clone()
+            else:
+                p.grad.copy_(mean)
         offset += n
-    return flat[offset:] if extra is not None else None
+    return flat[total + len(params):] if extra is not None else None

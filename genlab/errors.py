@@ -22,3 +22,19 @@ class Interrupted(GenlabError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+_held: list = []  # how to let out what genlab.cli holds back of stderr while Hydra composes the command line
+
+
+def hold(release) -> None:
+    """genlab.cli holds stderr back while Hydra composes its command line; ``release`` lets it out."""
+    _held[:] = [release]
+
+
+def composed() -> None:
+    """Hydra has composed the command line: what was held of stderr goes out, and genlab speaks for itself from
+    here. Called by the first of genlab's code to run after composition: the task, or a sweep's start in the
+    main process when its jobs run elsewhere (joblib, submitit)."""
+    while _held:
+        _held.pop()()

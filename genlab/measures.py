@@ -98,11 +98,13 @@ class Evaluation(Callback):
 
 
 class Pruning(Callback):
-    """Reports ``objective`` to trial ``number`` of the Optuna study ``study`` in ``storage`` at each epoch's end
-    where the row has it (the step reported is the epoch), and stops the run there when the study's pruner says so
-    (trainer.request_stop: the epoch's writers then save as at a run's end; genlab.train's result names why it
-    stopped). The pruner is the
-    one the sweeper stored in the study (its user attribute ``pruner``, a ``_target_`` node)."""
+    """Reports ``objective`` to trial ``number`` of the Optuna study ``study`` in ``storage`` once an epoch: its
+    value in the epoch's last metrics row (the run's last row too, mid-epoch), the step reported being the epoch.
+    A ``train/`` loss is in every row (the mean of that row's window of steps): the epoch's last row's is
+    reported, not its first (Optuna ignores a step reported again); ``val/`` and ``eval/`` are measured there
+    alone. The run stops there when the study's pruner says so (trainer.request_stop: the epoch's writers then
+    save as at a run's end; genlab.train's result names why it stopped). The pruner is the one the sweeper
+    stored in the study (its user attribute ``pruner``, a ``_target_`` node)."""
 
     def __init__(self, storage: str, study: str, number: int, objective: str):
         self.storage, self.study, self.number, self.objective = storage, study, number, objective
@@ -119,7 +121,8 @@ class Pruning(Callback):
         self.trial = optuna.trial.Trial(study, trial_id)
 
     def on_log(self, trainer, row):
-        if self.objective not in row:  # measured at an epoch's end (Evaluation, earlier in the list)
+        last = trainer.done or trainer.step % trainer.loader.steps_per_epoch == 0  # the epoch's last row
+        if self.objective not in row or not last:  # val/, eval/: measured there (Evaluation, earlier in the list)
             return
         self.trial.report(row[self.objective], row["epoch"])
         if not trainer.done and self.trial.should_prune():

@@ -44,8 +44,12 @@ class StepContext:
     a later one could still drop the step), and the loop puts back the batch-norm statistics of its start.
     Under fp16 that happens on the device, with no host sync.
 
+    An optimizer may be stepped several times in one training step (an inner critic loop): each update is
+    averaged over the ranks, and a dropped step puts back the weights and states of the training step's start.
+
     Under several processes (genlab.dist) each optimizer's gradients are averaged over the ranks, in one
-    flat all-reduce, before it clips or steps; a non-finite loss on any rank (``on_nan=skip``) rides along
+    flat all-reduce, before it clips or steps (the ranks need not agree on which parameters have gradients);
+    a non-finite loss on any rank (``on_nan=skip``) rides along
     in that all-reduce, so that every rank drops the same steps. No network is wrapped (no
     DistributedDataParallel), so a model's step may take several backward passes, ``inputs=`` and
     ``retain_graph`` as it likes: what is averaged is what each optimizer is about to apply.
@@ -64,10 +68,12 @@ class StepContext:
         self._bad = False  # this rank saw a non-finite loss (on_nan=skip), not yet shared with the others
         self._reduced: set[str] = set()  # optimizers whose gradients were averaged over the ranks in this step
         self._applied: dict[str, bool | Tensor] = {}  # name -> applied (a device flag under fp16)
-        # an update may have to be undone when a later one of the same step can still drop it
-        self.undoable = (on_nan == "skip" or self.scaler is not None) and len(optimizers) > 1
-        self._saved: list[tuple] = []  # (optimizer, param, copies of the param and its state) before this step's updates
-        self._scaled = False  # the scaler unscaled or stepped an optimizer in this training step: it must update
+        # an update may have to be undone when a later one of the same step can still drop it: another
+        # optimizer's, or a second update of the same one (an inner critic loop); copies are taken once a step
+        self.undoable = on_nan == "skip" or self.scaler is not None
+        self._saved: list[tuple] = []  # (optimizer, param, copies of the param and its state) at this step's start
+        self._kept: set[int] = set()  # ids of the parameters copied in ``_saved``
+        self._unsettled: set[str] = set()  # the optimizers the scaler unscaled or stepped since its last update
 
     def autocast(self):
         return autocast(self.device, self.precision)
@@ -79,6 +85,8 @@ class StepContext:
         if self.dropped:
             return
         if self.scaler is not None:
+            if self._unsettled and (name is None or name in self._unsettled):
+                self._settle()  # new gradients for an optimizer already stepped (an inner loop): at the next scale
             loss = self.scaler.scale(loss)
         inputs = None
         if name is not None:  # a frozen parameter (requires_grad=False) in an optimizer's group gets no gradient
@@ -93,7 +101,7 @@ class StepContext:
         self._average(name)
         if self.scaler is not None and not self.dropped:
             self.scaler.unscale_(self.optimizers[name])
-            self._scaled = True
+            self._unsettled.add(name)
         return torch.nn.utils.clip_grad_norm_(self.params[name], max_norm)
 
     def step(self, name: str) -> None:
@@ -108,12 +116,14 @@ class StepContext:
                 self._save(opt)
             if self.scaler is not None:  # the scaler skips an update whose gradients overflowed, on the device
                 self.scaler.step(opt)
-                self._scaled = True
-                self._applied[name] = sum(self.scaler._found_inf_per_device(opt).values()) == 0
+                self._unsettled.add(name)
+                applied = sum(self.scaler._found_inf_per_device(opt).values()) == 0
+                self._applied[name] = applied & self._applied.get(name, True)  # every update of it applied
             else:
                 opt.step()
                 self._applied[name] = True
         opt.zero_grad(set_to_none=True)
+        self._reduced.discard(name)  # a second step of this optimizer in this training step is averaged again
 
     def _average(self, name: str) -> None:
         """Several processes: this optimizer's gradients averaged over the ranks (once a step), and whether any
@@ -127,10 +137,12 @@ class StepContext:
             self.dropped = True
 
     def _save(self, opt) -> None:
-        """Copies of what ``opt``'s update is about to change: its parameters that have gradients, and their state."""
+        """Copies of what ``opt``'s update is about to change: its parameters that have gradients, and their state,
+        as they were at the start of the training step (a parameter updated twice is copied before the first)."""
         for group in opt.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and id(p) not in self._kept:
+                    self._kept.add(id(p))
                     state = opt.state.get(p)
                     self._saved.append((opt, p, p.detach().clone(), {k: v.clone() if isinstance(v, Tensor) else v
                                                                      for k, v in state.items()} if state else None))
@@ -161,18 +173,24 @@ class StepContext:
             if now:
                 torch._foreach_lerp_(now, then, [undo.to(t.dtype) for t in now])
 
+    def _settle(self) -> None:
+        """The scaler's update (its scale backs off after an overflow, or grows), between a training step's updates
+        of one optimizer as well as at its end: a scaler steps each optimizer once between updates."""
+        self.scaler.update()
+        self._unsettled.clear()
+
     def applied(self, name: str) -> bool:
         return bool(self._applied.get(name, False))
 
     def begin(self, step_index: int) -> None:
-        self.step_index, self.dropped, self._applied, self._scaled = step_index, False, {}, False
-        self._bad, self._reduced, self._saved = False, set(), []
+        self.step_index, self.dropped, self._applied, self._unsettled = step_index, False, {}, set()
+        self._bad, self._reduced, self._saved, self._kept = False, set(), [], set()
 
     def end(self) -> Tensor | bool:
         """Close a training step: the scaler's update, each schedule's step. Returns whether every update
         was applied: False when the step was dropped; under fp16 a device flag (no sync)."""
-        if self._scaled:
-            self.scaler.update()
+        if self._unsettled:
+            self._settle()
         for s in self.schedulers.values():
             s.step()
         if self.dropped:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from hydra.experimental.callback import Callback
 
+from genlab import errors
 from genlab.errors import GenlabError, Interrupted
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ def share_cpus(launcher) -> int | None:
 class Summary(Callback):
     """At the end of a sweep: a line per job that did not complete, a count, ``jobs.csv`` in the sweep directory,
     and exit status 1 when a job failed."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        errors.composed()  # the jobs may run in other processes (joblib, submitit): genlab speaks for itself now
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

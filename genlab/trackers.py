@@ -3,9 +3,11 @@
 `genlab train logger=[tensorboard,mlflow,wandb]` (any of them) adds them beside metrics.csv, the loss curves,
 the grids and the checkpoints. Each receives every metrics row at its step (losses, ``lr/*``, img/s, the
 in-loop measurements), the sample grid the grid callback drew (no second sampling), the resolved config as
-hyperparameters, and at the end the checkpoint's path and how the run ended. Its run's id is kept in the
-checkpoints, so that a resumed run goes on in the same tracker run; rows the tracker already holds (those
-logged after the checkpoint the run resumed from) are not sent again. Each tool is an optional extra:
+hyperparameters, and at the end the checkpoint's path and how the run ended. Its run's id and folder (relative to
+the run directory, so that a moved run goes on where it now is) are kept in the checkpoints, so that a resumed run
+goes on in the same tracker run from the checkpoint's step: what the tracker holds past that step belongs to an
+abandoned timeline, and TensorBoard drops it, W&B rewinds its run, and MLflow, which cannot delete a point, goes on
+in a new run holding a copy of the history up to that step (a warning names it). Each tool is an optional extra:
 `pip install 'genlab[tensorboard]'` ('[mlflow]', '[wandb]', '[track]' for all three).
 """
 
@@ -47,6 +49,29 @@ def metrics_of(row: dict) -> dict:
     return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
 
 
+def relative(folder, run_dir) -> str:
+    """A tracker's folder as a checkpoint keeps it: relative to the run directory when inside it ("tensorboard", "."),
+    so that the run can be moved, else absolute (a place of the user's own)."""
+    folder = Path(folder).resolve()
+    try:
+        return str(folder.relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        return str(folder)
+
+
+def relocated(kept: str, home: Path, default: str) -> Path:
+    """A folder a checkpoint kept, for the run whose directory is now ``home``: a relative one under ``home``; an
+    absolute one (genlab kept them so before) as it is while it is there, else (the run was moved) the shortest tail
+    of it that is under ``home`` ("tensorboard"), else ``home / default``."""
+    path = Path(kept)
+    if not path.is_absolute():
+        return home / path
+    if path.exists():
+        return path
+    tails = (home / Path(*path.parts[-n:]) for n in range(1, len(path.parts)))
+    return next((tail for tail in tails if tail.exists()), home / default)
+
+
 class Tracker(Callback):
     """What every tracker shares: the run directory and resolved config it was built with, the last step its run
     already holds (rows and images up to it are not sent again after a resume), and its failures: a run that
@@ -57,10 +82,14 @@ class Tracker(Callback):
 
     def __init__(self, run_dir, config: dict):
         self.run_dir, self.config = Path(run_dir), config
+        self.home = self.run_dir  # the directory of the run whose checkpoint is resumed: kept folders are under it
         self.held = -1  # the last step the tracker's run holds
         self.live = False  # its run is open and has not failed
 
     def on_fit_start(self, trainer):
+        resumed = Path(trainer.saved[0]) if trainer.saved else None  # at the start: the checkpoint resumed from
+        if resumed is not None and resumed.parent.name == "checkpoints":
+            self.home = resumed.parent.parent
         try:
             self.open(trainer)
         except GenlabError:
@@ -114,28 +143,32 @@ class Tracker(Callback):
 
 class TensorBoard(Tracker):
     """Event files in ``log_dir`` (default: the run directory's ``tensorboard/``); a resumed run writes into the
-    first run's folder, and events past the step it resumed from are dropped (``purge_step``).
+    first run's folder (where it is now), and events past the step it resumed from are dropped (``purge_step``).
     `tensorboard --logdir outputs` shows every run."""
 
     def __init__(self, run_dir, config: dict, log_dir: str | None = None):
         super().__init__(run_dir, config)
         need("tensorboard", "tensorboard", "TensorBoard")
-        self.log_dir = str(Path(log_dir).expanduser() if log_dir else Path(run_dir) / "tensorboard")
-        self.resumed = False
+        self.log_dir = str(Path(log_dir).expanduser().resolve() if log_dir else Path(run_dir) / "tensorboard")
+        self.kept = None  # the folder as the checkpoint resumed from kept it
 
     def state_dict(self):
-        return {"log_dir": self.log_dir}
+        return {"log_dir": relative(self.log_dir, self.run_dir)}
 
     def load_state_dict(self, state):
-        self.log_dir, self.resumed = state["log_dir"], True
+        self.kept = state["log_dir"]
+        self.log_dir = str(relocated(self.kept, self.home, "tensorboard"))
 
     def open(self, trainer):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.held = trainer.step if self.resumed else -1
-        self.writer = SummaryWriter(self.log_dir, purge_step=trainer.step + 1 if self.resumed else None)
-        if not self.resumed:
+        resumed = self.kept is not None
+        if resumed:
+            self.log_dir = str(relocated(self.kept, self.home, "tensorboard"))
+        self.held = trainer.step if resumed else -1
+        self.writer = SummaryWriter(self.log_dir, purge_step=trainer.step + 1 if resumed else None)
+        if not resumed:
             self.writer.add_text("config", "```\n" + yaml.safe_dump(self.config, sort_keys=False) + "```", 0)
             for summary in hparams(flat(self.config), {}):  # the HPARAMS tab, in this run's own folder
                 self.writer.file_writer.add_summary(summary)
@@ -199,25 +232,48 @@ class MLflow(Tracker):
 
     def open(self, trainer):
         with self.store_lock():
-            self.start()
+            self.start(trainer.step)
 
-    def start(self) -> None:
+    def start(self, step: int) -> None:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(self.tracking_uri)
-        if self.run_id is not None:  # resumed: the same run, on from the last step it holds
-            self.client.update_run(self.run_id, status="RUNNING")
-            self.held = max((m.step for m in self.client.get_metric_history(self.run_id, "epoch")), default=-1)
+        if self.run_id is None:
+            self.run_id = self.create(self.run_dir.name)
             return
-        experiment_id = self.experiment_id()
-        run = self.client.create_run(experiment_id, run_name=self.run_dir.name,
-                                     tags={"genlab.run_dir": str(self.run_dir.resolve())})
-        self.run_id = run.info.run_id
+        held = max((m.step for m in self.client.get_metric_history(self.run_id, "epoch")), default=-1)
+        if held > step:  # resumed from an older checkpoint than the run's newest
+            self.fork(step, held)
+        else:  # resumed: the same run, on from the last step it holds
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.held = held
+
+    def create(self, name: str, tags: dict | None = None) -> str:
+        """A new run in ``experiment`` with the config as its params; its id."""
         from mlflow.entities import Param
 
+        run = self.client.create_run(self.experiment_id(), run_name=name,
+                                     tags={"genlab.run_dir": str(self.run_dir.resolve()), **(tags or {})})
         params = [Param(k, str(v)[:6000]) for k, v in flat(self.config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(run.info.run_id, params=params[i:i + 100])
+        return run.info.run_id
+
+    def fork(self, step: int, held: int) -> None:
+        """The run holds steps past ``step``, the checkpoint's, from a timeline the resume abandons, and MLflow cannot
+        delete a point: the resumed timeline goes on in a new run that starts with a copy of the metric history up to
+        ``step`` (tagged ``genlab.resumed_from``), and the old run is tagged ``genlab.superseded_by`` the new one."""
+        old = self.client.get_run(self.run_id)
+        new = self.create(old.info.run_name, {"genlab.resumed_from": self.run_id, "genlab.resumed_at_step": str(step)})
+        history = [m for key in old.data.metrics for m in self.client.get_metric_history(self.run_id, key)
+                   if m.step <= step]
+        for i in range(0, len(history), 1000):  # MLflow takes at most 1000 metrics a batch
+            self.client.log_batch(new, metrics=history[i:i + 1000])
+        self.client.set_tag(self.run_id, "genlab.superseded_by", new)
+        log.warning("logger.mlflow: run %s holds steps %d to %d of the timeline this resume abandons, and MLflow "
+                    "cannot delete them: the run goes on in MLflow run %s, with the history up to step %d copied (the "
+                    "earlier images stay in %s)", self.run_id, step + 1, held, new, step, self.run_id)
+        self.run_id, self.held = new, step
 
     def experiment_id(self) -> str:
         """``experiment``'s id, made when it is new (another job of a sweep may make it at the same moment)."""
@@ -276,7 +332,8 @@ def has_wandb_key() -> bool:
 class WandB(Tracker):
     """A Weights & Biases run in ``project``, its files in the run directory's ``wandb/``. Without an API key
     (`wandb login` or ``WANDB_API_KEY``) it runs offline: `wandb sync RUN_DIR/wandb/offline-run-*` uploads it
-    later. A resumed run continues the same W&B run (``resume="allow"``)."""
+    later. A resumed run continues the same W&B run, rewound to the checkpoint's step (``resume_from``; offline,
+    the rewind is in its files and done when they are synced)."""
 
     hint = " Without a network, logger.wandb.mode=offline."
 
@@ -285,36 +342,46 @@ class WandB(Tracker):
         super().__init__(run_dir, config)
         need("wandb", "wandb", "Weights & Biases (wandb)")
         self.project, self.entity, self.mode, self.run_id = project, entity, mode, None
+        self.dir, self.kept = self.run_dir, None  # its files in dir/wandb/; that folder as a checkpoint kept it
 
     def state_dict(self):
-        return {"run_id": self.run_id, "dir": str(self.run_dir)}
+        return {"run_id": self.run_id, "dir": relative(self.dir, self.run_dir)}
 
     def load_state_dict(self, state):
-        self.run_id, self.run_dir = state["run_id"], Path(state["dir"])
+        self.run_id, self.kept = state["run_id"], state["dir"]
+        self.dir = relocated(self.kept, self.home, ".")
 
     def chosen_mode(self) -> str:
         return self.mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
 
-    def open(self, trainer):
+    def init(self, **how):
         import wandb
 
-        self.held = trainer.step if self.run_id is not None else -1
-        self.run = wandb.init(project=self.project, entity=self.entity, dir=str(self.run_dir), mode=self.chosen_mode(),
-                              id=self.run_id, resume="allow" if self.run_id else None, name=self.run_dir.name,
-                              config=self.config, settings=wandb.Settings(silent=True, console="off"))
-        self.run_id = self.run.id
-        if self.held >= 0:  # resumed: online, W&B knows the run's last step (offline it starts from 0)
-            self.held = max(self.held, self.run.step - 1)
+        return wandb.init(project=self.project, entity=self.entity, dir=str(self.dir), mode=self.chosen_mode(),
+                          config=self.config, settings=wandb.Settings(silent=True, console="off"), **how)
+
+    def open(self, trainer):
+        step = trainer.step
+        if self.run_id is None:
+            self.run = self.init(name=self.run_dir.name)
+            self.run_id = self.run.id
+            return
+        self.dir = relocated(self.kept, self.home, ".")
+        try:  # rewound: what the run holds past the checkpoint's step is dropped (offline: when it is synced)
+            self.run = self.init(resume_from=f"{self.run_id}?_step={step}")
+        except Exception as e:  # a server without W&B's rewind (a preview): on after the last step the run holds
+            self.run = self.init(id=self.run_id, resume="allow")
+            if self.run.step - 1 > step:
+                log.warning("logger.wandb: W&B could not rewind run %s to step %d (%s): it keeps its steps up to %d "
+                            "from the timeline this resume abandons, and this run's rows up to there are not sent",
+                            self.run_id, step, first_line(e), self.run.step - 1)
+        self.held = max(step, self.run.step - 1)
 
     def log_metrics(self, metrics, step):
         self.run.log(metrics, step=step)
 
     def log_evaluation(self, metrics, step):
-        import wandb
-
-        with wandb.init(project=self.project, entity=self.entity, dir=str(self.run_dir), mode=self.chosen_mode(),
-                        id=self.run_id,
-                        resume="allow", settings=wandb.Settings(silent=True, console="off")) as run:
+        with self.init(id=self.run_id, resume="allow") as run:
             run.summary.update(metrics)
 
     def log_image(self, name, image, step):

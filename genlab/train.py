@@ -34,9 +34,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
     resume = cfg.get("resume")
     if resume == "auto":  # a requeued job continues from its own run directory, a new one starts
         resume = run_dir if (run_dir / "checkpoints" / "last.pt").is_file() else None
-    if resume:
+        if resume:  # a last.pt cut short by a hard kill: the newest intact kept copy
+            path, state = checkpoint.load_intact(run_dir)
+    elif resume:
         path = checkpoint.resolve(resume)
         state = checkpoint.load(path)
+    if resume:
         choices = state.get("choices")  # the run's own
         cfg = resumed_config(state["config"], cfg, overrides, choices)
     check_trainer(cfg.trainer)

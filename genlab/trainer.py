@@ -54,6 +54,7 @@ class Trainer:
         self._received: list[int] = []  # the signals this process received, not yet agreed
         self._requested = None  # a callback's request_stop on this process, not yet agreed
         self._dropped_in_a_row = 0  # on_nan=skip
+        self._failure = None  # a callback's error on this rank, not yet shared with the others (_call)
 
     @property
     def epochs(self) -> int:
@@ -82,7 +83,7 @@ class Trainer:
         self.status = "running"
         try:
             with self._signals():
-                self._call("on_fit_start")
+                self._call("on_fit_start", settle=True)
                 while not self.done:
                     epoch, first = divmod(self.step, self.loader.steps_per_epoch)
                     for batch in self.loader.epoch(epoch, first):
@@ -94,13 +95,13 @@ class Trainer:
                             if self.done or self.signal is not None:
                                 break
                     if self.signal is not None:
-                        self._call("on_interrupt")
+                        self._call("on_interrupt", settle=True)
                         if not self._hand_over():
                             dist.finish()  # the ranks leave together, once rank 0 has saved
                             raise self._interrupted()
                         if self.step % self.loader.steps_per_epoch and not self.done:  # on with the rest of the epoch
                             continue
-                    self._call("on_epoch_end")
+                    self._call("on_epoch_end", settle=True)  # rank 0 may take long: the others wait on the store
                     self._window.restart()  # the pictures and checkpoints are not training time
             self.status = "finished"
         except BaseException as e:
@@ -121,8 +122,8 @@ class Trainer:
                 if self.status != "finished":
                     log.warning("%s could not finish: %s", type(cb).__name__, first_line(e))
                 failed = failed or e
-        if failed is not None and self.status == "finished":
-            raise failed
+        if self.status == "finished":  # every rank got here: they learn together whether rank 0's writers finished
+            dist.settle(failed, "finishing the run")
 
     def _row_due(self) -> bool:
         """A metrics row every ``log_every`` steps, at each epoch's end and at the last step. One process also
@@ -175,19 +176,36 @@ class Trainer:
         self.wall_time = row["wall_time"]
         self.history.append(row)
         self._call("on_log", row)
-        if self._agree(self._requested is not None) and self.stopped is None:  # a callback (rank 0's) asked to stop
+        requested, failed = self._agree(self._requested is not None, self._failure is not None)
+        if failed:  # a callback failed on some rank, at this row or at a step since the last
+            dist.settle(self._failure, "in a callback")
+        if requested and self.stopped is None:  # a callback (rank 0's) asked to stop
             self.stopped = self._requested or "stopped by rank 0"
         self._window.clear()
 
-    def _agree(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (alone: on this one)."""
-        if dist.world() == 1:
-            return flag
-        return dist.all_reduce(torch.tensor([float(flag)], device=self.ctx.device), "max").tolist()[0] > 0
+    def _agree(self, *flags: bool) -> bool | list[bool]:
+        """Whether each flag holds on any rank (alone: on this one), in one all-reduce."""
+        if dist.world() > 1:
+            flags = [v > 0 for v in dist.all_reduce(torch.tensor(flags, dtype=torch.float, device=self.ctx.device),
+                                                     "max").tolist()]
+        return flags[0] if len(flags) == 1 else list(flags)
 
-    def _call(self, hook: str, *args) -> None:
-        for cb in self.callbacks:
-            getattr(cb, hook)(self, *args)
+    def _call(self, hook: str, *args, settle: bool = False) -> None:
+        """Each callback's ``hook``. Under several processes a failing one does not end its rank at once, which
+        would strand the others in their next collective (for as long as its timeout: 30 minutes): its error is
+        kept, the rank's callbacks rest, and every rank learns of it where they next agree, and stops with its
+        message: at once where ``settle`` (after the hooks where rank 0 writes: on_fit_start, on_epoch_end,
+        on_interrupt), else at the next metrics row."""
+        if self._failure is None:
+            try:
+                for cb in self.callbacks:
+                    getattr(cb, hook)(self, *args)
+            except Exception as e:
+                if dist.world() == 1:
+                    raise
+                self._failure = e
+        if settle:
+            dist.settle(self._failure, hook)
 
     @torch.no_grad()
     def _restore_buffers(self, before: list, applied: bool | Tensor) -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,10 +26,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from genlab import dist, trainer as trainer_module  # noqa: E402
+from genlab import build as build_module, dist, trainer as trainer_module  # noqa: E402
 from genlab.build import build_trainer  # noqa: E402
 from genlab.callbacks import Callback  # noqa: E402
 from genlab.errors import GenlabError  # noqa: E402
+from genlab.models.base import GenerativeModel  # noqa: E402
 
 from conftest import compose_train  # noqa: E402
 
@@ -42,7 +44,47 @@ FAMILIES = {
     "vae_gan": ["model=vae_gan", "model.encoder.width=8", "model.discriminator.width=8"],
     "ddpm": ["model=ddpm", "model.unet.width=8", "model.num_classes=10", "dataset.image_size=16"],
     "flow": ["model=flow", "model.unet.width=8", "dataset.image_size=16"],
+    "two_updates": ["model=flow", "dataset.image_size=8"],  # the model replaced by TwoUpdates (family_config)
 }
+
+
+class TwoUpdates(GenerativeModel):
+    """A plug-in model that updates its one optimizer twice in a training step (an inner loop, as a critic's),
+    with a head that only the images of class 0 reach: a branch that a rank whose slice holds none never takes,
+    so the ranks disagree on which parameters have gradients."""
+
+    def __init__(self, channels: int = 1, image_size: int = 8, width: int = 8):
+        super().__init__()
+        self.shape = (channels, image_size, image_size)
+        self.body = nn.Linear(channels * image_size * image_size, width)
+        self.head = nn.Linear(width, 1)
+
+    def optimizer_groups(self):
+        return {"main": self.parameters()}
+
+    def training_step(self, batch, ctx):
+        x, zeros = batch.x.flatten(1), batch.y == 0
+        for _ in range(2):
+            h = torch.tanh(self.body(x))
+            loss = (h - 0.5).pow(2).mean()
+            if zeros.any():  # summed over the batch's zeros, divided by the whole batch: as one process computes it
+                loss = loss + self.head(h[zeros]).pow(2).sum() / len(x)
+            ctx.backward(loss, "main")
+            ctx.step("main")
+        return {"loss": loss.detach()}
+
+    def latent(self, n, generator=None):
+        return torch.randn(n, self.body.out_features, generator=generator)
+
+    def generate(self, z, labels=None):
+        return torch.sigmoid(z @ self.body.weight).view(-1, *self.shape)
+
+
+def family_config(family: str):
+    cfg = compose_train([*COMMON, *FAMILIES[family], "trainer.progress=false"])
+    if family == "two_updates":
+        cfg.model, cfg.loss = {"_target_": "dist_worker.TwoUpdates", "image_size": 8}, None
+    return cfg
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -160,12 +202,56 @@ def decisions(out: Path) -> None:
         (out / f"{case}-rank{dist.rank()}.json").write_text(json.dumps(result))
 
 
+class Stall(Callback):
+    """On rank 0 alone: sleep ``sleep`` seconds in ``hook``, then raise ``error`` (None: go on)."""
+
+    def __init__(self, hook: str, sleep: float, error: str | None = None):
+        self.hook, self.sleep, self.error = hook, sleep, error
+
+    def __getattribute__(self, name):
+        if name == object.__getattribute__(self, "hook") and dist.is_main():
+            return self._stall
+        return object.__getattribute__(self, name)
+
+    def _stall(self, trainer, *args):
+        time.sleep(self.sleep)
+        if self.error:
+            raise OSError(28, self.error)
+
+
+def stranded(out: Path) -> None:
+    """Work that rank 0 does alone, slow (longer than the collectives' timeout, GENLAB_DIST_TIMEOUT) or failing:
+    in on_fit_start (a tracker), in a checkpoint written at an epoch's end or mid-epoch, and while the measurements
+    are built (the yardstick classifier). Each rank writes how each case ended."""
+    device = dist.setup("cpu")
+    slow = float(os.environ["GENLAB_DIST_TIMEOUT"]) * 2
+    # (hook, error): a mid-epoch checkpoint (on_step_end) fails at once; a slow one must end within the timeout
+    cases = {"slow_start": ("on_fit_start", None), "failed_start": ("on_fit_start", "tracker unreachable"),
+             "full_disk": ("on_epoch_end", "No space left on device"), "slow_build": (None, None),
+             "failed_step": ("on_step_end", "No space left on device")}
+    build = build_module.build_evaluation
+    for case, (hook, error) in cases.items():
+        cfg = compose_train(["model=gan", *COMMON, "trainer.max_steps=8", "trainer.log_every=4"])
+        build_module.build_evaluation = build if hook else lambda *a: (time.sleep(slow) if dist.is_main() else None, [])[1]
+        try:
+            trainer = build_trainer(cfg, out / case, device)
+            trainer.callbacks.append(Stall(hook or "on_fit_start", 0 if hook in (None, "on_step_end") else slow, error))
+            trainer.fit()
+            result = {"step": trainer.step, "error": None}
+        except GenlabError as e:
+            result = {"step": trainer.step, "error": f"{type(e).__name__}: {e}"}
+        except OSError as e:
+            result = {"step": trainer.step, "error": f"OSError: {e}"}
+        (out / f"{case}-rank{dist.rank()}.json").write_text(json.dumps(result))
+    dist.finish()
+
+
 def main(out: Path, arranged: bool) -> None:
     device = dist.setup("cpu")
     if arranged:
         arrange_noise()
-    for family, overrides in FAMILIES.items():
-        cfg = compose_train([*COMMON, *overrides, "trainer.progress=false"])
+    for family in FAMILIES:
+        cfg = family_config(family)
         torch.manual_seed(cfg.seed)
         run_dir = out / f"{family}-world{dist.world()}"
         trainer = build_trainer(cfg, run_dir, device)
@@ -178,6 +264,8 @@ def main(out: Path, arranged: bool) -> None:
 if __name__ == "__main__":
     if "--decisions" in sys.argv[2:]:
         decisions(Path(sys.argv[1]))
+    elif "--stranded" in sys.argv[2:]:
+        stranded(Path(sys.argv[1]))
     elif "--crash" in sys.argv[2:]:  # rank 1 fails mid-run: rank 0 must not wait for it forever
         cfg = compose_train(["model=gan", *COMMON, "trainer.max_steps=8"])
         trainer = build_trainer(cfg, Path(sys.argv[1]), dist.setup("cpu"))

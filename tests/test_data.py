@@ -175,6 +175,27 @@ def test_automatic_choice_maps_what_does_not_fit(tmp_path, monkeypatch):
         assert any(str(tmp_path / "cache") in line and line.rstrip().endswith(".u8") for line in fh)
 
 
+def test_the_processes_of_a_machine_share_the_memory_budget(tmp_path, monkeypatch):
+    """torchrun --nproc_per_node=16: each process may hold a 16th of what one alone may, so that together they take
+    an eighth of the memory, not two machines' worth; a dataset that fits one process but not a 16th is mapped
+    (one copy in the page cache for all 16)."""
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    write_idx(tmp_path / "MNIST" / "raw", "train", *fake_images(40, 28, 28))
+    nbytes = 40 * 28 * 28
+    monkeypatch.setattr(data.cache, "available_memory", lambda: 8 * 4 * nbytes)  # one process: 4x what it takes
+    alone = data.cache.memory_budget()
+    assert alone == 4 * nbytes and data.fits_in_memory(nbytes)
+    data.mnist(tmp_path, download=False)  # decoded and held in memory: no mapping of its cache file
+    mapped = lambda: any(str(tmp_path / "cache") in line and line.rstrip().endswith(".u8")  # noqa: E731
+                         for line in open("/proc/self/maps"))
+    assert not mapped()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert data.cache.memory_budget() == alone // 16 and not data.fits_in_memory(nbytes)
+    shared = data.mnist(tmp_path, download=False)
+    assert mapped() and shared.images.shape == (40, 1, 28, 28)
+
+
 def test_damaged_images_file_is_decoded_again(tmp_path, caplog, monkeypatch):
     """A truncated images file is caught by its size (mapped or not); a changed byte by its checksum when the
     images are read into memory."""
@@ -269,3 +290,84 @@ def test_real_cifar10():
     assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=5e-4)
     planes = data.cifar10(SHARED_DATA, train=False, download=False, classes=[1], image_size=64, channels=1)
     assert planes.images.shape == (1000, 1, 64, 64) and set(planes.labels.tolist()) == {1}
+
+
+def solid_pngs(folder, numbers, classes=("a", "b")):
+    """One image a number, all of its colour (red: the number % 256, green: // 256), so that a decoded image says
+    which file it came from; alternately in the sub-folders ``classes``."""
+    from PIL import Image
+
+    for i in numbers:
+        (folder / classes[i % len(classes)]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (6, 5), (i % 256, i // 256, 0)).save(folder / classes[i % len(classes)] / f"{i:04d}.png")
+
+
+def numbers(d) -> set[int]:
+    return set((d.images[:, 0, 0, 0].long() + 256 * d.images[:, 1, 0, 0].long()).tolist())
+
+
+def sides(root, **kwargs) -> dict[bool, set[int]]:
+    return {train: numbers(data.folder(root, train=train, image_size=4, workers=1, **kwargs)) for train in (True, False)}
+
+
+def test_adding_images_to_a_folder_moves_none_between_train_and_test(tmp_path):
+    """A file's side is a function of its name: 100 images added to 200 leave each of the 200 where it was (the
+    shuffle of the file list genlab used before moved most of them, so a later evaluate scored on training images),
+    and the test share stays near test_fraction."""
+    solid_pngs(tmp_path, range(200))
+    before = sides(tmp_path, test_fraction=0.2)
+    assert before[True] | before[False] == set(range(200)) and 25 <= len(before[False]) <= 55
+    solid_pngs(tmp_path, range(200, 300))
+    after = sides(tmp_path, test_fraction=0.2)
+    assert before[True] <= after[True] and before[False] <= after[False]
+    assert after[False] - before[False] and 40 <= len(after[False]) <= 80  # some of the new ones test
+
+
+def test_a_tiny_folder_keeps_an_image_on_each_side():
+    """Where the names' hashes leave a side empty though its share is above 0, the image nearest the line crosses."""
+    names = [f"{i}.png" for i in range(3)]
+    low = min(data.split.position(n) for n in names)
+    assert sum(data.split.by_name(names, low / 2)) == 1  # no hash below the line: the lowest tests
+    assert sum(data.split.by_name(names, 1 - 1e-12)) == 2  # every hash below it: the highest trains
+    assert data.split.by_name(names[:1], 0.5) == [False] and not any(data.split.by_name(names, 0.0))
+
+
+def test_a_changed_folder_split_is_told_where_the_run_is_evaluated(tmp_path, caplog):
+    """A run's checkpoint records its folder's split; `evaluate`, `sample` and resume build the split from the run's
+    config, and warn once when files were added or removed since, saying how many training images it now holds."""
+    from omegaconf import OmegaConf
+
+    from genlab import checkpoint
+    from genlab.parts import test_split
+
+    from conftest import make_trainer
+
+    root = tmp_path / "images"
+    solid_pngs(root, range(40))
+    make_trainer(["model=gan", "dataset=folder", f"dataset.root={root}", "dataset.image_size=8",
+                  "trainer.batch_size=8", "trainer.max_steps=1", "callbacks=[checkpoints]"], tmp_path / "run").fit()
+    cfg = OmegaConf.create(checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["config"])
+    recorded = cfg.dataset.split
+    assert recorded.rule == "name" and recorded.images == 40 and len(test_split(cfg)) == recorded.test
+    solid_pngs(root, range(40, 80))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        test, _ = test_split(cfg), test_split(cfg, train=True)
+    assert caplog.text.count("changed since this run recorded it") == 1, caplog.text
+    assert (f"(40 images, {recorded.test} for test then; 80 and {len(test)} now): by their names 0 of the images it "
+            "trained on are in the test split now") in caplog.text
+
+
+def test_a_run_from_before_the_name_split_keeps_its_own_split(tmp_path):
+    """A checkpoint of a folder run without a recorded split was trained on genlab 0.1's shuffle of the file list:
+    it is read with that rule (split=order), so evaluate still tests on the images it held out."""
+    from genlab import checkpoint
+
+    state = checkpoint.upgrade({"config": {"dataset": {"_target_": "genlab.data.folder", "root": str(tmp_path)}}})
+    assert state["config"]["dataset"]["split"] == "order"
+    solid_pngs(tmp_path, range(30))
+    by_path = [*range(0, 30, 2), *range(1, 30, 2)]  # the numbers in the files' sorted order: a/ then b/
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0)).tolist()
+    assert sides(tmp_path, test_fraction=0.2, split="order")[False] == {by_path[i] for i in order[:6]}
+    with pytest.raises(GenlabError, match="dataset.split must be name or order"):
+        data.folder(tmp_path, split="random")

@@ -14,8 +14,8 @@ from genlab import checkpoint
 from genlab.data import Loader
 from genlab.parts import build_model
 
-from conftest import compose_train, genlab
-from dist_worker import COMMON, FAMILIES
+from conftest import genlab
+from dist_worker import FAMILIES, family_config
 from test_reliability import tensors
 
 WORKER = Path(__file__).parent / "dist_worker.py"
@@ -50,7 +50,7 @@ def test_two_processes_train_as_one(family, trained):
         if v.is_floating_point():
             torch.testing.assert_close(rank0[k], v, atol=1e-5, rtol=1e-4, msg=f"{family}: {k}")
     # the comparison can fail: the weights moved far more than the tolerance from where they started
-    cfg = compose_train([*COMMON, *FAMILIES[family]])
+    cfg = family_config(family)
     torch.manual_seed(cfg.seed)
     start = build_model(cfg).state_dict()
     assert max((alone[k] - start[k]).abs().max().item() for k in start if start[k].is_floating_point()) > 1e-3
@@ -132,9 +132,32 @@ def test_what_one_rank_meets_every_rank_decides(tmp_path):
 
 
 def test_a_rank_that_fails_stops_the_others(tmp_path):
-    """Rank 1 fails mid-run: rank 0 learns it at its next collective and stops with one line, not a hang."""
+    """Rank 1 fails mid-run (a callback of its own): rank 0 learns it at the next metrics row and stops with one
+    line that carries rank 1's message, not a hang."""
     r = subprocess.run([*TORCHRUN, str(WORKER), str(tmp_path), "--crash"], cwd=tmp_path, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode != 0
     assert "rank 1: GenlabError: rank 1 broke at step 3" in r.stderr
-    assert "rank 0: PeerGone: another process of this run stopped, so this one stops too" in r.stderr
+    assert "rank 0: PeerGone: process 1 of this run stopped (in a callback), so this one stops too: GenlabError: " \
+           "rank 1 broke at step 3" in r.stderr  # its peer's own message
+
+
+def test_work_rank_0_does_alone_strands_no_rank(tmp_path):
+    """Rank 0 alone sleeps past the collectives' timeout (GENLAB_DIST_TIMEOUT=3) in a callback's on_fit_start or
+    while it builds the measurements (the first run's yardstick classifier): rank 1 waits for it, and both train to
+    the end. It fails there, or writing a checkpoint (a full disk) at an epoch's end or mid-epoch: both ranks stop,
+    rank 1 with rank 0's message, none stranded. Before, rank 1 waited in its next collective until the timeout
+    (30 minutes under NCCL), or trained on alone."""
+    r = subprocess.run([*TORCHRUN, str(WORKER), str(tmp_path), "--stranded"], cwd=tmp_path, capture_output=True,
+                       env={**ENV, "GENLAB_DIST_TIMEOUT": "3"}, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = {(case, rank): json.loads((tmp_path / f"{case}-rank{rank}.json").read_text())
+              for case in ("slow_start", "slow_build", "failed_start", "full_disk", "failed_step") for rank in (0, 1)}
+    for case in ("slow_start", "slow_build"):
+        assert [result[case, rank] for rank in (0, 1)] == [{"step": 8, "error": None}] * 2, case
+    for case, message, step in (("failed_start", "tracker unreachable", 0), ("full_disk", "No space left", 4),
+                                ("failed_step", "No space left", 4)):
+        mine, theirs = result[case, 0], result[case, 1]
+        assert mine["error"].startswith("OSError") and message in mine["error"], case
+        assert theirs["error"].startswith("PeerGone: process 0 of this run stopped") and message in theirs["error"], case
+        assert theirs["step"] == mine["step"] == step, case

@@ -86,6 +86,8 @@ def test_a_failing_job_is_reported_and_the_others_complete(tmp_path, launcher):
     assert_whole(sweep / "2")
     assert "job #1 failed (" in r.stderr and "VAE takes a loss of type ELBO" in r.stderr and "Traceback" not in r.stderr
     assert "sweep of 3 jobs: 2 completed, 1 failed" in r.stdout
+    # the failed job's own line once, not again inside all of the sweep's stderr held back and let out as one paragraph
+    assert r.stderr.count("genlab train: error:") == 1, r.stderr
     if launcher == "joblib":  # each job's share of the CPUs, even where the environment asks for more threads
         cpus = len(os.sched_getaffinity(0))
         assert f"2 jobs at once on {cpus} CPUs, {max(1, cpus // 2)} torch thread(s) each" in (sweep / "0" / "train.log").read_text()

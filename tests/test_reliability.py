@@ -18,6 +18,7 @@ from genlab.callbacks import Callback
 from genlab.errors import GenlabError, Interrupted
 from genlab.parts import build_schedulers
 from genlab.schedules import Cosine
+from genlab.step import StepContext
 from genlab.train import check_trainer, resumed_config
 from genlab.trainer import SKIP_LIMIT
 
@@ -202,6 +203,74 @@ def test_old_periodic_checkpoints_are_pruned(tmp_path):
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "epoch_0004.pt")["step"] == 12
 
 
+def test_kept_copies_are_files_of_their_own_and_resume_auto_takes_the_newest_intact_one(tmp_path):
+    """A kept copy and last.pt are two files (a hard link shared their bytes, so an in-place edit of one changed
+    the other); a temporary file that a killed write left behind is removed at the next start, where its process is
+    gone; resume=auto takes the newest intact kept copy when last.pt is damaged (it stopped with the damage)."""
+    run = tmp_path / "run"
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=9", "trainer.keep_every=1", "trainer.keep_last=2"], run)
+    t.fit()
+    folder = run / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_0002.pt", "epoch_0003.pt", "last.pt"]
+    last = (folder / "last.pt").read_bytes()
+    assert (folder / "epoch_0003.pt").read_bytes() == last and (folder / "epoch_0003.pt").stat().st_nlink == 1
+    with open(folder / "epoch_0003.pt", "r+b") as fh:  # an in-place edit, as a tool that rewrites files may make
+        fh.seek(len(last) // 2)
+        fh.write(bytes(b ^ 0xFF for b in last[len(last) // 2:len(last) // 2 + 64]))
+    assert (folder / "last.pt").read_bytes() == last
+    gone, living = folder / f".last.pt.tmp{2**22 + 12345}", folder / f".last.pt.tmp{os.getppid()}"
+    gone.write_bytes(b"half a checkpoint"), living.write_bytes(b"another process's write")
+    (folder / "last.pt").write_bytes(last[: len(last) // 2])  # last.pt cut short, the newest kept copy changed
+    r = genlab_here("train", "model=gan", *COMMON, "trainer.max_steps=12", "trainer.keep_every=1",
+                    "trainer.keep_last=2", "resume=auto", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from the newest intact kept copy, epoch_0002.pt (step 6)" in r.stdout + r.stderr
+    assert checkpoint.load(run)["step"] == 12 and not gone.exists() and living.exists()
+    (folder / "last.pt").write_bytes((folder / "last.pt").read_bytes()[:1000])
+    explicit = genlab_here("train", f"resume={run}", "trainer.max_steps=15", cwd=tmp_path)
+    assert explicit.returncode == 1 and "cannot be read" in explicit.stderr  # named by the user: refused, not replaced
+
+
+class Keeps(Callback):
+    """A callback of a user's whose state holds values that pickle but that weights_only=True cannot read back."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def test_what_a_checkpoint_cannot_hold_is_converted_or_refused_when_it_is_written(tmp_path):
+    """numpy numbers, numpy arrays and paths in a callback's state, and a numpy learning rate in an optimizer's,
+    are written as Python numbers, tensors and strings, and the run resumes from them; any other object is refused
+    at the first checkpoint with one line naming its key. Before, the run wrote checkpoints that no resume could
+    read: a numpy float made every one of them unreadable, found only at the resume."""
+    import numpy as np
+
+    state = {"best": np.float64(0.25), "count": np.int64(3), "where": Path("samples"), "mask": np.ones(2, np.float32)}
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=3"], tmp_path / "run")
+    keeps = Keeps(state)
+    keeps.state_key = "keeps"
+    t.callbacks.append(keeps)
+    t.ctx.optimizers["g"].param_groups[0]["lr"] = np.float64(2e-4)
+    t.fit()
+    saved = checkpoint.load(tmp_path / "run")
+    value = saved["callbacks"]["keeps"]["value"]
+    assert value["best"] == 0.25 and type(value["best"]) is float and value["count"] == 3 and value["where"] == "samples"
+    assert torch.equal(value["mask"], torch.ones(2)) and saved["optimizers"]["g"]["param_groups"][0]["lr"] == 2e-4
+    t = make_trainer(["model=gan", *COMMON, "trainer.max_steps=3"], tmp_path / "bad")
+    keeps = Keeps({"fitted": object()})
+    keeps.state_key = "keeps"
+    t.callbacks.append(keeps)
+    with pytest.raises(GenlabError, match=r"could not write the checkpoint .*last.pt: callbacks/keeps/value/fitted is "
+                                          r"a builtins.object, which a checkpoint cannot hold"):
+        t.fit()
+
+
 @pytest.mark.parametrize("every,saved", [("10m", [2, 4, 6, 8, 10, 12]), (1, [3, 6, 9, 12]), (2, [6, 12])])
 def test_checkpoint_every_takes_epochs_or_training_time(tmp_path, monkeypatch, every, saved):
     """trainer.checkpoint_every=10m writes last.pt once 10 minutes have passed since the last write, mid-epoch too,
@@ -280,6 +349,35 @@ def test_on_nan_skip_drops_exactly_the_bad_updates(tmp_path):
     stopping = poisoned_trainer(tmp_path / "stop", bad_steps={3, 4, 5}, max_steps=6)
     with pytest.raises(GenlabError, match="at step 4"):  # the same run under on_nan=stop
         stopping.fit()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_dropped_step_of_two_updates_of_one_optimizer_restores_its_start(precision):
+    """A model of one optimizer that updates it twice in a training step (an inner critic loop): when its second
+    loss turns NaN (on_nan=skip), or its second update's fp16 gradients overflow, the whole step is dropped, the
+    first update and the optimizer state it made included. Before, a single optimizer's updates were never
+    copied (nothing to undo), and two copies of one parameter were restored oldest-first: to after the first."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    ctx = StepContext({"main": torch.optim.Adam(net.parameters(), lr=0.1)}, precision, on_nan="skip")
+    x = torch.randn(8, 4)
+
+    def training_step(index, factor=1.0):
+        ctx.begin(index)
+        for i in range(2):
+            with ctx.autocast():
+                loss = net(x).float().pow(2).mean() * (factor if i == 1 else 1.0)
+            ctx.backward(loss, "main")
+            ctx.step("main")
+        return bool(ctx.end())
+
+    assert training_step(0)  # a clean step first: the optimizer's state exists (fp16: the undo on the device)
+    start = [(k, t.clone()) for k, t in tensors({"net": net.state_dict(), "opt": ctx.state_dict()["optimizers"]})]
+    assert not training_step(1, float("nan") if precision == "fp32" else 1e38)
+    after = list(tensors({"net": net.state_dict(), "opt": ctx.state_dict()["optimizers"]}))
+    assert [k for k, _ in start] == [k for k, _ in after]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(start, after)), "the dropped step left a trace"
+    assert training_step(2) and not torch.equal(net.weight, start[0][1])  # a clean step moves on
 
 
 def test_on_nan_skip_gives_up_when_every_step_is_bad(tmp_path):
@@ -554,22 +652,26 @@ def test_kept_checkpoints_are_pruned_by_epoch_number(tmp_path):
     assert sorted(p.name for p in saver.dir.iterdir()) == ["epoch_10000.pt", "epoch_10010.pt", "epoch_notes.pt"]
 
 
-def test_a_kept_copy_and_last_pt_are_written_once(tmp_path):
-    """At a kept copy's epoch last.pt becomes the same file (a hard link, no second write); a later last.pt
-    replaces the link and leaves the kept copy as it was."""
+def test_a_kept_copy_and_last_pt_are_serialized_once(tmp_path, monkeypatch):
+    """At a kept copy's epoch last.pt becomes a copy of its file (one serialization, then a file copy): the same
+    bytes, but a file of its own (it was a hard link, so an in-place edit of one changed the other); a later
+    last.pt replaces it and leaves the kept copy as it was."""
+    written = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda state, path: written.append(Path(path).name) or real_save(state, path))
     t = make_trainer(["model=gan", *COMMON, "trainer.epochs=3", "trainer.keep_every=2", "trainer.checkpoint_every=1"],
                      tmp_path)
-    inodes = {}
+    files = {}
 
     class Look(Callback):
         def on_epoch_end(self, trainer):
-            files = tmp_path / "checkpoints"
-            inodes[trainer.epoch + 1] = {p.name: p.stat().st_ino for p in files.glob("*.pt")}
+            files[trainer.epoch + 1] = {p.name: (p.stat().st_ino, p.read_bytes()) for p in (tmp_path / "checkpoints").glob("*.pt")}
 
     t.callbacks.append(Look())
     t.fit()
-    assert inodes[2]["epoch_0002.pt"] == inodes[2]["last.pt"] and inodes[1]["last.pt"] != inodes[2]["last.pt"]
-    assert inodes[3]["last.pt"] != inodes[3]["epoch_0002.pt"] == inodes[2]["epoch_0002.pt"]
+    assert written == ["last.pt", "epoch_0002.pt", "last.pt"]  # epoch 2: serialized once, as its kept copy
+    assert files[2]["epoch_0002.pt"][1] == files[2]["last.pt"][1] and files[2]["epoch_0002.pt"][0] != files[2]["last.pt"][0]
+    assert files[3]["last.pt"][1] != files[3]["epoch_0002.pt"][1] and files[3]["epoch_0002.pt"] == files[2]["epoch_0002.pt"]
     assert checkpoint.load(tmp_path / "checkpoints" / "epoch_0002.pt")["step"] == 2 * t.loader.steps_per_epoch
     assert checkpoint.load(tmp_path)["step"] == 3 * t.loader.steps_per_epoch
 

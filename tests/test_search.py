@@ -1,10 +1,14 @@
 """Hyperparameter search: the in-loop measurements a search optimizes (genlab.search), the search space of
 hydra/sweeper=optuna, and searches through the real command: one that completes and is continued on its
-storage, one made to prune, two joblib workers on one study, and the line printed without Optuna."""
+storage, one made to prune, two joblib workers on one study, workers killed in a search, and the line printed
+without Optuna."""
 
 import csv
+import json
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -210,19 +214,95 @@ def test_two_joblib_workers_share_one_study(tmp_path):
     assert start["0"] < end["1"] and start["1"] < end["0"]
 
 
+def exits(code):
+    sys.exit(code)
+
+
 def test_a_trial_whose_run_exits_fails_alone():
     """genlab's task exits on an error; in a search that trial fails (Hydra records the exception) and the search
-    goes on, unless the run was stopped by a signal."""
-    from hydra_plugins.genlab_optuna_sweeper.optuna_sweeper import TrialFailed, TrialTask
-
-    def task(code):
-        sys.exit(code)
+    goes on, unless the run was stopped by a signal in the sweeper's own process (the basic launcher's). In a
+    worker process (joblib's), a signal reached that process alone: its trial fails and the search goes on."""
+    from hydra_plugins.genlab_optuna_sweeper.optuna_sweeper import TrialFailed, TrialTask  # as Hydra's scan left it
 
     with pytest.raises(TrialFailed, match="exit status 1"):
-        TrialTask(task)(1)
+        TrialTask(exits)(1)
     with pytest.raises(SystemExit):
-        TrialTask(task)(130)
+        TrialTask(exits)(130)
     assert TrialTask(lambda cfg: {"val/loss": cfg})(2.0) == {"val/loss": 2.0}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        error = pool.submit(TrialTask(exits), 143).exception()
+    assert isinstance(error, TrialFailed), error  # was the SystemExit, which ended the search
+    assert str(error) == "its run ended with exit status 143 (a signal stopped its worker process)"
+
+
+def test_a_train_loss_is_reported_once_an_epoch_its_last_value(tmp_path):
+    """A train/ loss is in every metrics row, and Optuna ignores a step reported again: each epoch reports one
+    value, its last row's, at the step of the epoch (it was the first row's)."""
+    journal = str(tmp_path / "study.journal")
+    optuna.create_study(study_name="s", storage=search.open_storage(journal)).ask()
+    trainer = make_trainer([*TRIAL, "trainer.epochs=2", "trainer.log_every=1", f"trial.storage={journal}",
+                            "trial.study=s", "trial.number=0", "trial.objective=train/loss"], tmp_path / "run")
+    trainer.fit()
+    by_epoch = {}
+    for r in rows(tmp_path / "run" / "metrics.csv"):
+        by_epoch.setdefault(int(r["epoch"]), []).append(float(r["train/loss"]))
+    assert [len(v) for v in by_epoch.values()] == [4, 4] and by_epoch[1][0] != by_epoch[1][-1]
+    study = optuna.load_study(study_name="s", storage=search.open_storage(journal))
+    assert study.trials[0].intermediate_values == pytest.approx({e: v[-1] for e, v in by_epoch.items()})
+    assert study.trials[0].intermediate_values == {r["epoch"]: r["train/loss"] for r in trainer.history}  # exactly
+
+
+# a callback of the runs (given as a logger) that kills trial `kill`'s worker the OOM killer's way (SIGKILL) once
+# trial `after` has finished (has written trial.json; 2 minutes at most), and sends trial `term`'s a SIGTERM
+KILLER = """
+import os, signal, time
+from pathlib import Path
+from genlab.callbacks import Callback
+
+class Kill(Callback):
+    def __init__(self, kill, after, term, config, run_dir):
+        self.kill, self.term, self.number = kill, term, config["trial"]["number"]
+        self.after = Path(run_dir).parent / str(after) / "trial.json"
+
+    def on_fit_start(self, trainer):
+        if self.number == self.term:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.number == self.kill:
+            for _ in range(1200):
+                if self.after.is_file():
+                    break
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_worker_fails_its_trial_alone_and_the_search_goes_on(tmp_path):
+    """Two joblib workers, two batches of two trials. In the first, trial 1's worker is SIGKILLed after trial 0
+    has finished: joblib loses the batch's returns (TerminatedWorkerError, which ended the search); trial 0 is
+    told its own result, from its run directory, and trial 1 fails. In the second, trial 2's worker gets a
+    SIGTERM: its run saves and exits 143, which fails trial 2 alone (it ended the search), and trial 3 completes."""
+    (tmp_path / "killer.py").write_text(KILLER)
+    kill = ["+logger.kill._target_=killer.Kill", "+logger.kill.kill=1", "+logger.kill.after=0", "+logger.kill.term=2"]
+    r = genlab("train", *SEARCH, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+               "hydra.sweeper.n_trials=4", *TRIAL, "trainer.epochs=1", *kill, "hydra.sweep.dir=search", cwd=tmp_path,
+               env={"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))})
+    runs = tmp_path / "search"
+    assert r.returncode == 1, r.stderr  # as any sweep with a failed job: listed at the end, exit status 1
+    study = optuna.load_study(study_name="genlab", storage=search.open_storage(str(runs / "study.journal")))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    for t in study.trials[::3]:  # the value told is the run's own final val/loss
+        assert t.value == pytest.approx(float(rows(runs / str(t.number) / "metrics.csv")[-1]["val/loss"]))
+    errors = [t.user_attrs.get("error", "") for t in study.trials]
+    assert errors == ["", "its run did not finish: a worker process of its batch died (TerminatedWorkerError: The "
+                      "exit codes of the workers are {SIGKILL(-9)})",
+                      "its run ended with exit status 143 (a signal stopped its worker process)", ""]
+    assert [json.loads((runs / n / "status.json").read_text())["status"] for n in "0123"] == [
+        "completed", "running", "interrupted", "completed"]
+    assert [t["error"] for t in rows(runs / "trials.csv")] == errors
+    results = yaml.safe_load((runs / "optimization_results.yaml").read_text())
+    assert results["trials"] == {"complete": 2, "fail": 2} and results["best_trial"] in (0, 3)
+    assert "job #1 running" in r.stderr and "job #2 interrupted" in r.stderr  # the sweep's list of its jobs
+    assert f"best: trial {results['best_trial']}, val/loss" in r.stdout + r.stderr  # the search ended as any does
 
 
 def test_without_optuna_the_sweeper_is_one_line(tmp_path):

@@ -1,10 +1,12 @@
 """Trackers as callbacks (logger=[tensorboard,mlflow,wandb]) read back with each tool's own reader, a resumed run
-continuing the same tracker run with no step twice, a callback of your own from a YAML file, the progress GIF,
+continuing the same tracker run with no step twice (from an older checkpoint too: the trackers go on from its step),
+a moved run writing its trackers' files where it now is, a callback of your own from a YAML file, the progress GIF,
 and a tracker that is not installed as one line."""
 
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,22 @@ def wandb_history(run: Path) -> list[dict]:
     return rows
 
 
+def wandb_timeline(run: Path) -> list[dict]:
+    """The history of the offline W&B run under ``run`` as `wandb sync` replays its segments (the offline-run-*
+    folders, in the order they were written): a segment whose run record rewinds the run (``resume_from``, a
+    branch point in the run itself) first drops the rows past that step."""
+    rows = []
+    for path in sorted(run.glob("wandb/offline-run-*/run-*.wandb")):
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run" and record.run.branch_point.run == record.run.run_id:
+                rows = [row for row in rows if row["_step"] <= record.run.branch_point.value]
+            elif kind == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
 def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
     pytest.importorskip("tensorboard")
     mlflow = pytest.importorskip("mlflow")
@@ -112,7 +130,8 @@ def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
     with Image.open(first / "samples" / "progress.gif") as gif:
         assert gif.n_frames == 4
 
-    # resumed from the copy kept at epoch 2: the same tracker runs, the rows after it not twice
+    # resumed from the copy kept at epoch 2: the same TensorBoard folder and W&B run, the rows after it not twice;
+    # MLflow, which holds steps past it and cannot delete them, goes on in a new run with the history up to it
     r = genlab("train", "--config-dir", str(PLUGINS / "configs"), *RUN, "trainer.epochs=6",
                "logger=[tensorboard,mlflow,wandb]", "callbacks=[default,jsonl]", f"resume={first / 'checkpoints' / 'epoch_0002.pt'}",
                f"hydra.run.dir={second}", cwd=tmp_path, env=env)
@@ -124,10 +143,11 @@ def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("train/loss_g")] == resumed_rows  # steps past 8 purged, again
     tb_steps = [e.step for e in events.Scalars("train/loss_g")]
     runs = client.search_runs([client.get_experiment_by_name("genlab").experiment_id])
-    assert [x.info.run_id for x in runs] == [run.info.run_id]
-    history = sorted(client.get_metric_history(run.info.run_id, "train/loss_g"), key=lambda m: m.step)
-    assert [(m.step, m.value) for m in history] == resumed_rows  # each step once (this resume is bit-exact)
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    (resumed_run,) = [x for x in runs if x.info.run_id != run.info.run_id]
+    assert client.get_run(run.info.run_id).data.tags["genlab.superseded_by"] == resumed_run.info.run_id
+    history = sorted(client.get_metric_history(resumed_run.info.run_id, "train/loss_g"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == resumed_rows  # each step once
+    assert resumed_run.info.status == "FINISHED" and resumed_run.info.run_name == run.info.run_name
     files = sorted(first.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2 and files[0].name == files[1].name  # the same W&B run id, offline twice
     resumed = [h["_step"] for h in wandb_history(first)[len(logged):] if "train/loss_d" in h]
@@ -140,8 +160,99 @@ def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
     auroc = json.loads((tmp_path / "eval" / "report.json").read_text())["auroc"]
     events = tensorboard_scalars(first / "tensorboard", "evaluate/auroc")
     assert [(e.step, e.value) for e in events.Scalars("evaluate/auroc")] == [(tb_steps[-1], pytest.approx(auroc))]
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "evaluate/auroc")] == \
+    assert [(m.step, m.value) for m in client.get_metric_history(resumed_run.info.run_id, "evaluate/auroc")] == \
         [(tb_steps[-1], pytest.approx(auroc))]
+
+
+def test_a_run_resumed_from_an_older_checkpoint_goes_on_in_its_trackers_from_that_step(tmp_path, caplog):
+    """A run trained to step 16 (steps 9 to 16 in bf16, the others in fp32: a timeline of their own), whose last.pt
+    is then replaced by the copy kept at step 8 and resumed to 16 in fp32: each tracker's active run holds one value
+    per step, and those past 8 are the new timeline's (metrics.csv). MLflow cannot delete a point: the run goes on
+    in a new MLflow run with the history up to step 8 copied, and the old one names it; W&B is rewound to step 8
+    (offline: in the resumed segment's run record, replayed here as `wandb sync` replays it)."""
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from genlab import api, checkpoint
+
+    run, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*RUN, "logger=[mlflow,wandb]", f"logger.mlflow.tracking_uri={store}", "logger.wandb.mode=offline"]
+    api.train([*args, "trainer.max_steps=8", "trainer.precision=fp32"], run_dir=run)
+    client = mlflow.MlflowClient(store)
+    (first,) = client.search_runs([client.get_experiment_by_name("genlab").experiment_id])
+    api.train([*args, "trainer.max_steps=16", "trainer.precision=bf16", f"resume={run}"], run_dir=run)
+    abandoned = {int(row["step"]): float(row["train/loss_g"]) for row in rows_of(run)}
+    shutil.copy(run / "checkpoints" / "epoch_0002.pt", run / "checkpoints" / "last.pt")
+    with caplog.at_level("WARNING"):
+        api.train([*args, "trainer.max_steps=16", "trainer.precision=fp32", f"resume={run}"], run_dir=run)
+    expected = [(int(row["step"]), pytest.approx(float(row["train/loss_g"]), rel=1e-6)) for row in rows_of(run)]
+    assert expected[-1][0] == 16 and any(abandoned[s] != v for s, v in expected if s > 8)  # two timelines
+
+    active = checkpoint.load(run)["callbacks"]["mlflow"]["run_id"]
+    history = sorted(client.get_metric_history(active, "train/loss_g"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == expected
+    assert client.get_run(first.info.run_id).data.tags["genlab.superseded_by"] == active != first.info.run_id
+    assert f"logger.mlflow: run {first.info.run_id} holds steps 9 to 16 of the timeline this resume abandons" in \
+        caplog.text
+
+    logged = [(h["_step"], h["train/loss_g"]) for h in wandb_timeline(run) if "train/loss_g" in h]
+    assert logged == expected
+    assert len({p.name for p in run.glob("wandb/offline-run-*/run-*.wandb")}) == 1  # one W&B run, three segments
+
+
+def test_a_wandb_server_without_rewind_keeps_the_run_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Online, W&B's rewind is a preview of its cloud: where the server refuses it, the run goes on in the same W&B
+    run after the last step it holds, and one warning says which steps of the abandoned timeline it keeps."""
+    pytest.importorskip("wandb")
+    from types import SimpleNamespace
+
+    from genlab.trackers import WandB
+
+    tracker, calls = WandB(tmp_path, {}, mode="online"), []
+    tracker.load_state_dict({"run_id": "abc", "dir": "."})
+
+    def init(**how):
+        calls.append(how)
+        if "resume_from" in how:
+            raise RuntimeError("rewind is not enabled on this server")
+        return SimpleNamespace(id="abc", step=17)  # W&B's next step: the run holds steps up to 16
+
+    monkeypatch.setattr(tracker, "init", init)
+    with caplog.at_level("WARNING"):
+        tracker.on_fit_start(SimpleNamespace(step=8, saved=None))
+    assert calls == [{"resume_from": "abc?_step=8"}, {"id": "abc", "resume": "allow"}] and tracker.held == 16
+    assert ("logger.wandb: W&B could not rewind run abc to step 8 (rewind is not enabled on this server): it keeps "
+            "its steps up to 16") in caplog.text
+
+
+def test_a_moved_run_resumes_into_its_trackers_where_it_now_is(tmp_path):
+    """The trackers' folders are kept relative to the run directory: a run renamed and then resumed writes its
+    TensorBoard events and W&B files in its new place, and nothing where it was; so does one whose checkpoint holds
+    them as absolute paths, as genlab kept them before (the folders are found again by their tail)."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from genlab import api, checkpoint
+
+    first, moved, again = tmp_path / "first", tmp_path / "moved", tmp_path / "again"
+    args = [*RUN, "logger=[tensorboard,wandb]", "logger.wandb.mode=offline"]
+    api.train([*args, "trainer.max_steps=4"], run_dir=first)
+    first.rename(moved)
+    api.train([*args, "trainer.max_steps=8", f"resume={moved}"], run_dir=moved)
+    assert not first.exists()
+    last = moved / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    assert state["callbacks"]["tensorboard"] == {"log_dir": "tensorboard"} and state["callbacks"]["wandb"]["dir"] == "."
+    state["callbacks"]["tensorboard"]["log_dir"], state["callbacks"]["wandb"]["dir"] = str(moved / "tensorboard"), \
+        str(moved)  # as genlab kept them before
+    checkpoint.save(state, last)
+    moved.rename(again)
+    api.train([*args, "trainer.max_steps=12", f"resume={again}"], run_dir=again)
+    assert not moved.exists()
+    events = tensorboard_scalars(again / "tensorboard")
+    assert [e.step for e in events.Scalars("train/loss_g")] == [int(row["step"]) for row in rows_of(again)]
+    assert [int(row["step"]) for row in rows_of(again)][-1] == 12
+    logged = [h["_step"] for h in wandb_timeline(again) if "train/loss_g" in h]
+    assert logged == [int(row["step"]) for row in rows_of(again)]
+    assert len(list(again.glob("wandb/offline-run-*/run-*.wandb"))) == 3
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(tmp_path):

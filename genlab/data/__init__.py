@@ -8,7 +8,7 @@ The datasets read from files are decoded once into genlab's cache (genlab.data.c
 images that every later run, and every process of a run, reads. A dataset that fits comfortably in memory is
 read into it; a larger one is memory-mapped and read by index a batch at a time, so that a process's own memory
 stays flat however large the dataset (``in_memory``). A folder of image files is decoded by several processes
-(genlab.data.decode).
+(genlab.data.decode), and split into training and test images by each file's name (genlab.data.split).
 """
 
 from genlab.data.cache import Cache, cache_dir, fits_in_memory

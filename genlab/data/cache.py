@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genlab import checkpoint
+from genlab import checkpoint, dist
 from genlab.errors import first_line
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,17 @@ def available_memory() -> int:
     return free
 
 
+def memory_budget() -> int:
+    """Bytes of memory a dataset may take in one process: an eighth of the memory available, shared by the run's
+    processes on this machine (``torchrun --nproc_per_node=16``: a 128th each), so that together they take an
+    eighth however many there are."""
+    return available_memory() // (8 * dist.local_world())
+
+
 def fits_in_memory(nbytes: int) -> bool:
-    """``dataset.in_memory``'s automatic choice: read a dataset into memory when it takes at most an eighth of the
-    memory available (room for each of several processes of a run on one machine to hold its copy), else map it."""
-    return nbytes <= available_memory() // 8
+    """``dataset.in_memory``'s automatic choice: read a dataset into memory when it fits ``memory_budget``, else
+    map it (the processes of a machine then share one copy, in its page cache)."""
+    return nbytes <= memory_budget()
 
 
 def _digest(buffer) -> str:

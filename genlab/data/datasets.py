@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from genlab.data.cache import Cache, fits_in_memory
 from genlab.data.decode import decode_folder
 from genlab.data.loader import ImageData
+from genlab.data.split import divide
 from genlab.errors import GenlabError, first_line
 from genlab.images import IMAGE_SUFFIXES
 
@@ -70,10 +71,14 @@ def cifar10(root: str = "data", train: bool = True, download: bool = True, image
 
 
 def folder(root: str, train: bool = True, image_size: int = 64, channels: int = 3, classes: list[int] | None = None,
-           test_fraction: float = 0.1, in_memory: bool | None = None, workers: int | None = None) -> ImageData:
+           test_fraction: float = 0.1, in_memory: bool | None = None, workers: int | None = None,
+           split: str | dict = "name") -> ImageData:
     """Images under ``root``; the first level of sub-folders, if any, names the classes. Decoded once into
     genlab's cache by ``workers`` processes (None: one per CPU, at most 8), resuming where an interrupted decode
-    stopped."""
+    stopped. About ``test_fraction`` of them are test images, chosen by ``split`` (genlab.data.split): ``name``,
+    by each file's name, so that files added later never move one between training and test; ``order``, genlab
+    0.1's shuffle of the file list, for runs trained with it; or the record of a split a run's checkpoint keeps
+    (its rule, and a warning when the folder's split changed since). The split's record is ``ImageData.split``."""
     base = Path(root).expanduser()
     if not base.is_dir():
         raise GenlabError(f"dataset=folder: {base} is not a directory. Set dataset.root to a folder of images.")
@@ -92,9 +97,8 @@ def folder(root: str, train: bool = True, image_size: int = 64, channels: int = 
             "Move them into a sub-folder of their own, or point dataset.root at a folder that holds only images or "
             "only class sub-folders."
         )
-    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
-    n_test = int(round(test_fraction * len(paths))) if len(paths) > 1 else 0
-    chosen = [paths[i] for i in sorted(order[n_test:] if train else order[:n_test])]
+    test, record = divide([p.relative_to(base).as_posix() for p in paths], test_fraction, split, base)
+    chosen = [p for p, t in zip(paths, test) if t != train]
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise GenlabError(f"dataset=folder reads 1 (grey) or 3 (RGB) channels; got dataset.channels={channels}.")
@@ -103,7 +107,7 @@ def folder(root: str, train: bool = True, image_size: int = 64, channels: int = 
     cache = Cache("folder", train, chosen, f"{image_size}:{channels}:{test_fraction}")
     found = cache.read_or_make(in_memory, lambda: decode_folder(cache, chosen, labels, image_size, mode, workers,
                                                                  in_memory, base))
-    return _select(*found, "folder", train, classes)
+    return _select(*found, "folder", train, classes, split=record)
 
 
 def synthetic(train: bool = True, n: int = 512, image_size: int = 28, channels: int = 1, n_classes: int = 10,
@@ -131,7 +135,7 @@ def _finish(images, labels, name, train, image_size, channels, classes) -> Image
     return _select(_to_channels(_resize_uint8(images, image_size), channels, name), labels, name, train, classes)
 
 
-def _select(images, labels, name, train, classes) -> ImageData:
+def _select(images, labels, name, train, classes, split=None) -> ImageData:
     """Only the images of ``classes`` (all when None). Of a memory-mapped dataset, those are read into memory."""
     if classes is not None:
         wanted = torch.as_tensor(list(classes), dtype=torch.long)
@@ -143,7 +147,7 @@ def _select(images, labels, name, train, classes) -> ImageData:
                 f"of {name}; its labels are {present}."
             )
         images, labels = images[keep], labels[keep]
-    return ImageData(images, labels, name)
+    return ImageData(images, labels, name, split)
 
 
 def _resize_float(images: torch.Tensor, size: int) -> torch.Tensor:

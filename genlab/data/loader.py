@@ -17,6 +17,7 @@ class ImageData:
     images: torch.Tensor  # uint8 [N, C, H, W]
     labels: torch.Tensor  # int64 [N]
     name: str
+    split: dict | None = None  # a folder's train/test split, as its checkpoint records it (genlab.data.split)
 
     def __len__(self) -> int:
         return self.images.shape[0]

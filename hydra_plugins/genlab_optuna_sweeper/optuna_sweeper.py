@@ -11,19 +11,24 @@ trial is an ordinary genlab run in ``<sweep dir>/<trial number>``, given ``trial
 whose pruner may stop it (genlab.search). The study lives in ``storage`` (a journal file in the sweep
 directory by default), so that a search launched again on it continues, and several searches on one storage
 (machines, launchers) share it. After each batch the sweep directory gets optimization_results.yaml (the
-best parameters), trials.csv and trials.png.
+best parameters), trials.csv and trials.png. A worker process that dies (the OOM killer, a SIGKILL) fails its
+trial alone: the trials of its batch that finished are told what they wrote into their run directories
+(trial.json), the others fail, and the search goes on.
 """
 
 import csv
+import json
 import logging
 import math
 import os
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import OmegaConf
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"  # the default storage, in the sweep directory
 RESULTS = "optimization_results.yaml"  # hydra-optuna-sweeper's name for it
+RESULT = "trial.json"  # in a trial's run directory: what its run returned, for when a dead worker took it with it
 
 
 # hydra/sweeper/sampler=NAME and hydra/sweeper/pruner=NAME: Optuna's by _target_, with their main settings
@@ -89,18 +95,26 @@ class TrialFailed(Exception):
 class TrialTask:
     """The task of a trial. genlab's task prints an error and exits, which would end the whole search with the
     basic launcher (it runs trials in this process): here that trial fails and the search goes on. A signal
-    (exit status 128 and above) still ends the search."""
+    (exit status 128 and above) ends the search where the trial runs in the sweeper's own process (the basic
+    launcher: Ctrl-C); in a worker process (joblib, submitit), which a signal reached alone, it fails that trial
+    alone. What the run returns is also written into its run directory (RESULT)."""
 
     def __init__(self, task):
-        self.task = task
+        self.task, self.home = task, os.getpid()  # the sweeper's process
 
     def __call__(self, cfg):
         try:
-            return self.task(cfg)
+            ret = self.task(cfg)
         except SystemExit as e:
-            if not isinstance(e.code, int) or e.code >= 128:
+            signal = not isinstance(e.code, int) or e.code >= 128
+            if signal and os.getpid() == self.home:
                 raise
-            raise TrialFailed(f"its run ended with exit status {e.code} (the error is printed above)") from None
+            why = "a signal stopped its worker process" if signal else "the error is printed above"
+            raise TrialFailed(f"its run ended with exit status {e.code} ({why})") from None
+        if isinstance(ret, dict) and HydraConfig.initialized():
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            (run_dir / RESULT).write_text(json.dumps(ret, default=str) + "\n")
+        return ret
 
 
 class OptunaSweeper(Sweeper):
@@ -193,19 +207,23 @@ class OptunaSweeper(Sweeper):
         batch = []
         for t in trials:
             t.set_user_attr("run_dir", str(sweep_dir / str(t.number)))
+            (sweep_dir / str(t.number) / RESULT).unlink(missing_ok=True)  # of a study started again in this directory
             batch.append([*fixed, *(f"{k}={text(v)}" for k, v in t.params.items()),
                           f"trial.storage={quoted(storage)}", f"trial.study={quoted(self.study_name)}",
                           f"trial.number={t.number}", f"trial.objective={quoted(objective)}",
                           f"hydra.sweep.subdir={t.number}"])  # a continued study adds directories
         try:
             self.validate_batch_is_legal(batch)
-            returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
+            results = [outcome(ret) for ret in self.launcher.launch(batch, initial_job_idx=trials[0].number)]
+        except BrokenProcessPool as e:  # a worker process died (joblib's TerminatedWorkerError), the batch with it
+            log.warning("trials %s: %s; each is told what its run directory holds", [t.number for t in trials], died(e))
+            results = [left(sweep_dir / str(t.number), died(e)) for t in trials]
         except BaseException:
             for t in trials:
                 study.tell(t, state=optuna.trial.TrialState.FAIL)
             raise
-        for t, ret in zip(trials, returns):
-            tell(study, t, ret, objective)
+        for t, result in zip(trials, results):
+            tell(study, t, result, objective)
 
     def build(self, node, what: str):
         """The sampler or pruner a ``_target_`` node names (None: Optuna's default sampler, no pruning)."""
@@ -252,15 +270,37 @@ class OptunaSweeper(Sweeper):
         return space, list(fixed.values())
 
 
-def tell(study, trial, ret, objective: str) -> None:
-    """Tell the study how a trial's run (Hydra's JobReturn) went: its final objective, pruned, or failed."""
+def outcome(ret) -> dict | Exception:
+    """What a trial's run (Hydra's JobReturn) returned, or the exception it raised."""
+    try:
+        return ret.return_value or {}
+    except Exception as e:
+        return e
+
+
+def died(error: BaseException) -> str:
+    """A worker's death in one line: loky's exit codes (``{SIGKILL(-9)}``) rather than its paragraph."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith("The exit codes")] or lines or ["no message"]
+    return f"a worker process of its batch died ({type(error).__name__}: {said[0]})"
+
+
+def left(run_dir: Path, death: str) -> dict | Exception:
+    """What a trial's run returned, read from its run directory after a worker's ``death`` lost the batch's
+    returns; a TrialFailed saying so where the run wrote nothing (it did not finish)."""
+    try:
+        return json.loads((run_dir / RESULT).read_text())
+    except (OSError, ValueError):
+        return TrialFailed(f"its run did not finish: {death}")
+
+
+def tell(study, trial, result: dict | Exception, objective: str) -> None:
+    """Tell the study how a trial's run went (what it returned, or the exception it raised): its final objective,
+    pruned, or failed."""
     from optuna.trial import TrialState
 
-    try:
-        result = ret.return_value or {}
-    except Exception as e:  # the run raised
-        log.warning("trial %d failed: %s", trial.number, e)
-        study.tell(trial, state=TrialState.FAIL)
+    if isinstance(result, Exception):  # the run raised
+        fail(study, trial, str(result))
         return
     value = result.get(objective)
     if result.get("stopped"):  # in a search, only the pruner stops a run early
@@ -270,9 +310,17 @@ def tell(study, trial, ret, objective: str) -> None:
         log.info("trial %d: %s %.6g", trial.number, objective, value)
         study.tell(trial, value)
     else:
-        log.warning("trial %d failed: its run gave %s %s (its metrics: %s)", trial.number, objective, value,
-                    ", ".join(k for k in result if "/" in k))
-        study.tell(trial, state=TrialState.FAIL)
+        metrics = ", ".join(k for k in result if "/" in k)
+        fail(study, trial, f"its run gave {objective} {value} (its metrics: {metrics})")
+
+
+def fail(study, trial, error: str) -> None:
+    """A failed trial: its reason logged in one line and kept as its user attribute ``error`` (trials.csv's)."""
+    from optuna.trial import TrialState
+
+    log.warning("trial %d failed: %s", trial.number, error)
+    trial.set_user_attr("error", error)
+    study.tell(trial, state=TrialState.FAIL)
 
 
 def write_results(study, sweep_dir: Path, objective: str, storage: str) -> dict | None:
@@ -286,12 +334,12 @@ def write_results(study, sweep_dir: Path, objective: str, storage: str) -> dict 
     names = list(dict.fromkeys(k for t in trials for k in t.params))
     with open(sweep_dir / "trials.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["number", "state", objective, *names, "last_epoch_reported", "seconds", "run_dir"])
+        w.writerow(["number", "state", objective, *names, "last_epoch_reported", "seconds", "run_dir", "error"])
         for t in trials:
             w.writerow([t.number, t.state.name, "" if t.value is None else t.value,
                         *(t.params.get(k, "") for k in names), "" if t.last_step is None else t.last_step,
                         "" if t.duration is None else round(t.duration.total_seconds(), 1),
-                        t.user_attrs.get("run_dir", "")])
+                        t.user_attrs.get("run_dir", ""), t.user_attrs.get("error", "")])
     direction = study.direction.name.lower()
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     results = {"name": "optuna", "study": study.study_name, "storage": storage, "objective": objective,
