@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import datetime
 import logging
+import math
 import os
 import re
 import time
@@ -77,12 +78,24 @@ def setup(device: str = "auto") -> torch.device:
             torch.cuda.set_device(local)
         try:
             dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
-                                    timeout=datetime.timedelta(seconds=float(os.environ.get("GENLAB_DIST_TIMEOUT", 1800))),
+                                    timeout=datetime.timedelta(seconds=collective_timeout()),
                                     device_id=torch.device("cuda", local) if use_cuda else None)
         except (RuntimeError, ValueError) as e:
             raise GenlabError(f"could not join the other processes of this run: {first_line(e)}") from e
         atexit.register(teardown)
     return torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" else torch.device("cpu")
+
+
+def collective_timeout() -> float:
+    """Seconds a collective may wait for the other processes: GENLAB_DIST_TIMEOUT, 1800 by default."""
+    value = os.environ.get("GENLAB_DIST_TIMEOUT", "1800")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise GenlabError(f"GENLAB_DIST_TIMEOUT={value}: the seconds a collective may wait, a number above 0.")
+    return seconds
 
 
 def _export_slurm() -> None:

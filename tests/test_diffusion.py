@@ -58,6 +58,8 @@ def with_oracle(cls, **kwargs):
     (FlowMatching, {}, {"sampler": "ddim", "steps": 4}),  # the samplers fit either path
     (FlowMatching, {}, {"sampler": "ddpm", "steps": 20}),
     (DDPM, {"prediction": "v"}, {"sampler": "ddim", "eta": 0.5, "steps": 12}),
+    (DDPM, {"prediction": "eps"}, {"sampler": "dpmpp_2m", "steps": 6}),
+    (FlowMatching, {}, {"sampler": "dpmpp_2m", "steps": 6}),
 ])
 def test_samplers_recover_the_data_from_an_exact_denoiser(cls, kwargs, settings):
     """With the exact denoiser of a one-batch dataset, every sampler must land on that batch from any noise:
@@ -68,6 +70,56 @@ def test_samplers_recover_the_data_from_an_exact_denoiser(cls, kwargs, settings)
     torch.testing.assert_close(x, (X0 + 1) / 2, atol=2e-4, rtol=0)
     evaluations = settings["steps"] * (2 if settings.get("sampler") == "heun" else 1) - (settings.get("sampler") == "heun")
     assert len(oracle.calls) == evaluations == make_sampler(settings.get("sampler", "ddim")).evaluations(settings["steps"])
+
+
+class Gaussian:
+    """A path (DDPM's linear or cosine schedule, or flow matching's straight one) whose data are N(MU, VAR) in
+    every dimension, with its exact denoiser: E[x0 | x_t] is linear in x_t, and the probability-flow ODE keeps
+    (x_t - alpha MU) / sqrt(alpha^2 VAR + sigma^2) constant, so where it ends from any noise is known exactly."""
+
+    MU, VAR = 0.3, 0.25
+
+    def __init__(self, kind: str):
+        self.path = FlowMatching if kind == "flow" else DDPM
+        if kind != "flow":
+            self.timesteps, self.alpha_bar = 1000, noise_schedule(kind, 1000)
+
+    def times(self, steps):
+        return self.path.times(self, steps)
+
+    def coefficients(self, t):
+        return self.path.coefficients(self, t)
+
+    def denoise(self, x, t, labels, guidance):
+        a, s = (float(c) for c in self.coefficients(t))
+        x0 = self.MU + a * self.VAR / (a * a * self.VAR + s * s) * (x - a * self.MU)
+        return x0, (x - a * x0) / s
+
+    def velocity(self, x, t, labels, guidance):
+        x0, noise = self.denoise(x, t, labels, guidance)
+        return noise - x0
+
+    def error(self, sampler, x, steps) -> float:
+        """The root-mean-square distance of the sampler's images from the ODE's exact end."""
+        a, s = (float(c) for c in self.coefficients(self.times(steps)[0]))
+        exact = self.MU + self.VAR ** 0.5 * (x - a * self.MU) / (a * a * self.VAR + s * s) ** 0.5
+        return (sampler(self, x, steps) - exact).pow(2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "flow"])
+def test_dpm_solver_pp_solves_the_flow_ode_to_second_order(kind):
+    """DPM-Solver++(2M) against DDIM (first order) on a path whose ODE has a known end: closer at 10 steps, over 2.5
+    times closer at 20, and its error falls at least 4-fold from 16 steps to 64 (DDIM's: 4-fold at most); on the
+    straight path, at 10 evaluations it beats Heun's at 9. A sign or a log-SNR off in the sampler breaks these."""
+    from genlab.samplers import DDIM, DPMSolverPP, Heun
+
+    path, x = Gaussian(kind), torch.randn(2000, 4, generator=torch.Generator().manual_seed(0))
+    dpm, ddim = DPMSolverPP(), DDIM()
+    assert path.error(dpm, x, 10) < path.error(ddim, x, 10)
+    assert path.error(dpm, x, 20) < path.error(ddim, x, 20) / 2.5
+    assert path.error(dpm, x, 64) < path.error(dpm, x, 16) / 4 and path.error(ddim, x, 64) > path.error(ddim, x, 16) / 4.2
+    if kind == "flow":
+        assert path.error(dpm, x, 10) < path.error(Heun(), x, 5) / 5
 
 
 def test_ddim_on_the_straight_path_is_euler_and_a_sampler_asks_for_what_it_needs():
@@ -85,7 +137,7 @@ def test_ddim_on_the_straight_path_is_euler_and_a_sampler_asks_for_what_it_needs
     torch.testing.assert_close(ddim, euler, atol=1e-5, rtol=0)
     assert torch.equal(euler, model.generate(z, sampler=Euler(), steps=4))
     with pytest.raises(GenlabError, match=r"sampler=heun needs a model that offers velocity.*DDPM does not\. "
-                                          r"Its samplers: ddim, ddpm\."):
+                                          r"Its samplers: ddim, ddpm, dpmpp_2m\."):
         with_oracle(DDPM)[0].generate(torch.randn(2, 1, 4, 4), sampler="heun", steps=2)
     with pytest.raises(GenlabError, match="sampler.eta is not a setting of Ancestral"):
         with_oracle(DDPM)[0].generate(torch.randn(2, 1, 4, 4), sampler="ddpm", eta=0.5, steps=2)
@@ -195,7 +247,7 @@ def test_train_sample_evaluate_through_the_commands(tmp_path):
                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = genlab_here("sample", f"ckpt={tmp_path / 'run'}", "sampler=nope", cwd=tmp_path)
-    assert r.returncode == 1 and "Could not find 'sampler/nope'" in r.stderr and "ddim, ddpm, euler, heun" in r.stderr
+    assert r.returncode == 1 and "Could not find 'sampler/nope'" in r.stderr and "ddim, ddpm, dpmpp_2m, euler, heun" in r.stderr
 
 
 def test_max_time_ends_the_run_with_a_checkpoint(tmp_path):

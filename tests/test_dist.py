@@ -161,3 +161,19 @@ def test_work_rank_0_does_alone_strands_no_rank(tmp_path):
         assert mine["error"].startswith("OSError") and message in mine["error"], case
         assert theirs["error"].startswith("PeerGone: process 0 of this run stopped") and message in theirs["error"], case
         assert theirs["step"] == mine["step"] == step, case
+
+
+@pytest.mark.parametrize("value,seconds", [(None, 1800.0), ("3", 3.0), ("abc", None), ("-1", None), ("0", None), ("inf", None)])
+def test_the_collectives_timeout_is_seconds_above_zero(monkeypatch, value, seconds):
+    from genlab import dist
+    from genlab.errors import GenlabError
+
+    if value is None:
+        monkeypatch.delenv("GENLAB_DIST_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("GENLAB_DIST_TIMEOUT", value)
+    if seconds is None:
+        with pytest.raises(GenlabError, match=f"GENLAB_DIST_TIMEOUT={value}: the seconds a collective may wait"):
+            dist.collective_timeout()
+    else:
+        assert dist.collective_timeout() == seconds
