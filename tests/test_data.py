@@ -158,7 +158,8 @@ def test_memory_mapped_dataset_gives_the_same_batches(tmp_path):
     before = rss_anon()
     again = data.mnist(tmp_path, download=False, in_memory=False)
     total = sum(int(b.x.sum() > 0) for b in data.Loader(again.images, again.labels, 500).epoch(0))
-    assert total == 80 and rss_anon() - before < 10_000_000  # the 31 MB of images are not copied into memory
+    # the 31 MB of images are not copied into memory (a copy would add them all; the allocator moves ~10 MB by itself)
+    assert total == 80 and rss_anon() - before < 20_000_000
 
 
 def test_automatic_choice_maps_what_does_not_fit(tmp_path, monkeypatch):

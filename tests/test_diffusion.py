@@ -259,3 +259,31 @@ def test_max_time_ends_the_run_with_a_checkpoint(tmp_path):
     assert "trainer.max_time=1s reached after" in r.stdout + r.stderr
     r = genlab_here("train", "trainer.max_time=soon", cwd=tmp_path)
     assert r.returncode == 1 and "trainer.max_time must be a duration such as 90s, 30m" in r.stderr
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_cap_the_nearly_clean_steps(prediction):
+    """Min-SNR-gamma: an image's error at signal-to-noise ratio SNR weighs min(SNR, gamma) / SNR (eps) or
+    / (SNR + 1) (v): the nearly clean steps (SNR far above gamma) weigh gamma / SNR, the noisy ones 1 (eps) or
+    SNR / (SNR + 1) (v); without min_snr the loss is the plain mean."""
+    model = DDPM(UNet(1, 28, width=8, mults=(1, 2)), prediction=prediction, min_snr=5.0)
+    t = torch.tensor([0, 100, 500, 900, 999])
+    snr = model.alpha_bar[t] / (1 - model.alpha_bar[t])
+    assert snr[0] > 5 > snr[-1]  # both sides of gamma on the cosine schedule
+    expected = snr.clamp(max=5) / (snr if prediction == "eps" else snr + 1)
+    torch.testing.assert_close(model.snr_weights(t), expected)
+    w = model.snr_weights(t)
+    assert w[0] < 0.01 and (w <= 1).all() and w[0] == pytest.approx(5 / (snr[0] + (prediction == "v")).item(), rel=1e-5)
+    if prediction == "eps":
+        assert w[-1] == 1
+    with pytest.raises(GenlabError, match="model.min_snr is the weight's cap gamma, above 0"):
+        DDPM(UNet(1, 28, width=8, mults=(1, 2)), min_snr=0)
+
+
+def test_a_ddpm_trains_with_min_snr(tmp_path):
+    t = make_trainer(["model=ddpm", "model.min_snr=5", "model.unet.width=8", "dataset=synthetic", "dataset.n=32",
+                      "dataset.image_size=16", "trainer.batch_size=16", "trainer.max_steps=2", "trainer.log_every=1",
+                      "trainer.n_samples=4", "++trainer.sampling.steps=2"], tmp_path)
+    assert t.model.min_snr == 5
+    t.fit()
+    assert [r["step"] for r in t.history] == [1, 2] and all(0 < r["train/loss"] < 10 for r in t.history)

@@ -94,15 +94,21 @@ class Denoiser(GenerativeModel):
 class DDPM(Denoiser):
     """Denoising diffusion (Ho et al. 2020) over ``timesteps`` steps with a ``linear`` or ``cosine`` (Nichol &
     Dhariwal 2021) noise schedule; the network predicts the noise (``eps``) or the velocity (``v``, Salimans &
-    Ho 2022). Sampled by default with DDIM (Song et al. 2021) over ``steps`` evenly spaced steps with ``eta`` (0:
-    deterministic); ``sampler=ddpm`` is ancestral sampling (eta 1; with steps=1000, the original)."""
+    Ho 2022). ``min_snr`` (gamma; Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy"): each image's error weighted by min(SNR, gamma) / SNR for eps (/ (SNR + 1) for v), which caps the
+    weight of the nearly clean steps; None: the plain mean. Sampled by default with DDIM (Song et al. 2021) over
+    ``steps`` evenly spaced steps with ``eta`` (0: deterministic); ``sampler=ddpm`` is ancestral sampling (eta 1;
+    with steps=1000, the original)."""
 
     def __init__(self, unet: nn.Module, schedule: str = "cosine", prediction: str = "v", timesteps: int = 1000,
-                 num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0, guidance: float = 1.0):
+                 num_classes: int = 0, p_uncond: float = 0.1, clip: float | None = 1.0, guidance: float = 1.0,
+                 min_snr: float | None = None):
         super().__init__(unet, num_classes, p_uncond, clip, guidance)
         if prediction not in ("eps", "v"):
             raise GenlabError(f"model.prediction must be eps or v; got {prediction}.")
-        self.prediction, self.timesteps = prediction, timesteps
+        if min_snr is not None and not min_snr > 0:
+            raise GenlabError(f"model.min_snr is the weight's cap gamma, above 0 (5 in the paper), or null; got {min_snr}.")
+        self.prediction, self.timesteps, self.min_snr = prediction, timesteps, min_snr
         self.register_buffer("alpha_bar", noise_schedule(schedule, timesteps), persistent=False)
 
     def noised(self, x0, noise, frac):
@@ -119,9 +125,19 @@ class DDPM(Denoiser):
         xt, t, target = self.noised(x0, noise, torch.rand(len(x0), device=x0.device))
         with ctx.autocast():
             out = self.unet(xt, t, self.train_labels(batch.y)).float()
-        loss = F.mse_loss(out, target)
+        if self.min_snr is None:
+            loss = F.mse_loss(out, target)
+        else:
+            loss = ((out - target).pow(2).flatten(1).mean(1) * self.snr_weights(t.long())).mean()
         self.step_unet(loss, ctx)
         return {"loss": loss.detach()}
+
+    def snr_weights(self, t: Tensor) -> Tensor:
+        """Min-SNR-gamma's weight of each image's error at steps ``t``: min(SNR, gamma) / SNR for an eps
+        prediction, / (SNR + 1) for v (whose error is (SNR + 1) times eps's, in eps's units)."""
+        ab = self.alpha_bar[t]
+        snr = ab / (1 - ab)
+        return snr.clamp(max=self.min_snr) / (snr if self.prediction == "eps" else snr + 1)
 
     def generate(self, z, labels=None, *, sampler: str | Sampler = "ddim", steps: int = 50, eta: float | None = None,
                  guidance: float | None = None):
