@@ -107,11 +107,18 @@ def write(obj: dict, path: Path) -> None:
     path = Path(path)
     obj = portable(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({**obj, "checksum": digest(obj)}, fh)
+
+
+@contextlib.contextmanager
+def replacing(path: Path):
+    """A temporary file beside ``path`` (``.NAME.tmpPID``, which ``clean`` removes if its process dies) to fill in
+    the block; then fsynced and renamed over ``path``, atomically. On any failure it is removed, ``path`` as it was."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            torch.save({**obj, "checksum": digest(obj)}, fh)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
@@ -194,14 +201,8 @@ def resolve(path) -> Path:
 def copy(source: Path, path: Path) -> None:
     """``path`` as a copy of the file ``source`` (a kept checkpoint's ``last.pt``): its own file, not a link, so
     that changing one never changes the other; put in place atomically, as ``write`` does."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         shutil.copyfile(source, tmp)  # copy_file_range: a reflink where the file system has them
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def clean(folder: Path) -> list[Path]:
