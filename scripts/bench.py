@@ -16,6 +16,7 @@ scripts/bench/; this file reads the command line and runs them.
     python scripts/bench.py --json out.json --data-root ../shared/data
     python scripts/bench.py --data-parallel  # 2 processes x 1 thread against 1 process x 2 threads (torchrun)
     python scripts/bench.py --on-nan         # trainer.on_nan=skip against stop, same model and batch
+    python scripts/bench.py --sampling-steps  # img/s of each diffusion and flow sampler at 1, 4 and 20 steps
     python scripts/bench.py --writers --data-root ../shared/data  # the writers' share of default runs
     python scripts/bench.py --memory 1,4,8   # own memory and img/s against dataset size (GB, memory-mapped)
     python scripts/bench.py --decode 4000    # a folder of that many JPEGs decoded by 1 process, then by all CPUs
@@ -32,15 +33,15 @@ from bench.data_parallel import bench_data_parallel, data_parallel_worker
 from bench.decode import bench_decode
 from bench.memory import bench_memory, memory_worker
 from bench.on_nan import bench_on_nan
-from bench.sampling import bench_sampling
+from bench.sampling import bench_sampling, bench_sampling_steps
 from bench.scaling import bench_scaling
 from bench.scoring import bench_evaluate
 from bench.training import arithmetic, bench_training
 from bench.writers import bench_writers
 from genlab.device import resolve_device, resolve_precision
 
-ONLY = {"data_parallel": bench_data_parallel, "on_nan": bench_on_nan, "writers": bench_writers,
-        "memory": bench_memory, "decode": bench_decode}  # a flag that runs one table alone
+ONLY = {"data_parallel": bench_data_parallel, "on_nan": bench_on_nan, "writers": bench_writers,  # a flag that runs
+        "memory": bench_memory, "decode": bench_decode, "sampling_steps": bench_sampling_steps}  # one table alone
 
 
 def arguments(argv=None) -> argparse.Namespace:
@@ -55,6 +56,7 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--no-scaling", action="store_true", help="leave out the DCGAN batch/image-size table")
     p.add_argument("--data-parallel", action="store_true", help="only the torchrun table: processes x threads")
     p.add_argument("--on-nan", action="store_true", help="only the on_nan=skip against on_nan=stop table")
+    p.add_argument("--sampling-steps", action="store_true", help="only the table of sampling img/s at 1, 4 and 20 steps")
     p.add_argument("--writers", action="store_true", help="only the writers' share of default runs")
     p.add_argument("--epochs", default="digits=50,mnist=1", help="--writers: epochs per dataset (digits=50 is the default run)")
     p.add_argument("--memory", default=None, metavar="GB,...", help="only the table of own memory (RssAnon) and img/s "

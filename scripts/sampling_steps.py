@@ -2,7 +2,8 @@
 
 For each run and sampler, `genlab evaluate task=quality` at each number of steps (the same protocol,
 seed and number of samples throughout), then FID, precision and recall against the network
-evaluations the samples cost (Heun takes two a step, but the last). Every sampler that fits the run's model
+evaluations the samples cost (Heun takes two a step, but the last), and a montage of each point's samples
+(grids.png). Every sampler that fits the run's model
 (genlab.samplers.sampler_names) is measured, or those of --samplers.
 
     python scripts/sampling_steps.py outputs/train/DDPM_RUN outputs/train/FLOW_RUN --steps 5,10,20,50,100 \\
@@ -57,19 +58,21 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     (args.out / "steps.json").write_text(json.dumps(rows, indent=2) + "\n")
     write(rows, args.out, args.n)
+    montage(rows, args.out)
     print((args.out / "steps.md").read_text())
 
 
 def write(rows: list[dict], out: Path, n: int) -> None:
-    """steps.md (the table) and steps.png (FID against network evaluations, log-log)."""
-    lines = ["| model | sampler | steps | network evaluations | FID | precision | recall | classes |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['evaluations']} | {r['fid']:.2f} | "
+    """steps.md (the table) and steps.png (FID against network evaluations, log-log), a line per run and sampler."""
+    lines = ["| run | model | sampler | steps | network evaluations | FID | precision | recall | classes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['model']} | {r['sampler']} | {r['steps']} | {r['evaluations']} | {r['fid']:.2f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['classes_covered']} |" for r in rows]
     (out / "steps.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for key in dict.fromkeys((r["model"], r["sampler"]) for r in rows):
-        pts = [(r["evaluations"], r["fid"]) for r in rows if (r["model"], r["sampler"]) == key]
-        ax.plot(*zip(*pts), marker="o", label=f"{key[0]} ({key[1]})")
+    for key in dict.fromkeys((r["run"], r["model"], r["sampler"]) for r in rows):
+        pts = [(r["evaluations"], r["fid"]) for r in rows if (r["run"], r["model"], r["sampler"]) == key]
+        ax.plot(*zip(*pts), marker="o", label=f"{key[0]}: {key[1]} ({key[2]})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     lo, hi = min(r["evaluations"] for r in rows), max(r["evaluations"] for r in rows)
@@ -85,6 +88,23 @@ def write(rows: list[dict], out: Path, n: int) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "steps.png")
+
+
+def montage(rows: list[dict], out: Path) -> None:
+    """grids.png: each point's first 64 samples (its samples.png), a row per run and sampler, a column per steps."""
+    keys = list(dict.fromkeys((r["run"], r["sampler"]) for r in rows))
+    steps = sorted({r["steps"] for r in rows})
+    fig, axes = plt.subplots(len(keys), len(steps), figsize=(2.1 * len(steps), 2.35 * len(keys)), dpi=110,
+                             squeeze=False)
+    for (run, sampler), row in zip(keys, axes):
+        for s, ax in zip(steps, row):
+            ax.axis("off")
+            point = [r for r in rows if (r["run"], r["sampler"], r["steps"]) == (run, sampler, s)]
+            if point:
+                ax.imshow(plt.imread(out / f"{run}-{sampler}-{s}" / "samples.png"), cmap="gray")
+                ax.set_title(f"{run} ({sampler})\n{s} steps: FID {point[0]['fid']:.1f}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "grids.png")
 
 
 if __name__ == "__main__":

@@ -49,13 +49,17 @@ class Denoiser(GenerativeModel):
         drop = torch.rand(y.shape, device=y.device) < self.p_uncond
         return y.masked_fill(drop, self.num_classes)
 
-    def predict(self, x: Tensor, t: Tensor, labels: Tensor | None, guidance: float) -> Tensor:
-        """The network's output (fp32) at x [B, ...] and network times t [B]; with labels and guidance w != 1,
-        uncond + w * (cond - uncond), both from one forward over the doubled batch."""
+    def predict(self, x: Tensor, t: Tensor, labels: Tensor | None, guidance: float, step: Tensor | None = None
+                ) -> Tensor:
+        """The network's output (fp32) at x [B, ...] and network times t [B] (and step sizes, for a network that
+        takes them); with labels and guidance w != 1, uncond + w * (cond - uncond), both from one forward over
+        the doubled batch."""
+        extra = () if step is None else (step,)
         if labels is None or guidance == 1.0:
-            return self.unet(x, t, labels).float()
+            return self.unet(x, t, labels, *extra).float()
         null = torch.full_like(labels, self.num_classes)
-        cond, uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+        doubled = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), *(torch.cat([s, s]) for s in extra))
+        cond, uncond = self.unet(*doubled).float().chunk(2)
         return uncond + guidance * (cond - uncond)
 
     def step_unet(self, loss: Tensor, ctx) -> None:
@@ -165,37 +169,79 @@ class DDPM(Denoiser):
 
 class FlowMatching(Denoiser):
     """Flow matching on the straight path x_t = (1 - t) x0 + t * noise (rectified flow, Liu et al. 2022;
-    Lipman et al. 2022): the network predicts the velocity noise - x0 at t ~ U(0, 1) (``logit_normal``:
-    t = sigmoid(N(0, 1)), which weights the middle of the path, Esser et al. 2024). Sampling integrates from
+    Lipman et al. 2022): the network predicts the velocity noise - x0 at times t = sigmoid(N(0, 1))
+    (``logit_normal``, the default: it weights the middle of the path, Esser et al. 2024; it beat ``uniform``,
+    t ~ U(0, 1), at equal training time on MNIST). Sampling integrates from
     noise (t=1) to an image (t=0) in ``steps`` steps, by default with Euler's method (``heun``: two network
-    evaluations a step, but the last; ``ddim`` and ``ddpm`` fit the straight path too)."""
+    evaluations a step, but the last; ``ddim`` and ``ddpm`` fit the straight path too).
 
-    def __init__(self, unet: nn.Module, time_sampling: str = "uniform", num_classes: int = 0, p_uncond: float = 0.1,
-                 clip: float | None = 1.0, guidance: float = 1.0):
+    ``shortcut`` > 0 trains a shortcut model (Frans et al. 2024, "One Step Diffusion via Shortcut Models") on
+    a network that also takes a step size (``unet.step_input``): that share of each batch learns the jump of
+    size 2d from two jumps of size d by the network itself (self-consistency; d from 1/``shortcut_steps`` to
+    1/2), the rest plain flow matching. Its default sampler, ``shortcut``, then jumps in 1 to 4 steps."""
+
+    def __init__(self, unet: nn.Module, time_sampling: str = "logit_normal", num_classes: int = 0, p_uncond: float = 0.1,
+                 clip: float | None = 1.0, guidance: float = 1.0, shortcut: float = 0.0, shortcut_steps: int = 128):
         super().__init__(unet, num_classes, p_uncond, clip, guidance)
         if time_sampling not in ("uniform", "logit_normal"):
             raise GenlabError(f"model.time_sampling must be uniform or logit_normal; got {time_sampling}.")
-        self.time_sampling = time_sampling
+        if not 0 <= shortcut < 1:
+            raise GenlabError(f"model.shortcut is the share of each batch that learns shortcuts, in [0, 1); got {shortcut}.")
+        if shortcut and not getattr(unet, "step_input", False):
+            raise GenlabError("model.shortcut needs a network told the step size: set model.unet.step_input=true.")
+        if shortcut_steps < 2 or shortcut_steps & (shortcut_steps - 1):
+            raise GenlabError(f"model.shortcut_steps must be a power of two, at least 2; got {shortcut_steps}.")
+        self.time_sampling, self.shortcut, self.shortcut_steps = time_sampling, shortcut, shortcut_steps
 
     def noised(self, x0, noise, t):
         tt = t.view(-1, 1, 1, 1)
         return (1 - tt) * x0 + tt * noise, t * 1000, noise - x0
 
+    def train_times(self, n: int, device) -> Tensor:
+        if self.time_sampling == "uniform":
+            return torch.rand(n, device=device)
+        return torch.sigmoid(torch.randn(n, device=device))
+
     def training_step(self, batch, ctx):
-        x0 = batch.x * 2 - 1
-        n = len(x0)
-        t = torch.rand(n, device=x0.device) if self.time_sampling == "uniform" else \
-            torch.sigmoid(torch.randn(n, device=x0.device))
-        xt, t_in, target = self.noised(x0, torch.randn_like(x0), t)
+        x0, labels = batch.x * 2 - 1, self.train_labels(batch.y)
+        noise = torch.randn_like(x0)
+        k = round(len(x0) * self.shortcut)  # the first k images learn shortcuts
+        xt, t_in, target = self.noised(x0[k:], noise[k:], self.train_times(len(x0) - k, x0.device))
+        step = None
+        if k:
+            with ctx.autocast():
+                xs, ts, steps, targets = self.shortcut_targets(x0[:k], noise[:k], None if labels is None else labels[:k])
+            xt, t_in, target = torch.cat([xs, xt]), torch.cat([ts, t_in]), torch.cat([targets, target])
+            step = torch.cat([steps, torch.zeros(len(x0) - k, device=x0.device)])
         with ctx.autocast():
-            out = self.unet(xt, t_in, self.train_labels(batch.y)).float()
+            out = self.unet(xt, t_in, labels, *(() if step is None else (step,))).float()
         loss = F.mse_loss(out, target)
         self.step_unet(loss, ctx)
         return {"loss": loss.detach()}
 
-    def generate(self, z, labels=None, *, sampler: str | Sampler = "euler", steps: int = 50, eta: float | None = None,
-                 guidance: float | None = None):
-        return self.walk(z, labels, sampler, steps, eta, guidance)
+    @torch.no_grad()
+    def shortcut_targets(self, x0: Tensor, noise: Tensor, labels: Tensor | None):
+        """Inputs and targets of the self-consistency share: a jump of size 2d (2/M to 1, M = ``shortcut_steps``,
+        each power of two as likely) from t, a multiple of 2d, is the mean of the network's two jumps of size d
+        from t and from where the first lands: (x_t, network time, network step size, target)."""
+        n, levels = len(x0), int(math.log2(self.shortcut_steps))
+        big = 2.0 ** torch.randint(1, levels + 1, (n,), device=x0.device) / self.shortcut_steps
+        t = big * (torch.rand(n, device=x0.device) / big).floor().add(1).clamp(max=1 / big)
+        xt, t_in, _ = self.noised(x0, noise, t)
+        d = (big / 2).view(-1, 1, 1, 1)
+        first = self.unet(xt, t_in, labels, self.step_input(big / 2)).float()
+        second = self.unet(xt - d * first, t_in - d.flatten() * 1000, labels, self.step_input(big / 2)).float()
+        return xt, t_in, big * 1000, (first + second) / 2
+
+    def step_input(self, size: Tensor) -> Tensor:
+        """The network's step input for jumps of ``size`` (fractions of the path): 0, plain flow matching's
+        instantaneous velocity, below the smallest shortcut trained (2 / shortcut_steps)."""
+        return torch.where(size < 1.999 / self.shortcut_steps, torch.zeros_like(size), size) * 1000
+
+    def generate(self, z, labels=None, *, sampler: str | Sampler | None = None, steps: int = 50,
+                 eta: float | None = None, guidance: float | None = None):
+        """``sampler`` None: ``shortcut`` for a model trained with shortcuts, else ``euler``."""
+        return self.walk(z, labels, sampler or ("shortcut" if self.shortcut else "euler"), steps, eta, guidance)
 
     def times(self, steps: int) -> list[float]:
         return torch.linspace(1, 0, steps + 1).tolist()
@@ -205,6 +251,12 @@ class FlowMatching(Denoiser):
 
     def velocity(self, x: Tensor, t: float, labels, guidance: float) -> Tensor:
         return self.predict(x, torch.full((len(x),), t * 1000, device=x.device), labels, guidance)
+
+    def jump(self, x: Tensor, t: float, t_next: float, labels, guidance: float) -> Tensor:
+        """The mean velocity from t to t_next: a shortcut model's learnt jump (its velocity if it has none)."""
+        full = torch.full((len(x),), t * 1000, device=x.device)
+        step = self.step_input(torch.full((len(x),), t - t_next, device=x.device)) if self.shortcut else None
+        return self.predict(x, full, labels, guidance, step)
 
     def denoise(self, x: Tensor, t: float, labels, guidance: float) -> tuple[Tensor, Tensor]:
         v = self.velocity(x, t, labels, guidance)  # noise - image, so x_t - t v is the image and x_t + (1 - t) v the noise

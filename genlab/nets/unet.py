@@ -82,10 +82,12 @@ class UNet(nn.Module):
     sized from ``image_size``), ``blocks`` residual blocks per resolution on the way down (one more on the
     way up), attention at the lowest ``attention_levels`` resolutions. With ``num_classes`` > 0 a class
     embedding is added to the time embedding; label ``num_classes`` means "no class" (for
-    classifier-free guidance)."""
+    classifier-free guidance). With ``step_input``, so is an embedding of a step size ``step`` [B] (in the
+    time's units; 0 when not given): what a shortcut model's network is told of the jump it makes."""
 
     def __init__(self, channels: int = 1, image_size: int = 28, width: int = 32, mults: list[int] | None = None,
-                 blocks: int = 1, attention_levels: int = 1, heads: int = 4, num_classes: int = 0, dropout: float = 0.0):
+                 blocks: int = 1, attention_levels: int = 1, heads: int = 4, num_classes: int = 0, dropout: float = 0.0,
+                 step_input: bool = False):
         super().__init__()
         mults = tuple(mults) if mults else default_mults(image_size)
         check_divisible("UNet", channels, image_size, 2 ** (len(mults) - 1))
@@ -95,6 +97,8 @@ class UNet(nn.Module):
         emb = 4 * width
         self.time = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.classes = nn.Embedding(num_classes + 1, emb) if num_classes else None
+        self.steps = nn.Sequential(nn.Linear(width, emb), nn.SiLU(), nn.Linear(emb, emb)) if step_input else None
+        self.step_input = step_input
         self.width = width
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
         chans = [width * m for m in mults]
@@ -126,8 +130,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None, step: Tensor | None = None) -> Tensor:
         e = self.time(timestep_embedding(t, self.width).to(x.dtype))
+        if self.steps is not None:
+            e = e + self.steps(timestep_embedding(torch.zeros_like(t) if step is None else step, self.width).to(x.dtype))
         if self.classes is not None:
             if labels is None:
                 labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)

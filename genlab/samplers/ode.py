@@ -9,11 +9,15 @@ class Euler(Sampler):
     name = "euler"
     needs = ("times", "velocity")
 
+    def rate(self, model, x, t, t_next, labels, guidance):
+        """How fast x moves on the step from t to t_next: here the velocity where it starts."""
+        return model.velocity(x, t, labels, guidance)
+
     def __call__(self, model, x, steps, labels=None, guidance=1.0):
         ts = model.times(steps)
         x = x.float()
         for t, t_next in zip(ts, ts[1:]):
-            x = x + (t_next - t) * model.velocity(x, t, labels, guidance)
+            x = x + (t_next - t) * self.rate(model, x, t, t_next, labels, guidance)
         return x
 
 
@@ -37,3 +41,15 @@ class Heun(Sampler):
                 x_next = x + (t_next - t) * 0.5 * (v + model.velocity(x_next, t_next, labels, guidance))
             x = x_next
         return x
+
+
+class Shortcut(Euler):
+    """x <- x + (t' - t) * jump(x, t, t'): the model's mean velocity over the whole step, which a shortcut model
+    learns (genlab.models.FlowMatching with ``shortcut``), so 1 to 4 steps give an image; on a model trained
+    without shortcuts, Euler's method. One network evaluation a step."""
+
+    name = "shortcut"
+    needs = ("times", "jump")
+
+    def rate(self, model, x, t, t_next, labels, guidance):
+        return model.jump(x, t, t_next, labels, guidance)

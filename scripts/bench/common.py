@@ -18,9 +18,9 @@ SHAPES = {"mnist": (1, 28), "cifar": (3, 32)}  # channels, image size
 WORK = {"gan": 24000, "dcgan": 1500, "vae": 6000, "ddpm": 500}  # images a timed run of each model trains on
 
 
-def compose_cfg(model: str, data_root: str | None, shape="mnist"):
+def compose_cfg(model: str, data_root: str | None, shape="mnist", overrides=()):
     """MNIST itself when ``data_root`` has it and the shape is MNIST's; otherwise synthetic images of the
-    shape (a name in SHAPES, or (channels, size))."""
+    shape (a name in SHAPES, or (channels, size)); ``overrides`` of the model's settings after them."""
     channels, size = SHAPES.get(shape, shape)
     if data_root and shape == "mnist":
         dataset = ["dataset=mnist", f"dataset.root={data_root}", "dataset.download=false"]
@@ -28,7 +28,7 @@ def compose_cfg(model: str, data_root: str | None, shape="mnist"):
         dataset = ["dataset=synthetic", "dataset.n=8192", f"dataset.channels={channels}", f"dataset.image_size={size}"]
     schema.register()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"model={model}", *dataset])
+        return compose("train", overrides=[f"model={model}", *dataset, *overrides])
 
 
 def reference_dataset(data_root: str | None, n: int, shape: str = "mnist"):
