@@ -142,6 +142,7 @@ def test_a_rank_that_fails_stops_the_others(tmp_path):
            "rank 1 broke at step 3" in r.stderr  # its peer's own message
 
 
+@pytest.mark.slow  # left out of CI for time (pytest -m slow runs it)
 def test_work_rank_0_does_alone_strands_no_rank(tmp_path):
     """Rank 0 alone sleeps past the collectives' timeout (GENLAB_DIST_TIMEOUT=3) in a callback's on_fit_start or
     while it builds the measurements (the first run's yardstick classifier): rank 1 waits for it, and both train to

@@ -97,6 +97,7 @@ def test_the_wheel_trains_samples_and_evaluates_from_an_empty_folder(venv, tmp_p
     assert r.returncode == 0 and "(3, 1, 28, 28) genlab.models.DDPM" in r.stdout, r.stderr
 
 
+@pytest.mark.slow  # left out of CI for time (pytest -m slow runs it)
 def test_the_example_plugin_from_its_own_folder(venv, tmp_path):
     """The user's own model, loss and configs: --config-dir for the configs, the current folder for the modules."""
     plugin = tmp_path / "plugin"

@@ -176,6 +176,7 @@ def test_a_search_completes_continues_on_its_storage_and_reports_the_best(tmp_pa
     assert len(study.trials) == 5 and all(t.intermediate_values.keys() == {1} for t in study.trials)
 
 
+@pytest.mark.slow  # left out of CI for time (pytest -m slow runs it)
 def test_a_search_made_to_prune_prunes_and_a_failing_trial_fails_alone(tmp_path):
     """Every value is above the threshold pruner's upper bound: each trial stops after its first epoch, its
     checkpoint written. Launched again with runs that cannot start (on_nan=bogus): each of those trials fails
@@ -276,6 +277,7 @@ class Kill(Callback):
 """
 
 
+@pytest.mark.slow  # left out of CI for time (pytest -m slow runs it)
 def test_a_killed_worker_fails_its_trial_alone_and_the_search_goes_on(tmp_path):
     """Two joblib workers, two batches of two trials. In the first, trial 1's worker is SIGKILLed after trial 0
     has finished: joblib loses the batch's returns (TerminatedWorkerError, which ended the search); trial 0 is
