@@ -18,7 +18,8 @@ from genlab.ema import EMA
 from genlab.errors import GenlabError
 from genlab.measures import Evaluation, OneClassAUROC, Pruning, SampleQuality, ValidationLoss
 from genlab.models import GenerativeModel
-from genlab.parts import build_dataset, build_model, build_optimizers, build_schedulers, check_labels, test_split
+from genlab.parts import (build_dataset, build_model, build_optimizers, build_schedulers, check_labels, load_teacher,
+                          test_split)
 from genlab.sampling import check_sampling
 from genlab.scores import score_names
 from genlab.search import METRICS
@@ -35,6 +36,8 @@ def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None)
     ``choices``: the config groups' options the run was composed from, kept in its checkpoints."""
     t = cfg.trainer
     model = build_model(cfg).to(device)  # first: config mistakes show before any data is read
+    node = cfg.get("teacher")  # reflow's (a run from before genlab had it has none)
+    teacher = load_teacher(model, node, device) if node and node.run else None
     if dist.world() > 1:
         dist.broadcast_tensors(model.state_dict().values())  # every rank starts from rank 0's weights
         if device.type == "cuda":  # batch statistics over the whole batch, as one process would have them
@@ -49,6 +52,8 @@ def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None)
                       t.on_nan)
     main = dist.is_main()  # only rank 0 writes, and keeps the moving average it samples from
     ema = EMA(model, t.ema.decay, t.ema.warmup) if t.ema.decay is not None and main else None  # before compiling
+    if teacher is not None:
+        model.reflow_from(teacher, node.steps, node.sampler)
     if t.compile:
         compile_networks(model)
     callbacks = run_callbacks(cfg, run_dir, model, data, device, choices)

@@ -10,7 +10,7 @@ from genlab import checkpoint
 from genlab.config import CONFIG_DIR, check_settings, declaring, import_target, instantiate_checked, locate, type_hints
 from genlab.data import ImageData
 from genlab.errors import GenlabError, first_line
-from genlab.models import GenerativeModel
+from genlab.models import FlowMatching, GenerativeModel
 from genlab.schedules import Constant, ScheduledLR
 
 
@@ -142,3 +142,23 @@ def load_model(ckpt, device="cpu", ema: bool = True) -> tuple[GenerativeModel, D
     except RuntimeError as e:
         raise GenlabError(f"the weights in {ckpt} do not fit the model its config describes: {first_line(e)}") from e
     return model.to(device).eval(), cfg, state
+
+
+def load_teacher(model: GenerativeModel, node: DictConfig, device) -> FlowMatching:
+    """The teacher of reflow, the flow model of run ``node.run`` (teacher.run=RUN), checked against ``model``, whose
+    weights start from its own (the moving average's) when ``node.init``. The caller hands it to
+    ``FlowMatching.reflow_from`` once the student's moving average is made (which would copy it)."""
+    teacher, _, _ = load_model(node.run, device)
+    if not isinstance(model, FlowMatching) or not isinstance(teacher, FlowMatching):
+        raise GenlabError(f"teacher.run: reflow trains flow matching (model=flow) from a flow run; this is "
+                          f"{type(model).__name__} from {type(teacher).__name__}.")
+    if (teacher.unet.image_shape, teacher.num_classes) != (model.unet.image_shape, model.num_classes):
+        raise GenlabError(f"teacher.run: the teacher makes {teacher.unet.image_shape} images of "
+                          f"{teacher.num_classes} classes, this model {model.unet.image_shape} of {model.num_classes}.")
+    if node.init:
+        try:
+            model.load_state_dict(teacher.state_dict())
+        except RuntimeError as e:
+            raise GenlabError(f"teacher.init: the teacher's network differs from this one ({first_line(e)}); train "
+                              "with the teacher's model settings, or teacher.init=false to start afresh.") from e
+    return teacher

@@ -59,6 +59,14 @@ class TrialSchema:
 
 
 @dataclass
+class TeacherSchema:
+    run: Optional[str] = MISSING
+    steps: int = MISSING
+    sampler: str = MISSING
+    init: bool = MISSING
+
+
+@dataclass
 class TrainSchema:
     seed: int = MISSING
     device: str = MISSING
@@ -74,6 +82,7 @@ class TrainSchema:
     logger: Any = None  # trackers and callbacks of your own, by name (configs/logger/), checked when built
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     trial: TrialSchema = field(default_factory=TrialSchema)
+    teacher: TeacherSchema = field(default_factory=TeacherSchema)
 
 
 @dataclass

@@ -101,8 +101,9 @@ class Trainer:
                             raise self._interrupted()
                         if self.step % self.loader.steps_per_epoch and not self.done:  # on with the rest of the epoch
                             continue
+                    paused = time.perf_counter()
                     self._call("on_epoch_end", settle=True)  # rank 0 may take long: the others wait on the store
-                    self._window.restart()  # the pictures and checkpoints are not training time
+                    self._window.pause(time.perf_counter() - paused)  # measurements, pictures, checkpoints
             self.status = "finished"
         except BaseException as e:
             self.status = ("interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt, SystemExit)) else
@@ -175,8 +176,10 @@ class Trainer:
         row.update({f"lr/{k}": s.get_last_lr()[0] for k, s in self.ctx.schedulers.items()})
         self.wall_time = row["wall_time"]
         self.history.append(row)
-        self._call("on_log", row)
+        paused = time.perf_counter()
+        self._call("on_log", row)  # measurements (evaluation.metrics) and writers: not training time
         requested, failed = self._agree(self._requested is not None, self._failure is not None)
+        self._window.pause(time.perf_counter() - paused)  # on every rank: the others wait for rank 0 in the agreement
         if failed:  # a callback failed on some rank, at this row or at a step since the last
             dist.settle(self._failure, "in a callback")
         if requested and self.stopped is None:  # a callback (rank 0's) asked to stop
@@ -326,7 +329,9 @@ class Window:
         self.sums, self.counts, self.images, self.dropped = {}, {}, 0, []
         self.t0 = time.perf_counter()
 
-    def restart(self) -> None:
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` out of the training time (trainer.max_time, wall_time) and start a new rate window."""
+        self.start += seconds
         self.t0, self.images = time.perf_counter(), 0
 
     def elapsed(self) -> float:

@@ -5,6 +5,7 @@ real commands."""
 import csv
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,24 @@ def test_labels_beyond_the_models_classes_are_refused(overrides, labels, tmp_pat
                          f"dataset.n_classes={12 if 'cgan' in overrides[0] else 10}"])
     with pytest.raises(GenlabError, match=f"has labels {labels}, but the model is conditional on model.num_classes"):
         build_trainer(cfg, tmp_path, torch.device("cpu"))
+
+
+def test_what_epoch_ends_take_is_not_training_time(tmp_path):
+    """What the epoch ends take (here 1 s for a measurement in the epoch's last row, as Evaluation's, and 1 s for the
+    writers after it) counts toward neither trainer.max_time nor the rows' wall_time: the budget buys training."""
+
+    class Slow(Callback):
+        def on_log(self, trainer, row):
+            if trainer.step % trainer.loader.steps_per_epoch == 0:
+                time.sleep(1.0)
+
+        def on_epoch_end(self, trainer):
+            time.sleep(1.0)
+
+    trainer = make_trainer(["model=vae", "model.encoder.width=8", "dataset=synthetic", "dataset.n=64",
+                            "trainer.batch_size=32", "trainer.epochs=3", "callbacks=none"], tmp_path)
+    trainer.callbacks.append(Slow())
+    start = time.perf_counter()
+    trainer.fit()
+    spent = time.perf_counter() - start
+    assert trainer.history[-1]["wall_time"] < spent - 5.5  # the six seconds of sleep left out

@@ -178,7 +178,11 @@ class FlowMatching(Denoiser):
     ``shortcut`` > 0 trains a shortcut model (Frans et al. 2024, "One Step Diffusion via Shortcut Models") on
     a network that also takes a step size (``unet.step_input``): that share of each batch learns the jump of
     size 2d from two jumps of size d by the network itself (self-consistency; d from 1/``shortcut_steps`` to
-    1/2), the rest plain flow matching. Its default sampler, ``shortcut``, then jumps in 1 to 4 steps."""
+    1/2), the rest plain flow matching. Its default sampler, ``shortcut``, then jumps in 1 to 4 steps.
+
+    ``reflow_from(teacher)`` trains on a teacher's pairs instead of the data (reflow)."""
+
+    teacher = None  # (flow model, steps, sampler) of reflow, set by reflow_from
 
     def __init__(self, unet: nn.Module, time_sampling: str = "logit_normal", num_classes: int = 0, p_uncond: float = 0.1,
                  clip: float | None = 1.0, guidance: float = 1.0, shortcut: float = 0.0, shortcut_steps: int = 128):
@@ -202,9 +206,25 @@ class FlowMatching(Denoiser):
             return torch.rand(n, device=device)
         return torch.sigmoid(torch.randn(n, device=device))
 
+    def reflow_from(self, teacher: "FlowMatching", steps: int = 8, sampler: str = "dpmpp_2m") -> None:
+        """Reflow (Liu et al. 2022, "Flow Straight and Fast"): each training image is replaced by what ``teacher``
+        (a trained flow model, frozen) makes of the batch's own noise in ``steps`` steps of ``sampler``, for the
+        batch's labels where the models are conditional. Trained on these pairs, the paths straighten, so few
+        steps suffice. The teacher is no part of this model's weights or checkpoints."""
+        object.__setattr__(self, "teacher", (teacher.eval().requires_grad_(False), steps, sampler))
+
+    @torch.no_grad()
+    def teacher_images(self, noise: Tensor, y: Tensor) -> Tensor:
+        teacher, steps, sampler = self.teacher
+        images = teacher.generate(noise, y if teacher.num_classes else None, sampler=sampler, steps=steps)
+        return images * 2 - 1
+
     def training_step(self, batch, ctx):
         x0, labels = batch.x * 2 - 1, self.train_labels(batch.y)
         noise = torch.randn_like(x0)
+        if self.teacher is not None:
+            with ctx.autocast():
+                x0 = self.teacher_images(noise, batch.y)
         k = round(len(x0) * self.shortcut)  # the first k images learn shortcuts
         xt, t_in, target = self.noised(x0[k:], noise[k:], self.train_times(len(x0) - k, x0.device))
         step = None

@@ -65,6 +65,7 @@ FEW_STEPS = [  # (label, model, its overrides, sampler)
     ("ddpm", "ddpm", (), "dpmpp_2m"),
     ("flow", "flow", (), "euler"),
     ("flow shortcut", "flow", ("model.shortcut=0.25", "model.unet.step_input=true"), "shortcut"),
+    ("flow_mnist_cpu", "flow", ("model.unet.width=16", "model.unet.mults=[1,2,2]"), "euler"),  # its UNet
 ]
 
 
