@@ -111,6 +111,7 @@ def test_a_submitit_sweep_completes_and_reports_a_failing_job(tmp_path):
     assert "job #1 failed (" in err and "VAE takes a loss of type ELBO" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # left out of CI for time (pytest -m slow runs it)
 def test_a_submitit_job_of_two_tasks_trains_as_one_run(tmp_path):
     """tasks_per_node=2 (one per GPU on a cluster): the job's tasks find each other through submitit's
     environment and train one run of two processes, whose files rank 0 alone writes."""

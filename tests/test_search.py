@@ -201,6 +201,7 @@ def test_a_search_made_to_prune_prunes_and_a_failing_trial_fails_alone(tmp_path)
         "pruned": 2, "fail": 2}
 
 
+@pytest.mark.slow  # left out of CI for time (pytest -m slow runs it)
 def test_two_joblib_workers_share_one_study(tmp_path):
     r = genlab("train", *SEARCH, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
                "hydra.sweeper.n_trials=2", *TRIAL, "trainer.epochs=2", "hydra.sweep.dir=search", cwd=tmp_path)
