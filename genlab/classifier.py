@@ -53,15 +53,31 @@ def classifier_for(dataset: DictConfig, device, epochs: int | None = None, width
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     name = node["_target_"].rsplit(".", 1)[-1]
     path = cache_dir() / "classifiers" / f"{name}-{key}.pt"
-    if path.exists():
-        try:
-            blob = checkpoint.read(path)  # its checksum checked: a yardstick changed on disk is never used
-            net = NETS[blob.get("net", "small")](**blob["args"])
-            net.load_state_dict(blob["state"])
-            return net.to(device).eval(), blob["info"]
-        except (checkpoint.Damaged, KeyError, RuntimeError, TypeError) as e:  # a damaged cache is trained again
-            log.warning("ignoring the unreadable classifier cache %s (%s); training it again", path,
-                        first_line(e))
+    found = cached_classifier(path, device)
+    if found is None:
+        with checkpoint.file_lock(path.with_suffix(".lock")):  # one process trains it, others (sweep jobs) wait
+            found = cached_classifier(path, device) or train_classifier(node, kind, epochs, width, seed, min_steps,
+                                                                        device, path)
+    return found
+
+
+def cached_classifier(path, device):
+    """(net, info) from the cache file ``path``, or None where there is none or it cannot be read (its checksum is
+    checked: a yardstick changed on disk is never used; a damaged one is trained again)."""
+    if not path.exists():
+        return None
+    try:
+        blob = checkpoint.read(path)
+        net = NETS[blob.get("net", "small")](**blob["args"])
+        net.load_state_dict(blob["state"])
+        return net.to(device).eval(), blob["info"]
+    except (checkpoint.Damaged, KeyError, RuntimeError, TypeError) as e:
+        log.warning("ignoring the unreadable classifier cache %s (%s); training it again", path, first_line(e))
+        return None
+
+
+def train_classifier(node: dict, kind: str, epochs: int, width: int, seed: int, min_steps: int, device, path):
+    """Train the classifier of the dataset config ``node`` and keep it at ``path``: (net, info)."""
     train, test = build_dataset(OmegaConf.create(node), True), build_dataset(OmegaConf.create(node), False)
     counts = train.labels.bincount()
     present = counts[counts > 0]

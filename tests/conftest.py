@@ -51,7 +51,15 @@ def first_batch(trainer):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    """genlab's cache, one per test process; its classifiers (the FID yardsticks) shared by the session's
+    processes, so each is trained once (classifier_for locks while it trains) and not once per process."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    if os.environ.get("PYTEST_XDIST_WORKER") and not (cache / "classifiers").exists():
+        shared = tmp_path_factory.getbasetemp().parent / "classifiers"
+        shared.mkdir(exist_ok=True)
+        cache.mkdir(exist_ok=True)
+        (cache / "classifiers").symlink_to(shared, target_is_directory=True)
+    monkeypatch.setenv("GENLAB_CACHE", str(cache))
 
 
 def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:

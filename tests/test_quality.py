@@ -102,11 +102,33 @@ def test_quality_needs_a_dataset_that_can_train_its_classifier(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_one_yardstick_everywhere(monkeypatch, caplog):
+def test_processes_that_want_one_yardstick_at_once_train_it_once(monkeypatch, tmp_path):
+    """Two at once (sweep jobs, ranks, test workers): the second waits on the first's lock and reads its cache."""
+    import threading
+
+    from genlab import classifier
+
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path))
+    fits, fit = [], classifier.fit_classifier
+    monkeypatch.setattr(classifier, "fit_classifier", lambda *a: fits.append(1) or fit(*a))
+    node = compose_train(["dataset=synthetic", "dataset.n=1000", "dataset.image_size=8"]).dataset
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(classifier_for(node, "cpu", epochs=1, width=4, min_steps=30)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fits) == 1 and len(got) == 2
+    assert all(torch.equal(a, b) for a, b in zip(got[0][0].state_dict().values(), got[1][0].state_dict().values()))
+
+
+def test_one_yardstick_everywhere(monkeypatch, caplog, tmp_path):
     """genlab's FID classifier trains in fp32 whatever the device computes natively (this CPU runs bf16, an older
     GPU fp16), its cache is keyed by the device type that trained it, and a damaged cache is trained again."""
     from genlab.nets.classifier import SmallCNN
 
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path))  # its own: the session's classifiers are shared
     autocast_seen = []
     forward = SmallCNN.forward
     monkeypatch.setattr(SmallCNN, "forward", lambda self, x: autocast_seen.append(torch.is_autocast_enabled("cpu"))

@@ -2,10 +2,12 @@
 MNIST, Fashion-MNIST, CIFAR-10, a folder of images, and synthetic blobs for tests. Each takes ``train`` (which
 split) and its config's plain arguments, and returns uint8 images [N, C, H, W] with int64 labels [N]."""
 
+import importlib.util
 import logging
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,17 +23,30 @@ log = logging.getLogger(__name__)
 
 def digits(train: bool = True, image_size: int = 28, channels: int = 1, classes: list[int] | None = None) -> ImageData:
     """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16): 80% train, 20% test."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = torch.from_numpy(bunch.images).float().div(16).unsqueeze(1)  # [1797, 1, 8, 8] in [0, 1]
-    labels = torch.from_numpy(bunch.target).long()
+    pixels, target = bundled_digits()
+    images = torch.from_numpy(pixels).float().div(16).view(-1, 1, 8, 8)  # [1797, 1, 8, 8] in [0, 1]
+    labels = torch.from_numpy(target).long()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_train = int(0.8 * len(labels))
     keep = order[:n_train] if train else order[n_train:]
     images = _resize_float(images[keep], image_size)
     images = images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
     return _finish(images, labels[keep], "digits", train, image_size, channels, classes)
+
+
+def bundled_digits():
+    """The digits' pixels [1797, 64] and labels [1797] (numpy), read from the file scikit-learn ships
+    (``load_digits`` reads the same file, but importing scikit-learn costs each command more than a second)."""
+    package = importlib.util.find_spec("sklearn")
+    if package is not None and package.submodule_search_locations:
+        found = Path(next(iter(package.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+        if found.is_file():
+            table = np.loadtxt(found, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # a scikit-learn that keeps it elsewhere
+
+    bunch = load_digits()
+    return bunch.data, bunch.target
 
 
 def mnist(root: str = "data", train: bool = True, download: bool = True, image_size: int = 28, channels: int = 1,
