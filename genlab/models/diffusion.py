@@ -180,26 +180,44 @@ class FlowMatching(Denoiser):
     size 2d from two jumps of size d by the network itself (self-consistency; d from 1/``shortcut_steps`` to
     1/2), the rest plain flow matching. Its default sampler, ``shortcut``, then jumps in 1 to 4 steps.
 
+    ``mean_flow`` > 0 trains a MeanFlow model (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"),
+    also on a network told the step size: that share of each batch learns the mean velocity u from r to t (times
+    from sigmoid(N(-0.4, 1)), t > r) through the identity u = v - (t - r) du/dt, du/dt taken by forward-mode
+    differentiation along the path; the rest plain flow matching (r = t). Each image's error is divided by
+    itself (plus 1e-3), as the paper does (its adaptive weight, p = 1). It samples with ``shortcut`` too.
+
     ``reflow_from(teacher)`` trains on a teacher's pairs instead of the data (reflow)."""
 
     teacher = None  # (flow model, steps, sampler) of reflow, set by reflow_from
 
     def __init__(self, unet: nn.Module, time_sampling: str = "logit_normal", num_classes: int = 0, p_uncond: float = 0.1,
-                 clip: float | None = 1.0, guidance: float = 1.0, shortcut: float = 0.0, shortcut_steps: int = 128):
+                 clip: float | None = 1.0, guidance: float = 1.0, shortcut: float = 0.0, shortcut_steps: int = 128,
+                 mean_flow: float = 0.0):
         super().__init__(unet, num_classes, p_uncond, clip, guidance)
         if time_sampling not in ("uniform", "logit_normal"):
             raise GenlabError(f"model.time_sampling must be uniform or logit_normal; got {time_sampling}.")
         if not 0 <= shortcut < 1:
             raise GenlabError(f"model.shortcut is the share of each batch that learns shortcuts, in [0, 1); got {shortcut}.")
-        if shortcut and not getattr(unet, "step_input", False):
-            raise GenlabError("model.shortcut needs a network told the step size: set model.unet.step_input=true.")
+        if not 0 <= mean_flow < 1:
+            raise GenlabError(f"model.mean_flow is the share of each batch that learns mean velocities, in [0, 1); "
+                              f"got {mean_flow}.")
+        if shortcut and mean_flow:
+            raise GenlabError("model.shortcut and model.mean_flow are two ways to learn jumps: set one of them to 0.")
+        for name, share in (("shortcut", shortcut), ("mean_flow", mean_flow)):
+            if share and not getattr(unet, "step_input", False):
+                raise GenlabError(f"model.{name} needs a network told the step size: set model.unet.step_input=true.")
         if shortcut_steps < 2 or shortcut_steps & (shortcut_steps - 1):
             raise GenlabError(f"model.shortcut_steps must be a power of two, at least 2; got {shortcut_steps}.")
         self.time_sampling, self.shortcut, self.shortcut_steps = time_sampling, shortcut, shortcut_steps
+        self.mean_flow = mean_flow
+        # the network is told times (and step sizes) in thousandths of the path, as DDPM's steps; MeanFlow's as they
+        # are, in [0, 1]: it differentiates the network in t, and the fastest of the time features, a sine of
+        # 1000 t, made its targets and losses explode (above 15 against flow matching's 0.3 in a first run)
+        self.time_scale = 1.0 if mean_flow else 1000.0
 
     def noised(self, x0, noise, t):
         tt = t.view(-1, 1, 1, 1)
-        return (1 - tt) * x0 + tt * noise, t * 1000, noise - x0
+        return (1 - tt) * x0 + tt * noise, t * self.time_scale, noise - x0
 
     def train_times(self, n: int, device) -> Tensor:
         if self.time_sampling == "uniform":
@@ -225,18 +243,20 @@ class FlowMatching(Denoiser):
         if self.teacher is not None:
             with ctx.autocast():
                 x0 = self.teacher_images(noise, batch.y)
-        k = round(len(x0) * self.shortcut)  # the first k images learn shortcuts
+        k = round(len(x0) * (self.shortcut or self.mean_flow))  # the first k images learn jumps
         xt, t_in, target = self.noised(x0[k:], noise[k:], self.train_times(len(x0) - k, x0.device))
         step = None
         if k:
+            jumps = self.shortcut_targets if self.shortcut else self.mean_flow_targets
             with ctx.autocast():
-                xs, ts, steps, targets = self.shortcut_targets(x0[:k], noise[:k], None if labels is None else labels[:k])
+                xs, ts, steps, targets = jumps(x0[:k], noise[:k], None if labels is None else labels[:k])
             xt, t_in, target = torch.cat([xs, xt]), torch.cat([ts, t_in]), torch.cat([targets, target])
             step = torch.cat([steps, torch.zeros(len(x0) - k, device=x0.device)])
         with ctx.autocast():
             out = self.unet(xt, t_in, labels, *(() if step is None else (step,))).float()
-        loss = F.mse_loss(out, target)
-        self.step_unet(loss, ctx)
+        errors = (out - target).pow(2).flatten(1).mean(1)
+        loss = errors.mean()
+        self.step_unet((errors / (errors.detach() + 1e-3)).mean() if self.mean_flow else loss, ctx)
         return {"loss": loss.detach()}
 
     @torch.no_grad()
@@ -250,18 +270,40 @@ class FlowMatching(Denoiser):
         xt, t_in, _ = self.noised(x0, noise, t)
         d = (big / 2).view(-1, 1, 1, 1)
         first = self.unet(xt, t_in, labels, self.step_input(big / 2)).float()
-        second = self.unet(xt - d * first, t_in - d.flatten() * 1000, labels, self.step_input(big / 2)).float()
-        return xt, t_in, big * 1000, (first + second) / 2
+        t_next = t_in - d.flatten() * self.time_scale
+        second = self.unet(xt - d * first, t_next, labels, self.step_input(big / 2)).float()
+        return xt, t_in, big * self.time_scale, (first + second) / 2
+
+    @torch.no_grad()
+    def mean_flow_targets(self, x0: Tensor, noise: Tensor, labels: Tensor | None):
+        """Inputs and targets of MeanFlow's share: at t > r, x_t on the straight path, the target of the mean
+        velocity from r to t is v - (t - r) du/dt, where v = noise - x0 and the total derivative
+        du/dt = v ∂u/∂x + ∂u/∂t + ∂u/∂(t - r) is the network's own along the path, taken by one forward-mode pass:
+        (x_t, network time, network step size, target)."""
+        a, b = torch.sigmoid(torch.randn(2, len(x0), device=x0.device) - 0.4)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        xt, t_in, v = self.noised(x0, noise, t)
+        size = (t - r) * self.time_scale
+
+        def u(x, time, step):
+            return self.unet(x, time, labels, step).float()
+
+        per_t = torch.full_like(t_in, self.time_scale)  # the network's time and step inputs per unit of t
+        _, du_dt = torch.func.jvp(u, (xt, t_in, size), (v, per_t, per_t))
+        return xt, t_in, size, v - (t - r).view(-1, 1, 1, 1) * du_dt
 
     def step_input(self, size: Tensor) -> Tensor:
-        """The network's step input for jumps of ``size`` (fractions of the path): 0, plain flow matching's
-        instantaneous velocity, below the smallest shortcut trained (2 / shortcut_steps)."""
-        return torch.where(size < 1.999 / self.shortcut_steps, torch.zeros_like(size), size) * 1000
+        """The network's step input for jumps of ``size`` (fractions of the path). A shortcut model's: 0, plain
+        flow matching's instantaneous velocity, below the smallest shortcut trained (2 / shortcut_steps)."""
+        if self.mean_flow:
+            return size * self.time_scale
+        return torch.where(size < 1.999 / self.shortcut_steps, torch.zeros_like(size), size) * self.time_scale
 
     def generate(self, z, labels=None, *, sampler: str | Sampler | None = None, steps: int = 50,
                  eta: float | None = None, guidance: float | None = None):
-        """``sampler`` None: ``shortcut`` for a model trained with shortcuts, else ``euler``."""
-        return self.walk(z, labels, sampler or ("shortcut" if self.shortcut else "euler"), steps, eta, guidance)
+        """``sampler`` None: ``shortcut`` for a model trained with shortcuts or mean flows, else ``euler``."""
+        jumps = self.shortcut or self.mean_flow
+        return self.walk(z, labels, sampler or ("shortcut" if jumps else "euler"), steps, eta, guidance)
 
     def times(self, steps: int) -> list[float]:
         return torch.linspace(1, 0, steps + 1).tolist()
@@ -270,12 +312,13 @@ class FlowMatching(Denoiser):
         return 1 - t, t
 
     def velocity(self, x: Tensor, t: float, labels, guidance: float) -> Tensor:
-        return self.predict(x, torch.full((len(x),), t * 1000, device=x.device), labels, guidance)
+        return self.predict(x, torch.full((len(x),), t * self.time_scale, device=x.device), labels, guidance)
 
     def jump(self, x: Tensor, t: float, t_next: float, labels, guidance: float) -> Tensor:
         """The mean velocity from t to t_next: a shortcut model's learnt jump (its velocity if it has none)."""
-        full = torch.full((len(x),), t * 1000, device=x.device)
-        step = self.step_input(torch.full((len(x),), t - t_next, device=x.device)) if self.shortcut else None
+        full = torch.full((len(x),), t * self.time_scale, device=x.device)
+        jumps = self.shortcut or self.mean_flow
+        step = self.step_input(torch.full((len(x),), t - t_next, device=x.device)) if jumps else None
         return self.predict(x, full, labels, guidance, step)
 
     def denoise(self, x: Tensor, t: float, labels, guidance: float) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ OFFERS = {
     "coefficients": "coefficients(t): (alpha, sigma), where x_t = alpha * image + sigma * noise",
     "denoise": "denoise(x, t, labels, guidance): its predictions of the image and of the noise",
     "velocity": "velocity(x, t, labels, guidance): dx/dt along its path",
-    "jump": "jump(x, t, t_next, labels, guidance): its mean velocity from t to t_next (a shortcut model's)",
+    "jump": "jump(x, t, t_next, labels, guidance): its mean velocity from t to t_next (a shortcut or MeanFlow model's)",
 }
 
 

@@ -45,8 +45,8 @@ class Heun(Sampler):
 
 class Shortcut(Euler):
     """x <- x + (t' - t) * jump(x, t, t'): the model's mean velocity over the whole step, which a shortcut model
-    learns (genlab.models.FlowMatching with ``shortcut``), so 1 to 4 steps give an image; on a model trained
-    without shortcuts, Euler's method. One network evaluation a step."""
+    learns (genlab.models.FlowMatching with ``shortcut`` or ``mean_flow``), so 1 to 4 steps give an image; on a
+    model trained without either, Euler's method. One network evaluation a step."""
 
     name = "shortcut"
     needs = ("times", "jump")
