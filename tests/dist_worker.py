@@ -81,7 +81,7 @@ class TwoUpdates(GenerativeModel):
 
 
 def family_config(family: str):
-    cfg = compose_train([*COMMON, *FAMILIES[family], "trainer.progress=false"])
+    cfg = compose_train([*COMMON, *FAMILIES[family], "trainer.progress=false", "callbacks=none"])  # weights alone
     if family == "two_updates":
         cfg.model, cfg.loss = {"_target_": "dist_worker.TwoUpdates", "image_size": 8}, None
     return cfg
