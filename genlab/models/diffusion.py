@@ -215,6 +215,11 @@ class FlowMatching(Denoiser):
         # 1000 t, made its targets and losses explode (above 15 against flow matching's 0.3 in a first run)
         self.time_scale = 1.0 if mean_flow else 1000.0
 
+    @property
+    def learns_jumps(self) -> bool:
+        """Whether it was trained to jump (shortcut or MeanFlow): its network is then told each step's size."""
+        return bool(self.shortcut or self.mean_flow)
+
     def noised(self, x0, noise, t):
         tt = t.view(-1, 1, 1, 1)
         return (1 - tt) * x0 + tt * noise, t * self.time_scale, noise - x0
@@ -302,8 +307,7 @@ class FlowMatching(Denoiser):
     def generate(self, z, labels=None, *, sampler: str | Sampler | None = None, steps: int = 50,
                  eta: float | None = None, guidance: float | None = None):
         """``sampler`` None: ``shortcut`` for a model trained with shortcuts or mean flows, else ``euler``."""
-        jumps = self.shortcut or self.mean_flow
-        return self.walk(z, labels, sampler or ("shortcut" if jumps else "euler"), steps, eta, guidance)
+        return self.walk(z, labels, sampler or ("shortcut" if self.learns_jumps else "euler"), steps, eta, guidance)
 
     def times(self, steps: int) -> list[float]:
         return torch.linspace(1, 0, steps + 1).tolist()
@@ -317,8 +321,7 @@ class FlowMatching(Denoiser):
     def jump(self, x: Tensor, t: float, t_next: float, labels, guidance: float) -> Tensor:
         """The mean velocity from t to t_next: a shortcut model's learnt jump (its velocity if it has none)."""
         full = torch.full((len(x),), t * self.time_scale, device=x.device)
-        jumps = self.shortcut or self.mean_flow
-        step = self.step_input(torch.full((len(x),), t - t_next, device=x.device)) if jumps else None
+        step = self.step_input(torch.full((len(x),), t - t_next, device=x.device)) if self.learns_jumps else None
         return self.predict(x, full, labels, guidance, step)
 
     def denoise(self, x: Tensor, t: float, labels, guidance: float) -> tuple[Tensor, Tensor]:
