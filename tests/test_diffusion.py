@@ -237,7 +237,8 @@ def test_unet_is_sized_from_the_images(size, channels, levels):
 
 @pytest.mark.parametrize("model,extra", [("ddpm", []), ("flow", ["model.num_classes=10"]),
                                          ("ddpm", ["model.prediction=v", "model.num_classes=10"]),
-                                         ("flow", ["model.shortcut=0.5", "model.unet.step_input=true", "model.num_classes=10"])])
+                                         ("flow", ["model.shortcut=0.5", "model.unet.step_input=true", "model.num_classes=10"]),
+                                         ("edm", ["model.num_classes=10"])])
 def test_a_training_step_changes_every_part_and_samples_fit(model, extra, tmp_path):
     t = make_trainer([f"model={model}", *extra, "model.unet.width=16", "dataset=synthetic", "dataset.n=16",
                       "trainer.batch_size=8"], tmp_path)

@@ -2,8 +2,9 @@
 
 from genlab.models.base import GenerativeModel
 from genlab.models.diffusion import DDPM, FlowMatching
+from genlab.models.edm import EDM
 from genlab.models.gan import GAN
 from genlab.models.vae import VAE, Autoencoder
 from genlab.models.vae_gan import VAEGAN
 
-__all__ = ["GenerativeModel", "Autoencoder", "GAN", "VAE", "DDPM", "FlowMatching", "VAEGAN"]
+__all__ = ["GenerativeModel", "Autoencoder", "GAN", "VAE", "DDPM", "EDM", "FlowMatching", "VAEGAN"]
