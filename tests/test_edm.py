@@ -135,3 +135,16 @@ def test_each_sampler_draws_the_gaussian_datas_mean_and_variance_on_edms_path(na
     x = make_sampler(name)(path, z * path.sigma_max, steps)
     assert x.mean().item() == pytest.approx(Gaussian.MU, abs=0.01)
     assert x.var().item() == pytest.approx(Gaussian.VAR, rel=0.03)
+
+
+def test_the_denoise_score_reads_fractions_of_the_path_as_noise_levels_on_the_schedule():
+    """The exact denoiser restores its one batch from any noise level, so its images score zero and mirrored ones
+    do not; the score's fractions of the path are read as points of Karras' schedule (0.5: sigma about 2.5)."""
+    oracle = Oracle()
+    model = EDM(oracle)
+    oracle.owner.append(model)
+    data = (X0 + 1) / 2
+    assert model.anomaly_score(data).abs().max() < 1e-6
+    assert (model.anomaly_score(data.flip(-1)) > 1e-3).all()
+    assert model.schedule_sigma(0.0) == pytest.approx(0.002) and model.schedule_sigma(1.0) == pytest.approx(80.0)
+    assert 2.0 < model.schedule_sigma(0.5) < 3.0
