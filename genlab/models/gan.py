@@ -98,6 +98,8 @@ class GAN(GenerativeModel):
         with ctx.autocast():
             fake = self.fakes(z, y)
             real_logits, fake_logits = self.critic(x, fake.detach(), y)
+            if hasattr(self.augment, "observe"):  # an adaptive augmentation learns how much the discriminator overfits
+                self.augment.observe(real_logits.detach(), ctx.step_index)
             loss_d = self.loss.d(real_logits, fake_logits)
             for regularizer in self.regularizers.values():
                 term = regularizer(lambda v: self.logits(self.seen(v), y), x, fake.detach(), ctx.step_index)
@@ -106,6 +108,8 @@ class GAN(GenerativeModel):
         ctx.backward(loss_d, "d")
         ctx.step("d")
         out = {"loss_d": loss_d.detach()}
+        if getattr(self.augment, "target", None) is not None:  # an adaptive augmentation's strength, for metrics.csv
+            out["aug_p"] = self.augment.p.clone()
         if ctx.step_index % self.n_critic == 0:
             with ctx.autocast(), frozen_statistics(self.d):
                 if self.loss.needs_real:
