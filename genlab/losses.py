@@ -93,6 +93,21 @@ class RaLSGAN(GANLoss):
         return 0.5 * ((fake - real.mean() - 1) ** 2).mean() + 0.5 * ((real - fake.mean() + 1) ** 2).mean()
 
 
+class RpGAN(GANLoss):
+    """The relativistic pairing GAN (Jolicoeur-Martineau 2018; R3GAN, Huang et al. 2024, "The GAN is dead; long live
+    the GAN!"): each real image is judged against the fake beside it, softplus(-(D(real) - D(fake))) for the
+    discriminator and the reverse for the generator. With R1 and R2 (``regularizer=[r1,r2]``) it is R3GAN's
+    objective, which converges locally where the plain losses need tricks."""
+
+    needs_real = True
+
+    def d(self, real, fake):
+        return F.softplus(fake - real).mean()
+
+    def g(self, fake, real=None):
+        return F.softplus(real - fake).mean()
+
+
 def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
     """WGAN-GP: (||grad_x critic(x)|| - 1)^2 at random points between real and fake images.
 

@@ -34,12 +34,23 @@ class R1:
 
     def __init__(self, gamma: float = 10.0, every: int = 16):
         if gamma < 0 or every < 1:
-            raise GenlabError(f"R1 needs gamma >= 0 and every >= 1; got gamma={gamma}, every={every}.")
+            raise GenlabError(f"{type(self).__name__} needs gamma >= 0 and every >= 1; got gamma={gamma}, every={every}.")
         self.gamma, self.every = gamma, every
+
+    def images(self, real: Tensor, fake: Tensor) -> Tensor:
+        return real
 
     def __call__(self, critic, real: Tensor, fake: Tensor, step: int) -> Tensor | None:
         if step % self.every:
             return None
-        x = real.detach().float().requires_grad_(True)
+        x = self.images(real, fake).detach().float().requires_grad_(True)
         (grad,) = torch.autograd.grad(critic(x).float().sum(), x, create_graph=True)
         return 0.5 * self.gamma * self.every * grad.pow(2).flatten(1).sum(1).mean()
+
+
+class R2(R1):
+    """R1's penalty on the fake images instead (Roth et al. 2017; R3GAN pairs it with R1): the discriminator kept
+    flat where the generator's images are too."""
+
+    def images(self, real: Tensor, fake: Tensor) -> Tensor:
+        return fake

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from genlab.losses import BCE, ELBO, LSGAN, Hinge, Minimax, RaLSGAN, Wasserstein, total_variation
+from genlab.losses import BCE, ELBO, LSGAN, Hinge, Minimax, RaLSGAN, RpGAN, Wasserstein, total_variation
 
-GAN_LOSSES = [BCE, Minimax, Wasserstein, Hinge, LSGAN, RaLSGAN]
+GAN_LOSSES = [BCE, Minimax, Wasserstein, Hinge, LSGAN, RaLSGAN, RpGAN]
 
 
 @pytest.fixture
@@ -32,6 +32,8 @@ def test_gan_loss_values(logits):
     close(LSGAN().g(fake), 0.5 * F.mse_loss(fake, ones))
     close(RaLSGAN().d(real, fake), 0.5 * F.mse_loss(real - fake.mean(), ones) + 0.5 * F.mse_loss(fake - real.mean(), -ones))
     close(RaLSGAN().g(fake, real), 0.5 * F.mse_loss(fake - real.mean(), ones) + 0.5 * F.mse_loss(real - fake.mean(), -ones))
+    close(RpGAN().d(real, fake), bce(real - fake, ones))  # -log sigmoid(D(real) - D(fake)), pair by pair
+    close(RpGAN().g(fake, real), bce(fake - real, ones))
 
 
 def test_elbo_terms_against_torch():

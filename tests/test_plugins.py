@@ -16,7 +16,7 @@ from genlab.errors import GenlabError
 from genlab.losses import BCE
 from genlab.models import GAN
 from genlab.parts import build_model
-from genlab.regularizers import R1, GradientPenalty
+from genlab.regularizers import R1, R2, GradientPenalty
 from genlab.scores import score_for
 from genlab.step import StepContext
 from genlab.train import debugging
@@ -121,12 +121,17 @@ class Linear(nn.Module):
 
 def test_r1_is_the_gradients_norm_on_real_images_lazily():
     """For a linear critic w.x the gradient is w everywhere: R1 = gamma / 2 * every * |w|^2, on the steps it is
-    due and None between them."""
+    due and None between them. For (w.x)^2 the gradient differs per image: R1 takes the real ones, R2 the fakes."""
     w = torch.randn(12)
     critic, real = Linear(w), torch.randn(5, 3, 2, 2)
     r1 = R1(gamma=2.0, every=4)
     torch.testing.assert_close(r1(critic, real, real, 8), 0.5 * 2.0 * 4 * w.pow(2).sum())
     assert r1(critic, real, real, 9) is None
+    bent = lambda x: (x.flatten(1) * w).sum(1) ** 2  # noqa: E731  # gradient 2 (w.x) w: R2 is R1 at the fakes
+    fake = torch.randn(5, 3, 2, 2)
+    expected = lambda x: 0.5 * 2.0 * 4 * (2 * (x.flatten(1) @ w)[:, None] * w).pow(2).sum(1).mean()  # noqa: E731
+    torch.testing.assert_close(R2(gamma=2.0, every=4)(bent, real, fake, 8), expected(fake))
+    torch.testing.assert_close(r1(bent, real, fake, 8), expected(real))
     with pytest.raises(GenlabError, match="every >= 1"):
         R1(every=0)
 
