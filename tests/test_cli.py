@@ -20,7 +20,7 @@ def test_help_and_version(tmp_path):
     r = genlab("--version", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("genlab ")
     r = genlab("train", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "model: cgan, dcgan, dcgan64, ddpm, edm, flow, gan, vae, vae_gan" in r.stdout
+    assert r.returncode == 0 and "model: cgan, dcgan, dcgan64, ddpm, edm, flow, gan, stylegan, vae, vae_gan" in r.stdout
     r = genlab("fly", cwd=tmp_path)
     assert r.returncode == 2 and "unknown command" in r.stderr
 

@@ -3,6 +3,7 @@
 from genlab.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 from genlab.nets.dcgan64 import DCGAN64Discriminator, DCGAN64Generator
 from genlab.nets.mlp import MLPDiscriminator, MLPGenerator
+from genlab.nets.stylegan import StyleGANDiscriminator, StyleGANGenerator
 from genlab.nets.classifier import ResNetClassifier, SmallCNN
 from genlab.nets.unet import UNet
 from genlab.nets.vae import ConvDecoder, ConvEncoder
@@ -14,6 +15,8 @@ __all__ = [
     "DCGANDiscriminator",
     "DCGAN64Generator",
     "DCGAN64Discriminator",
+    "StyleGANGenerator",
+    "StyleGANDiscriminator",
     "ConvEncoder",
     "ConvDecoder",
     "SmallCNN",
