@@ -53,6 +53,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     with precision:
         interpolation(model, settings, cfg.interp_rows, cfg.interp_steps, g, device, run_dir / "interpolation.png")
     written.append("interpolation.png")
+    if hasattr(model, "style_mix"):  # a StyleGAN: rows' coarse styles with columns' fine ones
+        with precision:
+            save_grid(model.style_mix(model.latent(6, g).to(device), model.latent(6, g).to(device), **settings).cpu(),
+                      run_dir / "style_mixing.png", 7)
+        written.append("style_mixing.png")
     if hasattr(model, "encode"):  # models with an encoder: reconstructions and the latent map
         test = test_split(train_cfg, cfg.dataset_root)
         encoder_pictures(model, test, cfg, g, device, run_dir)
@@ -73,10 +78,15 @@ def write_samples(x: torch.Tensor, labels, run_dir: Path, form: str) -> list[str
 
 
 def interpolation(model, settings: dict, rows: int, steps: int, g: torch.Generator, device, path: Path) -> None:
-    """interpolation.png: ``rows`` latent walks (slerp) between random endpoints, ``steps`` images each; a
-    conditional model walks within one class a row."""
+    """interpolation.png: ``rows`` latent walks (slerp, or the model's own ``interpolate``) between random endpoints,
+    ``steps`` images each; a conditional model walks within one class a row."""
     z0, z1 = model.latent(rows, g), model.latent(rows, g)
     t = torch.linspace(0, 1, steps).view(1, steps, 1)
+    if hasattr(model, "interpolate"):  # a model with its own latent path (a StyleGAN's straight lines in W)
+        labels = (torch.arange(rows) % model.num_classes).to(device) if model.num_classes else None
+        images = model.interpolate(z0.to(device), z1.to(device), t.flatten().to(device), labels, **settings)
+        save_grid(images.float().cpu(), path, steps)
+        return
     z = slerp(z0.flatten(1)[:, None], z1.flatten(1)[:, None], t).reshape(rows * steps, *z0.shape[1:])
     row_labels = (torch.arange(rows) % model.num_classes).repeat_interleave(steps).to(device) if model.num_classes else None
     save_grid(model.generate(z.to(device), row_labels, **settings).float().cpu(), path, steps)

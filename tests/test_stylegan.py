@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from genlab.errors import GenlabError
 from genlab.models import StyleGAN
 from genlab.nets import StyleGANDiscriminator, StyleGANGenerator
 from genlab.nets.stylegan import ModulatedConv, minibatch_std
 
-from conftest import first_batch, make_trainer
+from conftest import first_batch, genlab_here, make_trainer
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
@@ -110,3 +111,43 @@ def test_a_training_step_changes_every_part_with_r1_from_the_model_config(tmp_pa
     assert not [k for k, p in m.named_parameters() if torch.equal(p, before[k])]
     x = m.eval().sample(4, None, torch.Generator().manual_seed(0), truncation=0.7)
     assert x.shape == (4, 3, 32, 32) and x.min() >= 0 and x.max() <= 1
+
+
+def test_sample_writes_the_style_mixing_grid_and_walks_straight_in_w(tmp_path):
+    """genlab sample on a StyleGAN run at truncation 0.7: its grid, interpolation and a style-mixing grid of 7 x 7
+    cells (a blank corner, 6 columns, 6 rows)."""
+    run = tmp_path / "run"
+    r = genlab_here("train", "model=stylegan", "dataset=synthetic", "dataset.n=32", "dataset.image_size=32",
+               "dataset.channels=3", "model.generator.width=8", "model.discriminator.width=8",
+               "model.generator.max_width=16", "model.discriminator.max_width=16", "trainer.batch_size=16",
+               "trainer.max_steps=2", "trainer.progress=false", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "s"
+    r = genlab_here("sample", f"ckpt={run}", "truncation=0.7", "n=8", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    width, height = Image.open(out / "style_mixing.png").size
+    assert width == height == 7 * 32 + 8 * 2 and (out / "interpolation.png").exists()
+
+
+def test_interpolation_walks_straight_in_w_and_mixing_takes_coarse_styles_from_the_rows():
+    torch.manual_seed(0)
+    g = StyleGANGenerator(1, 28, z_dim=16, w_dim=16, mapping_layers=2, width=8, max_width=16)
+    from genlab.losses import BCE
+
+    model = StyleGAN(g, StyleGANDiscriminator(1, 28, width=8, max_width=16), BCE()).eval()
+    z0, z1 = torch.randn(2, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        walk = model.interpolate(z0, z1, torch.tensor([0.0, 0.5, 1.0]), truncation=0.7).view(2, 3, 1, 28, 28)
+        torch.testing.assert_close(walk[:, 0], model.generate(z0, truncation=0.7))
+        torch.testing.assert_close(walk[:, 2], model.generate(z1, truncation=0.7))
+        middle = (model.styles(z0, None, 0.7) + model.styles(z1, None, 0.7)) / 2
+        torch.testing.assert_close(walk[:, 1], (g.synthesis(middle) + 1) / 2)
+        grid = model.style_mix(z0, z1)  # 2 rows, 2 columns
+        seen = []
+        g.synthesis = lambda ws: seen.append(ws) or torch.zeros(len(ws), 1, 28, 28)
+        model.style_mix(z0, z1)
+    assert grid.shape == (9, 1, 28, 28) and torch.equal(grid[0], torch.ones(1, 28, 28))
+    ws = seen[0][4:].view(2, 2, g.num_ws, 16)  # after the 2 columns and 2 rows: row r, column c
+    coarse = g.num_ws // 2
+    torch.testing.assert_close(ws[1, 0, :coarse], model.styles(z0, None)[1, :coarse])
+    torch.testing.assert_close(ws[1, 0, coarse:], model.styles(z1, None)[0, coarse:])
