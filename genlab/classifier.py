@@ -41,7 +41,8 @@ def classifier_for(dataset: DictConfig, device, epochs: int | None = None, width
     to make at least ``min_steps`` steps on a small dataset."""
     node = OmegaConf.to_container(dataset, resolve=True)
     node["classes"] = None
-    for how in ("in_memory", "workers"):  # how the images are held or decoded, not which: the same classifier
+    for how in ("in_memory", "workers", "fraction"):  # how the images are held or decoded, or a run's share of them:
+        # the same classifier, so that a run on a fraction of the data is measured as one on all of it
         node.pop(how, None)
     colour = node.get("channels") == 3 and node.get("image_size", 0) % 8 == 0  # the ResNet halves 3 times
     kind = kind or ("resnet" if colour else "small")

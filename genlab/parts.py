@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genlab import checkpoint
 from genlab.config import CONFIG_DIR, check_settings, declaring, import_target, instantiate_checked, locate, type_hints
-from genlab.data import ImageData
+from genlab.data import ImageData, subset
 from genlab.errors import GenlabError, first_line
 from genlab.models import FlowMatching, GenerativeModel
 from genlab.schedules import Constant, ScheduledLR
@@ -102,9 +102,13 @@ def build_schedulers(cfg: DictConfig | None, optimizers: dict, total_steps: int)
 
 
 def build_dataset(cfg: DictConfig, train: bool = True) -> ImageData:
-    check_settings(import_target(cfg._target_, "dataset"), OmegaConf.to_container(cfg, resolve=True), "dataset",
-                   given={"train"})
-    return instantiate_checked(cfg, train=train)
+    """The dataset of ``cfg`` (its training or test split); ``fraction`` (any dataset's setting) keeps that share of
+    the training split, the same images every time (genlab.data.subset)."""
+    node = OmegaConf.to_container(cfg, resolve=True)
+    fraction = node.pop("fraction", None)
+    check_settings(import_target(cfg._target_, "dataset"), node, "dataset", given={"train"})
+    data = instantiate_checked(OmegaConf.create(node), train=train)
+    return subset(data, fraction) if train and fraction is not None else data
 
 
 def test_split(cfg: DictConfig, root=None, classes=None, train=False) -> ImageData:

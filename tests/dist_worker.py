@@ -44,6 +44,8 @@ FAMILIES = {
     "vae_gan": ["model=vae_gan", "model.encoder.width=8", "model.discriminator.width=8"],
     "ddpm": ["model=ddpm", "model.unet.width=8", "model.num_classes=10", "dataset.image_size=16"],
     "flow": ["model=flow", "model.unet.width=8", "dataset.image_size=16"],
+    "stylegan": ["model=stylegan", "dataset.image_size=16", "model.generator.width=8", "model.generator.max_width=8",
+                 "model.discriminator.width=8", "model.discriminator.max_width=8", "model.regularizers.r1.every=2"],
     "two_updates": ["model=flow", "dataset.image_size=8"],  # the model replaced by TwoUpdates (family_config)
 }
 

@@ -115,3 +115,4 @@ def test_the_adaptive_probability_falls_when_the_discriminator_is_fooled():
     assert augment.p.item() == pytest.approx(0.4)
     augment.observe(torch.ones(10), 1)
     assert augment.p.item() == pytest.approx(0.5)
+

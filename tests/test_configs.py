@@ -74,8 +74,18 @@ def test_optimizer_builds(optimizer):
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_experiment_builds(experiment, fake_root):
-    cfg = compose_train([f"experiment={experiment}", f"dataset.root={fake_root}", "dataset.download=false"])
+def test_experiment_builds(experiment, fake_root, tmp_path):
+    """Every preset builds its model, optimizers and data: torchvision's on tiny files, a folder's on a few PNGs."""
+    if compose_train([f"experiment={experiment}"]).dataset._target_.endswith(".folder"):
+        from PIL import Image
+
+        (tmp_path / "images").mkdir()
+        for i in range(12):
+            Image.new("RGB", (40, 30), (20 * i, 90, 200 - 10 * i)).save(tmp_path / "images" / f"{i}.png")
+        data = [f"dataset.root={tmp_path / 'images'}"]
+    else:
+        data = [f"dataset.root={fake_root}", "dataset.download=false"]
+    cfg = compose_train([f"experiment={experiment}", *data])
     model = build_model(cfg)
     build_optimizers(cfg.optimizer, model)
     data = build_dataset(cfg.dataset, train=True)

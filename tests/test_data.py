@@ -372,3 +372,22 @@ def test_a_run_from_before_the_name_split_keeps_its_own_split(tmp_path):
     assert sides(tmp_path, test_fraction=0.2, split="order")[False] == {by_path[i] for i in order[:6]}
     with pytest.raises(GenlabError, match="dataset.split must be name or order"):
         data.folder(tmp_path, split="random")
+
+
+def test_a_fraction_of_the_data_is_the_same_images_class_by_class():
+    """dataset.fraction=0.1 keeps a tenth of each class's training images, the same ones in every build; the test
+    split stays whole, and a share outside (0, 1] is refused in one line."""
+    from omegaconf import OmegaConf
+
+    from genlab.parts import build_dataset
+
+    node = {"_target_": "genlab.data.synthetic", "n": 400, "fraction": 0.1}
+    whole = build_dataset(OmegaConf.create({**node, "fraction": None}))
+    a, b = build_dataset(OmegaConf.create(node)), build_dataset(OmegaConf.create(node))
+    assert torch.equal(a.images, b.images) and len(a) == pytest.approx(40, abs=5)
+    for c in range(10):
+        assert int((a.labels == c).sum()) == max(1, round(0.1 * int((whole.labels == c).sum())))
+    assert len(build_dataset(OmegaConf.create(node), train=False)) == len(build_dataset(
+        OmegaConf.create({**node, "fraction": None}), train=False))
+    with pytest.raises(GenlabError, match=r"dataset.fraction is the share of the training images kept, in \(0, 1\]"):
+        build_dataset(OmegaConf.create({**node, "fraction": 1.5}))

@@ -40,12 +40,18 @@ def tensors(obj, prefix=""):
             yield from tensors(v, f"{prefix}/{i}")
 
 
+SMALL_STYLEGAN = ["augment=ada", "model.augment.interval=1", "model.augment.speed=200", "model.generator.width=8",
+                  "model.discriminator.width=8", "model.generator.max_width=16", "model.discriminator.max_width=16",
+                  "model.regularizers.r1.every=3"]
+
+
 @pytest.mark.parametrize("model,precision", [("gan", "fp32"), ("vae", "fp32"),  # bf16: 20x slower without native bf16
-                                             pytest.param("dcgan", "bf16", marks=pytest.mark.slow)])
+                                             ("stylegan", "fp32"), pytest.param("dcgan", "bf16", marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(model, precision, tmp_path):
     """4 steps + resume + 4 steps == 8 steps in one go (3 steps an epoch: the cut is mid-epoch). The resumed run is a
-    process of its own, as after a crash; the two before it run in this one, through the same entry."""
-    args = [f"model={model}", *COMMON, f"trainer.precision={precision}"]
+    process of its own, as after a crash; the two before it run in this one, through the same entry. The StyleGAN
+    carries an adaptive augmentation, whose strength and counts resume with it, and style mixing's draws."""
+    args = [f"model={model}", *COMMON, f"trainer.precision={precision}", *(SMALL_STYLEGAN if model == "stylegan" else [])]
     for name, extra in (("whole", ["trainer.max_steps=8"]), ("half", ["trainer.max_steps=4"])):
         r = genlab_here("train", *args, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
         assert r.returncode == 0, r.stderr

@@ -65,14 +65,15 @@ def test_styles_mix_in_training_only_and_eval_is_deterministic():
 
 
 def test_minibatch_std_is_the_spread_within_each_group():
-    """Groups take every (batch / group)-th image: with 8 images in groups of 4, images 0, 2, 4, 6 and 1, 3, 5, 7.
-    Each image gets its group's standard deviation (population), averaged over channels and pixels."""
+    """Groups are consecutive images: with 8 images in groups of 4, images 0 to 3 and 4 to 7. Each image gets its
+    group's standard deviation (population), averaged over channels and pixels."""
     x = torch.zeros(8, 2, 3, 3)
     x[4:] = torch.arange(4.0).view(4, 1, 1, 1)  # images 4 to 7 hold 0, 1, 2, 3
     out = minibatch_std(x, 4)
     assert out.shape == (8, 3, 3, 3) and torch.equal(out[:, :2], x)
-    expected = torch.tensor([0.0, 0.0, 0.0, 2.0]).std(unbiased=False), torch.tensor([0.0, 0.0, 1.0, 3.0]).std(unbiased=False)
-    torch.testing.assert_close(out[:, 2, 0, 0], torch.stack(expected).repeat(4), atol=1e-4, rtol=0)
+    spread = torch.tensor([0.0, 1.0, 2.0, 3.0]).std(unbiased=False).item()
+    torch.testing.assert_close(out[:, 2, 0, 0], torch.tensor([0.0] * 4 + [spread] * 4), atol=2e-4, rtol=0)  # sqrt(1e-8)
+    assert minibatch_std(torch.randn(6, 2, 3, 3), 4).shape == (6, 3, 3, 3)  # groups of 2, dividing 6
 
 
 def test_truncation_draws_every_latent_towards_the_mean_style():

@@ -13,7 +13,7 @@ stays flat however large the dataset (``in_memory``). A folder of image files is
 
 from genlab.data.cache import Cache, cache_dir, fits_in_memory
 from genlab.data.datasets import cifar10, digits, fashion_mnist, folder, mnist, synthetic
-from genlab.data.loader import Batch, ImageData, Loader
+from genlab.data.loader import Batch, ImageData, Loader, subset
 
-__all__ = ["Batch", "ImageData", "Loader", "Cache", "cache_dir", "fits_in_memory", "cifar10", "digits",
+__all__ = ["Batch", "ImageData", "Loader", "subset", "Cache", "cache_dir", "fits_in_memory", "cifar10", "digits",
            "fashion_mnist", "folder", "mnist", "synthetic"]

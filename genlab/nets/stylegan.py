@@ -46,7 +46,7 @@ class EqualLinear(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, bias: float = 0.0, lr_mul: float = 1.0, activate: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(c_out, c_in) / lr_mul)
+        self.weight = nn.Parameter(torch.empty(c_out, c_in).normal_() / lr_mul)
         self.bias = nn.Parameter(torch.full((c_out,), bias / lr_mul))
         self.scale, self.lr_mul, self.activate = lr_mul / math.sqrt(c_in), lr_mul, activate
 
@@ -60,7 +60,7 @@ class EqualConv(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, kernel: int, bias: bool = True, down: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, kernel, kernel))
+        self.weight = nn.Parameter(torch.empty(c_out, c_in, kernel, kernel).normal_())
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
         self.scale, self.down = 1 / math.sqrt(c_in * kernel * kernel), down
 
@@ -76,7 +76,7 @@ class ModulatedConv(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, kernel: int, w_dim: int, demodulate: bool = True, up: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(c_out, c_in, kernel, kernel))
+        self.weight = nn.Parameter(torch.empty(c_out, c_in, kernel, kernel).normal_())
         self.affine = EqualLinear(w_dim, c_in, bias=1.0)  # styles start at 1: the plain convolution
         self.scale, self.demodulate, self.up = 1 / math.sqrt(c_in * kernel * kernel), demodulate, up
 
@@ -154,7 +154,7 @@ class StyleGANGenerator(nn.Module):
         chans = widths(doublings, width, max_width)
         self.z_dim, self.num_classes, self.mixing = z_dim, num_classes, mixing
         self.mapping = Mapping(z_dim, w_dim, mapping_layers, num_classes)
-        self.const = nn.Parameter(torch.randn(1, chans[0], start, start))
+        self.const = nn.Parameter(torch.empty(1, chans[0], start, start).normal_())
         self.layers, self.to_rgb = nn.ModuleList([StyleLayer(chans[0], chans[0], w_dim, start)]), nn.ModuleList()
         self.to_rgb.append(ToRGB(chans[0], channels, w_dim))
         for i in range(1, doublings + 1):
@@ -168,7 +168,7 @@ class StyleGANGenerator(nn.Module):
         ws = self.mapping(z, labels)[:, None].expand(-1, self.num_ws, -1)
         if self.training and self.mixing > 0:
             other = self.mapping(torch.randn_like(z), labels)[:, None]
-            cut = torch.randint(1, self.num_ws, (len(z), 1), device=z.device)
+            cut = 1 + (torch.rand(len(z), 1, device=z.device) * (self.num_ws - 1)).long()  # the first layer of `other`
             mixed = torch.rand(len(z), 1, device=z.device) < self.mixing
             switch = (torch.arange(self.num_ws, device=z.device)[None] >= cut) & mixed  # [B, num_ws]
             ws = torch.where(switch[..., None], other, ws)
@@ -200,12 +200,13 @@ class DiscriminatorBlock(nn.Module):
 
 
 def minibatch_std(x: Tensor, group: int) -> Tensor:
-    """One more feature map: the standard deviation of the features across each group of ``group`` images (or
-    fewer, dividing the batch), averaged over channels and pixels: how varied the batch is."""
+    """One more feature map: the standard deviation of the features across each group of ``group`` consecutive
+    images (or fewer, dividing the batch), averaged over channels and pixels: how varied the batch is. Consecutive,
+    so that data-parallel ranks whose slices are whole groups compute what one process does."""
     b, c, h, w = x.shape
     g = math.gcd(b, group)
-    std = (x.float().view(g, -1, c, h, w).var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # [B / g]
-    return torch.cat([x, std.to(x.dtype).view(-1, 1, 1, 1).repeat(g, 1, h, w)], 1)
+    std = (x.float().view(-1, g, c, h, w).var(1, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # [B / g]
+    return torch.cat([x, std.to(x.dtype).repeat_interleave(g).view(-1, 1, 1, 1).expand(b, 1, h, w)], 1)
 
 
 class StyleGANDiscriminator(nn.Module):
