@@ -116,3 +116,24 @@ def test_the_adaptive_probability_falls_when_the_discriminator_is_fooled():
     augment.observe(torch.ones(10), 1)
     assert augment.p.item() == pytest.approx(0.5)
 
+
+
+def test_the_vae_gans_discriminator_judges_augmented_images_and_compares_plain_ones(tmp_path):
+    """augment=ada reaches the VAE-GAN: its GAN loss sees augmented images (p moves with the discriminator's
+    signs), while the feature error compares each image with its reconstruction as they are."""
+    from conftest import first_batch, make_trainer
+
+    t = make_trainer(["model=vae_gan", "augment=ada", "model.augment.interval=2", "dataset=synthetic",
+                      "dataset.n=32", "trainer.batch_size=16", "model.encoder.width=8",
+                      "model.discriminator.width=8"], tmp_path)
+    m = t.model
+    seen = []
+    features = m.d.features
+    m.d.features = lambda x: seen.append(x.detach().clone()) or features(x)
+    t.ctx.begin(0)
+    out = m.training_step(first_batch(t), t.ctx)
+    t.ctx.end()
+    batch = first_batch(t).x * 2 - 1
+    assert torch.equal(seen[0], batch)  # the feature error's pass: the images as they are
+    assert len(seen) == 5 and seen[3].shape == batch.shape  # then the real images again, augmented (p starts at 0)
+    assert m.augment.signs[1].item() == 16 and {"loss_d", "loss_g", "feature", "kl"} <= set(out)  # it was shown them

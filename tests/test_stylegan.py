@@ -19,16 +19,19 @@ from conftest import first_batch, genlab_here, make_trainer
 def test_demodulation_keeps_unit_variance_whatever_the_style(kernel):
     """Inputs of unit variance give outputs of unit variance (within 5 %) for any style, since each output
     channel's modulated weights are renormalised to unit norm; without demodulation the variance follows the
-    style's scale (here about 10 times larger)."""
+    style's scale (here about 10 times larger). Training's way (the input scaled) and sampling's (grouped
+    weights) agree."""
     torch.manual_seed(0)
     conv = ModulatedConv(64, 32, kernel, w_dim=16)
     with torch.no_grad():
         conv.affine.bias.fill_(3.0)  # styles 3 + N(0, 1): the plain convolution's variance times E[s^2] = 10
     x, w = torch.randn(32, 64, 16, 16), torch.randn(32, 16)
     inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # away from the zero padding
-    assert conv(x, w)[inner].var().item() == pytest.approx(1.0, rel=0.05)
-    conv.demodulate = False
-    assert conv(x, w)[inner].var().item() == pytest.approx(10.0, rel=0.2)
+    for demodulate, variance, tolerance in ((True, 1.0, 0.05), (False, 10.0, 0.2)):
+        conv.demodulate = demodulate
+        scaled, grouped = conv.train()(x, w), conv.eval()(x, w)  # the two ways: input scaled, or grouped weights
+        torch.testing.assert_close(scaled, grouped, atol=1e-4, rtol=1e-4)
+        assert scaled[inner].var().item() == pytest.approx(variance, rel=tolerance)
 
 
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 3)])

@@ -20,6 +20,8 @@ class VAEGAN(Autoencoder):
     - discriminator: the GAN loss, real images against reconstructions and prior samples.
 
     The three losses come from one forward pass, and all three gradients are taken before any optimizer steps.
+    With ``augment`` (genlab.augment: ``augment=diffaugment``), the GAN loss judges augmented images, in passes of
+    their own, while the feature error keeps comparing each image with its reconstruction as they are.
     Its default anomaly score is ``feature`` (genlab.scores.Feature: the feature error of the posterior mean's
     reconstruction, the better one on one-class MNIST); the reconstruction's pixel errors (``mse``) fit it too.
     """
@@ -27,7 +29,7 @@ class VAEGAN(Autoencoder):
     default_score = "feature"
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, discriminator: nn.Module, loss: GANLoss,
-                 gamma: float = 0.1, beta: float = 1.0):
+                 gamma: float = 0.1, beta: float = 1.0, augment=None):
         super().__init__(encoder, decoder)
         if not (hasattr(discriminator, "features") and hasattr(discriminator, "score")):
             raise GenlabError(f"the VAE-GAN's discriminator needs features(x) and score(h) methods; "
@@ -35,6 +37,7 @@ class VAEGAN(Autoencoder):
         if gamma < 0 or beta < 0:
             raise GenlabError(f"model.gamma and model.beta must be >= 0; got {gamma} and {beta}.")
         self.d, self.loss, self.gamma, self.beta = discriminator, loss, gamma, beta
+        self.augment = augment
 
     def optimizer_groups(self):
         return {"encoder": self.encoder.parameters(), "decoder": self.decoder.parameters(), "d": self.d.parameters()}
@@ -48,8 +51,9 @@ class VAEGAN(Autoencoder):
             prior = torch.sigmoid(self.decoder(torch.randn_like(mu)).float())
             # the discriminator sees each batch apart, so a backward pass runs only over the batches it needs
             h_real, h_recon, h_prior = (self.d.features(v * 2 - 1) for v in (x, recon, prior))
-            real_logits = self.d.score(h_real).float()
-            fake_logits = self.d.score(torch.cat([h_recon, h_prior])).float()
+            real_logits, fake_logits = self.judged(x, recon, prior, h_real, torch.cat([h_recon, h_prior]))
+            if hasattr(self.augment, "observe"):  # an adaptive augmentation learns how much the discriminator overfits
+                self.augment.observe(real_logits.detach(), ctx.step_index)
         feature = feature_error(h_real.float(), h_recon.float()).mean()
         kl = kl_normal(mu, logvar).mean()
         loss_d = self.loss.d(real_logits, fake_logits)
@@ -63,6 +67,15 @@ class VAEGAN(Autoencoder):
         for name in ("encoder", "decoder", "d"):  # ...and only then any update
             ctx.step(name)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "feature": feature.detach(), "kl": kl.detach()}
+
+    def judged(self, x, recon, prior, h_real, h_fake) -> tuple[Tensor, Tensor]:
+        """The discriminator's logits (fp32) on the real images and on the reconstructions and prior samples: from
+        the features already taken, or, with an augmentation, from the augmented images' own."""
+        if self.augment is None:
+            return self.d.score(h_real).float(), self.d.score(h_fake).float()
+        real = self.d.score(self.d.features(self.augment(x * 2 - 1)))
+        fake = self.d.score(self.d.features(self.augment(torch.cat([recon, prior]) * 2 - 1)))
+        return real.float(), fake.float()
 
     def features(self, x: Tensor) -> Tensor:
         """The discriminator's features of images ``x`` in [0, 1], in fp32: what the ``feature`` score compares."""

@@ -71,26 +71,44 @@ class EqualConv(nn.Module):
 
 class ModulatedConv(nn.Module):
     """A convolution whose weights a style w scales per input channel and, with ``demodulate``, renormalises per
-    output channel to unit norm, so that inputs of unit variance give outputs of unit variance. One grouped
-    convolution serves the whole batch (each image its own weights). ``up``: bilinear 2x upsampling first."""
+    output channel to unit norm, so that inputs of unit variance give outputs of unit variance. ``up``: bilinear 2x
+    upsampling first.
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, w_dim: int, demodulate: bool = True, up: bool = False):
+    Two ways to compute it, equal up to rounding (``fused``; None: as StyleGAN2-ADA chooses, fused outside
+    training): fused, one grouped convolution with each image's own modulated weights; or not, the input scaled by
+    the style, one plain convolution for the batch, and the output scaled by the demodulation coefficients, whose
+    backward pass is the cheaper one."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, w_dim: int, demodulate: bool = True, up: bool = False,
+                 fused: bool | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(c_out, c_in, kernel, kernel).normal_())
         self.affine = EqualLinear(w_dim, c_in, bias=1.0)  # styles start at 1: the plain convolution
-        self.scale, self.demodulate, self.up = 1 / math.sqrt(c_in * kernel * kernel), demodulate, up
+        self.scale, self.demodulate, self.up, self.fused = 1 / math.sqrt(c_in * kernel * kernel), demodulate, up, fused
 
     def forward(self, x: Tensor, w: Tensor) -> Tensor:
-        b, c, h, wd = x.shape
-        weight = self.weight[None] * self.scale * self.affine(w)[:, None, :, None, None]  # [B, out, in, k, k]
-        if self.demodulate:
-            weight = weight * torch.rsqrt(weight.pow(2).sum((2, 3, 4), keepdim=True) + 1e-8)
+        style = self.affine(w)  # [B, in]
         if self.up:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-            h, wd = 2 * h, 2 * wd
+        fused = (not self.training) if self.fused is None else self.fused
+        return self.grouped(x, style) if fused else self.scaled(x, style)
+
+    def grouped(self, x: Tensor, style: Tensor) -> Tensor:
+        b, c, h, wd = x.shape
+        weight = self.weight[None] * self.scale * style[:, None, :, None, None]  # [B, out, in, k, k]
+        if self.demodulate:
+            weight = weight * torch.rsqrt(weight.pow(2).sum((2, 3, 4), keepdim=True) + 1e-8)
         out = F.conv2d(x.reshape(1, b * c, h, wd), weight.reshape(-1, c, *weight.shape[3:]).to(x.dtype),
                        padding=self.weight.shape[-1] // 2, groups=b)
         return out.view(b, -1, h, wd)
+
+    def scaled(self, x: Tensor, style: Tensor) -> Tensor:
+        weight = self.weight * self.scale
+        out = F.conv2d(x * style[:, :, None, None].to(x.dtype), weight.to(x.dtype), padding=self.weight.shape[-1] // 2)
+        if not self.demodulate:
+            return out
+        energy = style.float().pow(2) @ weight.pow(2).sum((2, 3)).t()  # [B, out]: each output's weights' squared norm
+        return out * torch.rsqrt(energy + 1e-8)[:, :, None, None].to(out.dtype)
 
 
 class StyleLayer(nn.Module):

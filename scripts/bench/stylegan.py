@@ -37,15 +37,18 @@ def bench_stylegan(args) -> list[dict]:
                          "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)})
             print(f"{rows[-1]['model']:30s} {precision}: {rate:8.1f} img/s ({rows[-1]['parameters_m']}M parameters)",
                   flush=True)
-    share = modulated_share(device, batch, rows[2]["img_per_s"])
-    rows.append({"model": "stylegan", "precision": "fp32", "modulated_conv_share": round(share, 3)})
-    print(f"the modulated convolutions' share of StyleGAN's fp32 step: {100 * share:.0f} %", flush=True)
+    for fused in (False, True):
+        share = modulated_share(device, batch, rows[2]["img_per_s"], fused)
+        rows.append({"model": "stylegan", "precision": "fp32", "fused": fused, "modulated_conv_share": round(share, 3)})
+        print(f"the modulated convolutions' share of StyleGAN's fp32 step, {'grouped' if fused else 'input scaled'}: "
+              f"{100 * share:.0f} %", flush=True)
     return rows
 
 
-def modulated_share(device, batch: int, img_per_s: float) -> float:
-    """The modulated convolutions' forward and backward, timed alone at the input shapes of one generator pass,
-    over the time of a training step at ``img_per_s`` (one generator pass and one backward a step)."""
+def modulated_share(device, batch: int, img_per_s: float, fused: bool) -> float:
+    """The modulated convolutions' forward and backward (grouped, or with the input scaled: ``fused``), timed alone
+    at the input shapes of one generator pass, over the time of a training step at ``img_per_s`` (training runs
+    one generator pass and one backward a step, input scaled)."""
     torch.manual_seed(0)
     model = build_model(compose_cfg("stylegan", None, "cifar")).to(device)
     shapes = []
@@ -56,6 +59,7 @@ def modulated_share(device, batch: int, img_per_s: float) -> float:
         h.remove()
     total = 0.0
     for module, x_shape, w_shape in shapes:
+        module.fused = fused
         x = torch.randn(x_shape, device=device, requires_grad=True)
         w = torch.randn(w_shape, device=device)
         times = []
