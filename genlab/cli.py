@@ -116,7 +116,8 @@ def hydra_report(text: str) -> str:
         if raised:
             message = raised[-1].split(": ", 1)[1].strip()
             if "Config group override must be" in message:  # model=1: Hydra reads the 1 as a number
-                message += " (a config group takes the name of one of its options, e.g. model=dcgan)"
+                message += " (a config group takes the name of one of its options, e.g. model=dcgan"
+                message += "; ~GROUP drops the one a preset chose, e.g. ~augment)" if "NoneType" in message else ")"
             return message if message.endswith(".") else message + "."
     lines, listing, searchpath = [], False, False
     for line in text.splitlines():

@@ -12,6 +12,8 @@ from genlab.losses import BCE
 from genlab.models import GAN
 from genlab.step import StepContext
 
+from conftest import compose_train, genlab_here
+
 
 def test_color_moves_brightness_saturation_and_contrast_per_image():
     """A grey image keeps its greyness (saturation acts on colour only), and its brightness and contrast move by
@@ -137,3 +139,10 @@ def test_the_vae_gans_discriminator_judges_augmented_images_and_compares_plain_o
     assert torch.equal(seen[0], batch)  # the feature error's pass: the images as they are
     assert len(seen) == 5 and seen[3].shape == batch.shape  # then the real images again, augmented (p starts at 0)
     assert m.augment.signs[1].item() == 16 and {"loss_d", "loss_g", "feature", "kl"} <= set(out)  # it was shown them
+
+
+def test_augment_none_turns_off_a_presets_augmentation_and_null_is_told_how(tmp_path):
+    assert compose_train(["experiment=stylegan_cifar10"]).model.augment._target_ == "genlab.augment.DiffAugment"
+    assert compose_train(["experiment=stylegan_cifar10", "augment=none"]).model.augment is None
+    r = genlab_here("train", "experiment=stylegan_cifar10", "augment=null", cwd=tmp_path)
+    assert r.returncode == 1 and "~augment" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -155,3 +155,46 @@ def test_interpolation_walks_straight_in_w_and_mixing_takes_coarse_styles_from_t
     coarse = g.num_ws // 2
     torch.testing.assert_close(ws[1, 0, :coarse], model.styles(z0, None)[1, :coarse])
     torch.testing.assert_close(ws[1, 0, coarse:], model.styles(z1, None)[0, coarse:])
+
+
+def test_the_path_length_penalty_is_the_brute_force_jacobians():
+    torch.manual_seed(0)
+    g = StyleGANGenerator(1, 28, z_dim=8, w_dim=8, mapping_layers=2, width=4, max_width=8)
+    from genlab.losses import BCE
+
+    model = StyleGAN(g, StyleGANDiscriminator(1, 28, width=4, max_width=8), BCE(), path_length=2.0).eval()
+    with torch.no_grad():
+        for layer in g.layers:
+            layer.strength.fill_(0.3)  # the fixed noise of eval mode in play
+    z = torch.randn(3, 8)
+    torch.manual_seed(1)
+    penalty = model.path_length_penalty(z)
+    torch.manual_seed(1)
+    y = torch.randn(3, 1, 28, 28) / 28  # the random directions in image space, drawn first
+    ws = g.mapping(z)[:, None].expand(-1, g.num_ws, -1).detach()
+    lengths = []
+    for i in range(3):  # the whole Jacobian of each image with respect to its styles, then J^T y
+        jac = torch.autograd.functional.jacobian(g.synthesis, ws[i:i + 1])  # [1, 1, 28, 28, 1, num_ws, w_dim]
+        jty = (jac[0] * y[i][..., None, None, None]).sum((0, 1, 2))  # [1, num_ws, w_dim]
+        lengths.append(jty.square().sum(-1).mean().sqrt())
+    lengths = torch.stack(lengths)
+    torch.testing.assert_close(model.pl_mean, 0.01 * lengths.mean())  # the running mean from 0, decay 0.99
+    torch.testing.assert_close(penalty, (lengths - 0.01 * lengths.mean()).square().mean(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(GenlabError, match="path_length >= 0"):
+        StyleGAN(g, StyleGANDiscriminator(1, 28, width=4, max_width=8), BCE(), path_length=-1.0)
+
+
+def test_path_length_regularisation_updates_the_generator_lazily(tmp_path):
+    t = make_trainer(["model=stylegan", "dataset=synthetic", "dataset.n=16", "dataset.image_size=32",
+                      "dataset.channels=3", "model.generator.width=8", "model.discriminator.width=8",
+                      "model.generator.max_width=16", "model.discriminator.max_width=16", "trainer.batch_size=8",
+                      "model.path_length=2", "model.path_length_every=2"], tmp_path)
+    m, seen = t.model, []
+    for i in range(4):
+        t.ctx.begin(i)
+        out = m.training_step(first_batch(t), t.ctx)
+        t.ctx.end()
+        seen.append("loss_pl" in out)
+        assert "loss_pl" not in out or (math.isfinite(out["loss_pl"].item()) and out["loss_pl"].item() > 0)
+    assert seen == [True, False, True, False] and m.pl_mean.item() > 0
+    assert "pl_mean" in m.state_dict()  # in checkpoints, so that a resumed run goes on from it

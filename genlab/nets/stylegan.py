@@ -9,7 +9,7 @@ standard deviation as a feature before its last layers. Every weight is stored a
 fan-in when used (equalized learning rate).
 
 Left out against the paper: the low-pass (FIR) filters of the up- and downsampling (bilinear and average pooling
-here) and path-length regularisation.
+here). Path-length regularisation is the model's (genlab.models.StyleGAN, ``path_length``).
 """
 
 import math
