@@ -51,7 +51,7 @@ class StyleGAN(GAN):
         that the length does not grow with the image) and a the lengths' running mean (decay 0.99, moved by this
         batch's mean over every rank)."""
         ws = self.g.mapping(z, labels)[:, None].expand(-1, self.g.num_ws, -1)
-        images = self.g.synthesis(ws)
+        images = self.g.synthesis(ws).float()  # the directions and the product in fp32 under autocast too
         y = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
         (grad,) = torch.autograd.grad((images * y).sum(), ws, create_graph=True)
         lengths = grad.float().square().sum(2).mean(1).sqrt()
