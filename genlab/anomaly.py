@@ -13,6 +13,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from genlab import checkpoint, plots, runs, summary
 from genlab.errors import GenlabError
+from genlab.inspection import inspection_report, is_inspection
 from genlab.parts import test_split
 from genlab.sampling import check_sampling, from_checkpoint
 from genlab.scores import name_of, score_for
@@ -27,6 +28,8 @@ def anomaly_report(ckpt, out_dir: Path, cfg: DictConfig, device) -> dict:
     check_sampling(model, settings, command="evaluate")
     if settings:
         log.warning("sampling settings (%s) are for task=quality; task=anomaly does not sample", ", ".join(settings))
+    if is_inspection(train_cfg):
+        return inspection_report(ckpt, (model, train_cfg, state), out_dir, cfg, device)
     score = score_for(model, cfg.score)
     normal = normal_classes(ckpt, cfg, train_cfg)
     test = test_split(train_cfg, cfg.dataset_root)

@@ -5,6 +5,7 @@
     model = gl.load(run)                      # the moving average of the weights, when the run kept one
     images, labels = gl.sample(model, n=16, steps=20)
     report = gl.evaluate(run, ["task=quality", "n_samples=2000"])
+    rows = gl.predict(run, "new_parts/")       # an inspection run (dataset=mvtec): a score and decision a file
 """
 
 import itertools
@@ -24,6 +25,7 @@ from genlab.config import CONFIG_DIR
 from genlab.device import resolve_device
 from genlab.models import GenerativeModel
 from genlab.parts import load_model
+from genlab.predict import read_predictions
 from genlab.sampling import draw
 
 
@@ -48,6 +50,13 @@ def evaluate(ckpt, overrides=(), run_dir=None) -> dict:
     """`genlab evaluate ckpt=CKPT OVERRIDES...` for one run or checkpoint; returns its report."""
     run_dir = _run("evaluate", [f"ckpt={ckpt}", *overrides], run_dir, None)
     return json.loads((run_dir / "report.json").read_text())
+
+
+def predict(ckpt, images, overrides=(), run_dir=None) -> list[dict]:
+    """`genlab predict ckpt=CKPT images=DIR OVERRIDES...`; returns predictions.csv's rows (file, score, decision,
+    threshold)."""
+    run_dir = _run("predict", [f"ckpt={ckpt}", f"images={images}", *overrides], run_dir, None)
+    return read_predictions(run_dir / "predictions.csv")
 
 
 def load(ckpt, device: str = "auto", ema: bool = True) -> GenerativeModel:

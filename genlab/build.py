@@ -154,6 +154,8 @@ def measure(cfg: DictConfig, model: GenerativeModel, data: ImageData, device, me
                               "measure eval/fid instead.")
         return ValidationLoss(test_split(cfg, classes=classes).images)
     if metric == "eval/fid":
+        if not model.generates:
+            raise GenlabError(f"{name} draws no images, so it has no eval/fid; measure eval/auroc instead.")
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise GenlabError(f"evaluation.n_samples must be a whole number above 1; got {n!r}.")
         net, _ = classifier_for(cfg.dataset, device)

@@ -207,7 +207,9 @@ class SampleGrids(Callback):
     def on_fit_start(self, trainer):
         self.clock.begin()
         self.dir.mkdir(parents=True, exist_ok=True)
-        model = trainer.model
+        model, self.z = trainer.model, None
+        if not model.generates:  # an anomaly detector draws no images
+            return
         self.labels, self.nrow = grid_labels(self.n, model.num_classes)
         n = len(self.labels) if self.labels is not None else self.n
         self.z = model.latent(n, torch.Generator().manual_seed(self.seed)).to(trainer.ctx.device)
@@ -216,7 +218,7 @@ class SampleGrids(Callback):
 
     @torch.inference_mode()
     def on_epoch_end(self, trainer):
-        if not trainer.done and not self.clock.allows(self.cost):
+        if self.z is None or (not trainer.done and not self.clock.allows(self.cost)):
             return
         start = time.perf_counter()
         with self.clock.timing("grid"):

@@ -78,6 +78,11 @@ def send_to_trackers(ckpt, report: dict) -> None:
 
 
 def headline(r: dict) -> str:
+    if r.get("kind") == "inspection":
+        pixel = f"  pixel AUROC {r['pixel_auroc']:.4f}  AUPRO {r['aupro']:.4f}" if "pixel_auroc" in r else ""
+        return (f"image AUROC {r['auroc']:.4f}  AUPRC {r['auprc']:.4f}  F1-max {r['f1_max']:.4f}{pixel}  (score "
+                f"{r['score']}; threshold {r['threshold']['value']:.5g} by {r['threshold']['rule']}: precision "
+                f"{r['threshold']['precision']:.3f}, recall {r['threshold']['recall']:.3f})")
     if r["task"] == "anomaly":
         return (f"AUROC {r['auroc']:.4f}  AUPRC {r['auprc']:.4f}  (score {r['score']}, "
                 f"normal classes {r['normal_classes']})")

@@ -166,11 +166,16 @@ def total_variation(x: Tensor) -> Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).sum(1) + (x[..., 1:] - x[..., :-1]).abs().flatten(1).sum(1)
 
 
-def gaussian_blur(x: Tensor, sigma: float = 1.0, radius: int = 3) -> Tensor:
-    """A separable Gaussian blur of images [B, C, H, W], each channel on its own, zero-padded."""
+def gaussian_blur(x: Tensor, sigma: float = 1.0, radius: int = 3, edge: str = "zeros") -> Tensor:
+    """A separable Gaussian blur of images [B, C, H, W], each channel on its own, zero-padded (``edge="replicate"``:
+    the border pixels repeated, so that the border keeps its level)."""
     k = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
     k = torch.exp(-(k**2) / (2 * sigma**2))
     k = (k / k.sum()).repeat(x.shape[1], 1).unsqueeze(1)  # [C, 1, 2r+1]
     c = x.shape[1]
-    x = F.conv2d(x.float(), k.unsqueeze(2), padding=(0, radius), groups=c)
-    return F.conv2d(x, k.unsqueeze(3), padding=(radius, 0), groups=c)
+    x = x.float()
+    if edge == "replicate":
+        x = F.pad(x, (radius,) * 4, mode="replicate")
+    pad = 0 if edge == "replicate" else radius
+    x = F.conv2d(x, k.unsqueeze(2), padding=(0, pad), groups=c)
+    return F.conv2d(x, k.unsqueeze(3), padding=(pad, 0), groups=c)

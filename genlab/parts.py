@@ -3,6 +3,7 @@ schedules, a dataset and a run's test split, and a model rebuilt from a checkpoi
 takes plain arguments; only these builders see the config."""
 
 import functools
+import inspect
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,24 +102,29 @@ def build_schedulers(cfg: DictConfig | None, optimizers: dict, total_steps: int)
     return schedulers
 
 
-def build_dataset(cfg: DictConfig, train: bool = True) -> ImageData:
-    """The dataset of ``cfg`` (its training or test split); ``fraction`` (any dataset's setting) keeps that share of
-    the training split, the same images every time (genlab.data.subset)."""
+def build_dataset(cfg: DictConfig, train: bool = True, validation: bool = False) -> ImageData:
+    """The dataset of ``cfg`` (its training or test split, or ``validation``: an inspection dataset's held-out
+    defect-free images); ``fraction`` (any dataset's setting) keeps that share of the training split, the same
+    images every time (genlab.data.subset)."""
     node = OmegaConf.to_container(cfg, resolve=True)
     fraction = node.pop("fraction", None)
-    check_settings(import_target(cfg._target_, "dataset"), node, "dataset", given={"train"})
-    data = instantiate_checked(OmegaConf.create(node), train=train)
-    return subset(data, fraction) if train and fraction is not None else data
+    target = import_target(cfg._target_, "dataset")
+    if validation and "validation" not in inspect.signature(target).parameters:
+        raise GenlabError(f"{cfg._target_} has no validation split: only inspection datasets (dataset=mvtec) have "
+                          "one.")
+    check_settings(target, node, "dataset", given={"train", "validation"})
+    data = instantiate_checked(OmegaConf.create(node), train=train, **({"validation": True} if validation else {}))
+    return subset(data, fraction) if train and not validation and fraction is not None else data
 
 
-def test_split(cfg: DictConfig, root=None, classes=None, train=False) -> ImageData:
-    """The test split (or ``train=True``: the training split) of a run's dataset, all classes unless
-    ``classes``, optionally read from another root."""
+def test_split(cfg: DictConfig, root=None, classes=None, train=False, validation=False) -> ImageData:
+    """The test split (or ``train=True``: the training split; ``validation=True``: an inspection dataset's
+    validation split) of a run's dataset, all classes unless ``classes``, optionally read from another root."""
     node = OmegaConf.create(OmegaConf.to_container(cfg.dataset))
     node.classes = list(classes) if classes is not None else None
     if root is not None:
         node.root = root
-    return build_dataset(node, train=train)
+    return build_dataset(node, train=train, validation=validation)
 
 
 def check_labels(model: GenerativeModel, data: ImageData) -> None:

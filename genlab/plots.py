@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from genlab.errors import GenlabError  # noqa: E402
 
@@ -49,8 +50,6 @@ def loss_curves(rows: list[dict], path: Path, title: str = "") -> None:
 
 def latent_map(points, labels, path: Path, method: str = "pca", title: str = "") -> None:
     """A 2-D map of latent vectors [N, D] (PCA or t-SNE), one colour per class label."""
-    import numpy as np
-
     if method == "pca":
         from sklearn.decomposition import PCA
 
@@ -116,8 +115,6 @@ def roc(fpr, tpr, auroc: float, path: Path, title: str = "") -> None:
 
 def class_histogram(samples: list[int], reference: list[int], path: Path, title: str = "") -> None:
     """Share of each predicted class among the samples and among real images: mode collapse shows."""
-    import numpy as np
-
     k = np.arange(len(samples))
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.bar(k - 0.2, np.array(samples) / max(1, sum(samples)), width=0.4, label="samples")
@@ -188,3 +185,42 @@ def trials(rows: list[tuple[int, str, float | None]], objective: str, direction:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def overlays(images, maps, masks, titles: list[str], span: list[float], path: Path, title: str = "") -> None:
+    """One row per image (uint8 [N, C, H, W]): the image, its anomaly map (one colour scale, ``span``, for every
+    row) and the map over the image with the defect mask's outline in white, where there is one."""
+    n = len(images)
+    if not n:
+        return
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.4 * n + 0.5), dpi=100, squeeze=False)
+    for row, (img, m, mask, name) in enumerate(zip(images, maps, masks, titles)):
+        pic = img.transpose(1, 2, 0).squeeze(-1)
+        grey = {"cmap": "gray", "vmin": 0, "vmax": 255} if pic.ndim == 2 else {}
+        axes[row, 0].imshow(pic, **grey)
+        axes[row, 0].set_ylabel(name, fontsize=7)
+        shown = axes[row, 1].imshow(m, cmap="inferno", vmin=span[0], vmax=span[1])
+        axes[row, 2].imshow(pic, **grey)
+        axes[row, 2].imshow(m, cmap="inferno", vmin=span[0], vmax=span[1], alpha=0.5)
+        if mask.any():
+            axes[row, 2].contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+        fig.colorbar(shown, ax=axes[row, 1], fraction=0.046, pad=0.02)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, head in zip(axes[0], ("image", "anomaly map", "map, defect outlined")):
+        ax.set_title(head, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def heat_overlay(image, m, span: list[float]):
+    """An image (uint8 [C, H, W]) with its anomaly map (float [H, W]) blended over it in colour, scaled by
+    ``span``: uint8 [H, W, 3], for `genlab predict`'s map PNGs."""
+    rgb = np.repeat(image, 3, 0) if image.shape[0] == 1 else image
+    level = np.clip((m - span[0]) / max(span[1] - span[0], 1e-12), 0, 1)
+    heat = matplotlib.colormaps["inferno"](level)[..., :3] * 255
+    return (0.5 * rgb.transpose(1, 2, 0) + 0.5 * heat).round().astype("uint8")

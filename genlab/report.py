@@ -105,7 +105,10 @@ def run_of(name: str, d: Path) -> dict:
         if report.get("summary"):
             continue
         pictures = [image(where / f, caption) for f, caption in
-                    (("roc.png", "ROC curve"), ("samples.png", "samples measured"), ("classes.png", "classes"))
+                    (("roc.png", "ROC curve"), ("samples.png", "samples measured"), ("classes.png", "classes"),
+                     ("overlays_good_highest.png", "good images scored highest"),
+                     ("overlays_defect_highest.png", "defects scored highest"),
+                     ("overlays_defect_lowest.png", "defects scored lowest"))
                     if (where / f).is_file()]
         evaluations.append({"task": task, "dir": str(where), "report": report, "title": summary.report_title(report),
                             "tables": [table(t) for t in summary.report_tables(report)],

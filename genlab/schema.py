@@ -121,9 +121,25 @@ class EvaluateSchema(FromCheckpointSchema):
     normal_classes: Optional[list[int]] = MISSING
     n_samples: int = MISSING
     inception_weights: Optional[str] = MISSING
+    threshold: Any = MISSING  # f1_max | quantile:Q | fpr:X | a number (genlab.detection.threshold)
+    map_sigma: float = MISSING
+    pro_limit: float = MISSING
 
 
-SCHEMAS = {"train": TrainSchema, "sample": SampleSchema, "evaluate": EvaluateSchema}
+@dataclass
+class PredictSchema:
+    ckpt: str = MISSING
+    images: str = MISSING
+    score: Any = None  # an anomaly score's node (configs/score/), or null: the one the threshold was chosen for
+    threshold: Any = MISSING  # null: the run's stored one
+    maps: bool = MISSING
+    device: str = MISSING
+    ema: bool = MISSING
+    batch_size: int = MISSING
+    dataset_root: Optional[str] = MISSING
+
+
+SCHEMAS = {"train": TrainSchema, "sample": SampleSchema, "evaluate": EvaluateSchema, "predict": PredictSchema}
 
 
 def register() -> None:

@@ -32,6 +32,15 @@ class Score:
     def __call__(self, model, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def has_map(self, model) -> bool:
+        """Whether the score has a per-pixel form (``map``) for ``model``."""
+        return type(self).map is not Score.map
+
+    def map(self, model, x: Tensor) -> Tensor:
+        """The score's per-pixel form, [B, 1, H, W], higher where the image looks wrong: its anomaly map."""
+        raise GenlabError(f"score={name_of(self)} has no per-pixel form (anomaly map); mse, mse_blur, blur_kl, "
+                          "corrected and denoise have one, and so do models that make their own (draem).")
+
 
 class ELBO(Score):
     """The negative ELBO, decoded at the posterior mean."""
@@ -58,7 +67,10 @@ class MSE(Score):
     name, needs = "mse", ("reconstruct",)
 
     def __call__(self, model, x):
-        return (model.reconstruct(x) - x.float()).pow(2).flatten(1).sum(1)
+        return self.map(model, x).flatten(1).sum(1)
+
+    def map(self, model, x):
+        return (model.reconstruct(x) - x.float()).pow(2).sum(1, keepdim=True)
 
 
 class MSEBlur(Score):
@@ -68,18 +80,32 @@ class MSEBlur(Score):
     name, needs = "mse_blur", ("reconstruct",)
 
     def __call__(self, model, x):
-        return ((gaussian_blur(x) - gaussian_blur(model.reconstruct(x))) ** 2).flatten(1).sum(1)
+        return self.map(model, x).flatten(1).sum(1)
+
+    def map(self, model, x):
+        return blurred_error(x, model.reconstruct(x))
+
+
+def blurred_error(x: Tensor, reconstruction: Tensor) -> Tensor:
+    """The squared error between images and their reconstructions, both blurred, summed over channels: [B, 1, H, W]."""
+    return ((gaussian_blur(x) - gaussian_blur(reconstruction)) ** 2).sum(1, keepdim=True)
 
 
 def error_terms(model, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per image, from one pass decoded at the posterior mean: the blurred squared error, the negative ELBO and
     the KL term."""
     recon, kl, reconstruction = model.elbo_terms(x)
-    blur = ((gaussian_blur(x) - gaussian_blur(reconstruction)) ** 2).flatten(1).sum(1)
-    return blur, recon + kl, kl
+    return blurred_error(x, reconstruction).flatten(1).sum(1), recon + kl, kl
 
 
-class BlurKL(Score):
+class BlurredMap:
+    """The per-pixel form of the ELBO-based scores: the blurred error of the reconstruction at the posterior mean."""
+
+    def map(self, model, x):
+        return blurred_error(x, model.elbo_terms(x)[2])
+
+
+class BlurKL(BlurredMap, Score):
     """``mse_blur`` plus the KL term, each divided by its median over normal training images (``calibrate``), so
     that both an odd shape and an odd latent code count."""
 
@@ -100,7 +126,7 @@ class BlurKL(Score):
         return blur / self.scale[0] + kl / self.scale[1]
 
 
-class Corrected(Score):
+class Corrected(BlurredMap, Score):
     """The logs of ``mse_blur`` and ``elbo`` less what normal training images of the same detail (total variation)
     score, and the log of the KL term less its mean there, each divided by its spread there, summed. A detailed
     image is hard to reconstruct whatever its class (Serra et al., ICLR 2020), and this takes that out. With fewer
@@ -163,6 +189,9 @@ class Denoise(Score):
     def __call__(self, model, x):
         return model.denoise_errors(x, self.times).mean(0)
 
+    def map(self, model, x):
+        return model.denoise_errors(x, self.times, per_pixel=True).mean(0)
+
 
 class Feature(Score):
     """The discriminator's feature error between an image and its reconstruction (the VAE-GAN's own likelihood)."""
@@ -188,6 +217,14 @@ class OwnScore(Score):
 
     def __call__(self, model, x):
         return model.anomaly_score(x, self.name)
+
+    def has_map(self, model):
+        return callable(getattr(model, "anomaly_map", None))
+
+    def map(self, model, x):
+        if not self.has_map(model):
+            return super().map(model, x)
+        return model.anomaly_map(x, self.name)
 
 
 def score_names(model, own: bool = True) -> list[str]:
@@ -228,4 +265,4 @@ def name_of(score: Score) -> str:
 
 
 __all__ = ["Score", "ELBO", "Recon", "MSE", "MSEBlur", "BlurKL", "Corrected", "Critic", "Denoise", "Feature",
-           "OwnScore", "score_names", "score_for", "name_of", "error_terms"]
+           "OwnScore", "score_names", "score_for", "name_of", "error_terms", "blurred_error"]

@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig
 
 from genlab.images import as_float
+from genlab.losses import gaussian_blur
 from genlab.parts import test_split
 from genlab.scores import OwnScore, Score
 
@@ -35,3 +36,20 @@ def calibrate(score: Score, model, train_cfg: DictConfig, normal: list[int], dev
     if needs_calibration(score):
         train = test_split(train_cfg, root, classes=normal, train=True)
         score.calibrate(model, as_float(calibration_sample(train.images), device))
+
+
+@torch.inference_mode()
+def maps_of(model, images: torch.Tensor, score: Score, batch_size: int, device, sigma: float | None
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``score`` of each of ``images`` (uint8 [N, C, H, W]) [N], and with ``sigma`` (not None) its anomaly maps
+    [N, H, W] (float32), blurred by a Gaussian of ``sigma`` pixels where it is above 0."""
+    scores, maps = [], []
+    for b in images.split(batch_size):
+        x = as_float(b, device)
+        scores.append(score(model, x).float().cpu())
+        if sigma is not None:
+            m = score.map(model, x).float()
+            if sigma > 0:
+                m = gaussian_blur(m, sigma, radius=max(1, round(3 * sigma)), edge="replicate")
+            maps.append(m[:, 0].cpu())
+    return torch.cat(scores).numpy(), torch.cat(maps).numpy() if maps else None

@@ -49,6 +49,8 @@ def sort_key(v):
 
 
 def report_title(r: dict) -> str:
+    if r.get("kind") == "inspection":
+        return f"Inspection: {r['model']} on {r['dataset']} (test split, score {r['score']})"
     if r["task"] == "anomaly":
         return f"Anomaly detection: {r['model']} on {r['dataset']} ({r['split']} split)"
     return f"Sample quality: {r['model']} on {r['dataset']} ({r['weights']} weights)"
@@ -56,6 +58,8 @@ def report_title(r: dict) -> str:
 
 def report_tables(r: dict) -> list[Table]:
     """The metrics of one evaluate report, then its classes."""
+    if r.get("kind") == "inspection":
+        return inspection_tables(r)
     if r["task"] == "anomaly":
         metrics = Table("", ["metric", "value"], [
             ["AUROC", f"{r['auroc']:.4f}"], ["AUPRC (anomalous = positive)", f"{r['auprc']:.4f}"],
@@ -85,6 +89,24 @@ def report_tables(r: dict) -> list[Table]:
             for c, (a, b) in enumerate(zip(r["class_histogram"], r["reference_class_histogram"]))],
             ["", "", "", ".3f"][:len(heads)]))
     return tables
+
+
+def inspection_tables(r: dict) -> list[Table]:
+    """An inspection report: image and pixel metrics over all defects and per defect type, then the decision at
+    the threshold."""
+    heads = ["defects", "images", "image AUROC", "AUPRC", "F1-max", "pixel AUROC", f"AUPRO (FPR ≤ {r.get('pro_limit', 0.3)})",
+             "recall at threshold"]
+    keys = ["auroc", "auprc", "f1_max", "pixel_auroc", "aupro"]
+    rows = [["all", r["n_anomalous"], *(r.get(k) for k in keys), r["threshold"]["recall"]]]
+    rows += [[name, d["n"], *(d.get(k) for k in keys), d["recall_at_threshold"]] for name, d in r["per_defect"].items()]
+    t = r["threshold"]
+    decision = Table(f"At the threshold {t['value']:.5g} ({t['rule']}, chosen on {r['n_validation']} validation images)",
+                     ["precision", "recall", "F1", "defects found", "defects missed", "good flagged", "good passed"],
+                     [[t["precision"], t["recall"], t["f1"], t["tp"], t["fn"], t["fp"], t["tn"]]],
+                     [".4f", ".4f", ".4f", "", "", "", ""])
+    about = Table("", ["metric", "value"], [["score", r["score"]], ["good / defective test images",
+                  f"{r['n_normal']} / {r['n_anomalous']}"], ["checkpoint", f"{r['checkpoint']} (step {r['step']})"]])
+    return [Table("", heads, rows, ["", "", ".4f", ".4f", ".4f", ".4f", ".4f", ".3f"]), decision, about]
 
 
 def report_notes(r: dict) -> list[str]:

@@ -18,6 +18,11 @@ class ImageData:
     labels: torch.Tensor  # int64 [N]
     name: str
     split: dict | None = None  # a folder's train/test split, as its checkpoint records it (genlab.data.split)
+    # an inspection dataset's (genlab.data.mvtec) test and validation images also carry:
+    masks: torch.Tensor | None = None  # uint8 [N, 1, H, W], 1 on defective pixels (all 0 for a good image)
+    mask_known: torch.Tensor | None = None  # bool [N]: whether the image's mask is known (a defect may have none)
+    class_names: list[str] | None = None  # the name of each label: "good" is 0, the defect types 1, 2, ...
+    paths: list[str] | None = None  # each image's file, relative to the dataset's root
 
     def __len__(self) -> int:
         return self.images.shape[0]

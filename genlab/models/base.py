@@ -26,6 +26,7 @@ class GenerativeModel(nn.Module):
     """
 
     num_classes: int = 0
+    generates: bool = True  # False: a model that only scores images (an anomaly detector): no sample grids, no FID
     default_score: str | None = None  # a name in configs/score/, or one of ``scores``
     scores: tuple[str, ...] = ()  # the scores this model's own ``anomaly_score`` computes (a model of your own)
 

@@ -81,17 +81,19 @@ class Denoiser(GenerativeModel):
         x = chosen(self, z, steps, labels, self.guidance if guidance is None else guidance)
         return (x.clamp(-1, 1) + 1) / 2
 
-    def denoise_errors(self, x: Tensor, times, seed: int = 0) -> Tensor:
+    def denoise_errors(self, x: Tensor, times, seed: int = 0, per_pixel: bool = False) -> Tensor:
         """The mean squared error of the unconditional prediction for images ``x`` in [0, 1], noised to each
-        fraction of the path in ``times`` with noise drawn from ``seed``: [len(times), B]. The ``denoise``
-        anomaly score (genlab.scores.Denoise) averages it over heavy noise levels."""
+        fraction of the path in ``times`` with noise drawn from ``seed``: [len(times), B], or with ``per_pixel``
+        each pixel's, averaged over the channels: [len(times), B, 1, H, W]. The ``denoise`` anomaly score
+        (genlab.scores.Denoise) averages it over heavy noise levels."""
         g = torch.Generator().manual_seed(seed)
         x0 = x.float() * 2 - 1
         errors = []
         for frac in times:
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
             xt, t, target = self.noised(x0, noise, torch.full((len(x0),), float(frac), device=x0.device))
-            errors.append((self.unet(xt, t).float() - target).pow(2).flatten(1).mean(1))
+            error = (self.unet(xt, t).float() - target).pow(2)
+            errors.append(error.mean(1, keepdim=True) if per_pixel else error.flatten(1).mean(1))
         return torch.stack(errors)
 
 

@@ -59,9 +59,9 @@ class EDM(Denoiser):
         self.step_unet(loss, ctx)
         return {"loss": loss.detach()}
 
-    def denoise_errors(self, x: Tensor, times, seed: int = 0) -> Tensor:
+    def denoise_errors(self, x: Tensor, times, seed: int = 0, per_pixel: bool = False) -> Tensor:
         """As every denoiser's, with each fraction of the path read as a point on the sampling schedule."""
-        return super().denoise_errors(x, [self.schedule_sigma(float(f)) for f in times], seed)
+        return super().denoise_errors(x, [self.schedule_sigma(float(f)) for f in times], seed, per_pixel)
 
     def schedule_sigma(self, frac: float) -> float:
         """The noise level a fraction ``frac`` of the way from the clean image (0) to pure noise (1) on Karras'
