@@ -36,6 +36,11 @@ class Score:
         """Whether the score has a per-pixel form (``map``) for ``model``."""
         return type(self).map is not Score.map
 
+    def score_and_map(self, model, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The score [B] and its map [B, 1, H, W] of the same images; a score that is a function of its map
+        computes the map once."""
+        return self(model, x), self.map(model, x)
+
     def map(self, model, x: Tensor) -> Tensor:
         """The score's per-pixel form, [B, 1, H, W], higher where the image looks wrong: its anomaly map."""
         raise GenlabError(f"score={name_of(self)} has no per-pixel form (anomaly map); mse, mse_blur, blur_kl, "
@@ -69,6 +74,10 @@ class MSE(Score):
     def __call__(self, model, x):
         return self.map(model, x).flatten(1).sum(1)
 
+    def score_and_map(self, model, x):
+        m = self.map(model, x)
+        return m.flatten(1).sum(1), m
+
     def map(self, model, x):
         return (model.reconstruct(x) - x.float()).pow(2).sum(1, keepdim=True)
 
@@ -81,6 +90,10 @@ class MSEBlur(Score):
 
     def __call__(self, model, x):
         return self.map(model, x).flatten(1).sum(1)
+
+    def score_and_map(self, model, x):
+        m = self.map(model, x)
+        return m.flatten(1).sum(1), m
 
     def map(self, model, x):
         return blurred_error(x, model.reconstruct(x))
@@ -225,6 +238,10 @@ class OwnScore(Score):
         if not self.has_map(model):
             return super().map(model, x)
         return model.anomaly_map(x, self.name)
+
+    def score_and_map(self, model, x):
+        both = getattr(model, "score_and_map", None)
+        return both(x, self.name) if callable(both) else super().score_and_map(model, x)
 
 
 def score_names(model, own: bool = True) -> list[str]:

@@ -46,9 +46,12 @@ def maps_of(model, images: torch.Tensor, score: Score, batch_size: int, device, 
     scores, maps = [], []
     for b in images.split(batch_size):
         x = as_float(b, device)
-        scores.append(score(model, x).float().cpu())
-        if sigma is not None:
-            m = score.map(model, x).float()
+        if sigma is None:
+            scores.append(score(model, x).float().cpu())
+        else:
+            s, m = score.score_and_map(model, x)
+            scores.append(s.float().cpu())
+            m = m.float()
             if sigma > 0:
                 m = gaussian_blur(m, sigma, radius=max(1, round(3 * sigma)), edge="replicate")
             maps.append(m[:, 0].cpu())

@@ -21,6 +21,7 @@ scripts/bench/; this file reads the command line and runs them.
     python scripts/bench.py --stylegan       # StyleGAN's training step against the DCGAN's, fp32 and bf16
     python scripts/bench.py --memory 1,4,8   # own memory and img/s against dataset size (GB, memory-mapped)
     python scripts/bench.py --decode 4000    # a folder of that many JPEGs decoded by 1 process, then by all CPUs
+    python scripts/bench.py --predict RUN --images DIR  # genlab predict's img/s on a folder, with maps and without
 """
 
 import argparse
@@ -34,6 +35,7 @@ from bench.data_parallel import bench_data_parallel, data_parallel_worker
 from bench.decode import bench_decode
 from bench.memory import bench_memory, memory_worker
 from bench.on_nan import bench_on_nan
+from bench.predict import bench_predict
 from bench.sampling import bench_sampling, bench_sampling_steps
 from bench.scaling import bench_scaling
 from bench.scoring import bench_evaluate
@@ -44,7 +46,7 @@ from genlab.device import resolve_device, resolve_precision
 
 ONLY = {"data_parallel": bench_data_parallel, "on_nan": bench_on_nan, "writers": bench_writers,  # a flag that runs
         "memory": bench_memory, "decode": bench_decode, "sampling_steps": bench_sampling_steps,  # one table alone
-        "stylegan": bench_stylegan}
+        "stylegan": bench_stylegan, "predict": bench_predict}
 
 
 def arguments(argv=None) -> argparse.Namespace:
@@ -61,6 +63,8 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--on-nan", action="store_true", help="only the on_nan=skip against on_nan=stop table")
     p.add_argument("--sampling-steps", action="store_true", help="only the table of sampling img/s at 1, 4 and 20 steps")
     p.add_argument("--stylegan", action="store_true", help="only StyleGAN's step against the DCGAN's, fp32 and bf16")
+    p.add_argument("--predict", default=None, metavar="RUN", help="only genlab predict's img/s: a trained run...")
+    p.add_argument("--images", default=None, metavar="DIR", help="...scoring this folder of images")
     p.add_argument("--writers", action="store_true", help="only the writers' share of default runs")
     p.add_argument("--epochs", default="digits=50,mnist=1", help="--writers: epochs per dataset (digits=50 is the default run)")
     p.add_argument("--memory", default=None, metavar="GB,...", help="only the table of own memory (RssAnon) and img/s "

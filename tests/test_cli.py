@@ -8,7 +8,7 @@ import yaml
 
 from genlab import checkpoint
 
-from conftest import SHARED_DATA, genlab, genlab_here
+from conftest import SHARED_DATA, genlab, genlab_here, options
 
 FAST = ["dataset=synthetic", "dataset.n=128", "trainer.batch_size=32", "trainer.log_every=2",
         "trainer.n_samples=16", "trainer.precision=fp32", "device=cpu"]
@@ -20,7 +20,9 @@ def test_help_and_version(tmp_path):
     r = genlab("--version", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("genlab ")
     r = genlab("train", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "model: cgan, dcgan, dcgan64, ddpm, edm, flow, gan, stylegan, vae, vae_gan" in r.stdout
+    assert r.returncode == 0 and f"model: {', '.join(options('model'))}" in r.stdout  # read from configs/model
+    r = genlab("--help", cwd=tmp_path)
+    assert all(f"  {verb} " in r.stdout for verb in ("train", "sample", "evaluate", "predict", "report"))
     r = genlab("fly", cwd=tmp_path)
     assert r.returncode == 2 and "unknown command" in r.stderr
 

@@ -85,7 +85,12 @@ def test_optimizer_builds(optimizer):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_builds(experiment, fake_root, tmp_path):
     """Every preset builds its model, optimizers and data: torchvision's on tiny files, a folder's on a few PNGs."""
-    if compose_train([f"experiment={experiment}"]).dataset._target_.endswith(".folder"):
+    target = compose_train([f"experiment={experiment}"]).dataset._target_
+    if target.endswith(".mvtec"):
+        from test_mvtec import layout
+
+        data = [f"dataset.root={layout(tmp_path)}"]
+    elif target.endswith(".folder"):
         from PIL import Image
 
         (tmp_path / "images").mkdir()

@@ -183,3 +183,16 @@ def test_a_run_trains_and_its_checkpoint_scores(tmp_path):
     x = torch.rand(3, 1, 32, 32)
     with torch.inference_mode():
         assert model.anomaly_score(x).shape == (3,) and model.anomaly_map(x).shape == (3, 1, 32, 32)
+
+
+def test_score_and_map_come_from_one_pass_and_agree_with_each_alone():
+    from genlab.scores import score_for
+
+    torch.manual_seed(0)
+    model = DRAEM(DRAEMReconstructive(1, 32, width=8), DRAEMDiscriminative(1, 32, width=8)).eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.inference_mode():
+        for name in ("segmentation", "mse_blur"):
+            score = score_for(model, name)
+            s, m = score.score_and_map(model, x)
+            assert torch.allclose(s, score(model, x)) and torch.allclose(m, score.map(model, x)), name

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from genlab import inspection, predict
+from genlab.report import write as write_page
 from genlab.scores import score_for
 from genlab import parts
 from genlab.parts import load_model
@@ -59,6 +60,8 @@ def test_evaluate_reports_image_and_pixel_metrics_and_stores_the_threshold(inspe
     assert [r["file"] for r in rows][:2] == ["test/good/000.png", "test/good/001.jpg"]
     assert {r["decision"] for r in rows} <= {"good", "defective"}
     assert "pixel AUROC" in (out / "report.md").read_text()
+    page = write_page([run], tmp_path / "page.html").read_text()  # genlab report shows the tables and overlays
+    assert "pixel AUROC" in page and 'alt="defects scored highest"' in page and "good images scored highest" in page
 
 
 def test_f1_max_needs_labelled_defects_in_validation(inspection_run, tmp_path):

@@ -204,6 +204,13 @@ class DRAEM(GenerativeModel):
             return super().anomaly_score(x, score)
         return pooled_max(self.anomaly_map(x), self.pool)
 
+    def score_and_map(self, x: Tensor, score: str | None = None) -> tuple[Tensor, Tensor]:
+        """``anomaly_score`` and ``anomaly_map`` of ``x`` from one pass of the networks."""
+        if score not in (None, "segmentation"):
+            return self._score(score).score_and_map(self, x)
+        amap = self.anomaly_map(x)
+        return pooled_max(amap, self.pool), amap
+
     def latent(self, n, generator=None):
         raise GenlabError(f"{type(self).__name__} draws no images: it is an anomaly detector. Score images with "
                           "genlab evaluate ckpt=RUN instead of genlab sample.")
