@@ -66,7 +66,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
                 for i, (f, v) in enumerate(zip(names, s.tolist())):
                     rows.append((f.relative_to(folder).as_posix(), v, "defective" if v >= threshold else "good"))
                     if maps is not None:
-                        write_map(batch[i].numpy(), maps[i], stored.get("map_range"), maps_dir / f.relative_to(folder))
+                        write_map(f, maps[i], stored.get("map_range"), maps_dir / f.relative_to(folder))
             bar.update(len(chunk))
     if not rows:
         raise GenlabError(f"none of the {len(files)} image files under {folder} could be read.")
@@ -106,12 +106,18 @@ def choose_threshold(cfg: DictConfig, stored: dict, score, model, train_cfg, dev
     return detection.threshold(rule, s[normal], s, ~normal), f"{rule} of {len(val)} validation images"
 
 
-def write_map(image: np.ndarray, m: np.ndarray, span, path: Path) -> None:
-    """The anomaly map over the image, as a PNG beside where the image sat in the folder."""
+def write_map(source: Path, m: np.ndarray, span, path: Path) -> None:
+    """The anomaly map (at the model's resolution) stretched over the image file ``source`` at the file's own size,
+    as a PNG at ``path`` (where the image sat in the folder)."""
     if span is None:
         span = [float(m.min()), float(m.max())]
+    with Image.open(source) as im:
+        image = np.asarray(im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"))
+    h, w = image.shape[:2]
+    stretched = np.asarray(Image.fromarray(m.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
+    pixels = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(plots.heat_overlay(image, m, span)).save(path.with_suffix(".png"))
+    Image.fromarray(plots.heat_overlay(pixels, stretched, span)).save(path.with_suffix(".png"), compress_level=1)
 
 
 def write_predictions(rows: list[tuple], threshold: float, path: Path) -> None:
