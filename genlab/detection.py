@@ -30,11 +30,16 @@ def _labels(labels, scores) -> tuple[np.ndarray, np.ndarray]:
         raise GenlabError(f"{labels.size} labels but {scores.size} scores: each image needs one of each.")
     if not np.isin(labels, (0, 1)).all():
         raise GenlabError(f"labels must be 0 (normal) or 1 (anomalous), not {sorted(set(labels.tolist()))[:5]}.")
-    if not np.issubdtype(scores.dtype, np.floating):
-        scores = scores.astype(np.float64)
-    if not np.isfinite(scores).all():
-        raise GenlabError(f"{int((~np.isfinite(scores)).sum())} of {scores.size} scores are not finite.")
-    return labels.astype(bool), scores
+    return labels.astype(bool), _finite(scores, f"of {scores.size} scores")
+
+
+def _finite(values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` as floats, refused where any is not finite."""
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise GenlabError(f"{int((~np.isfinite(values)).sum())} {what} are not finite.")
+    return values
 
 
 def _both_classes(labels: np.ndarray, what: str = "images") -> None:
@@ -92,11 +97,7 @@ def _pixels(masks, maps) -> tuple[np.ndarray, np.ndarray]:
         masks, maps = masks[None], maps[None]
     if masks.ndim != 3:
         raise GenlabError(f"masks and anomaly maps must be [N, H, W] or [N, 1, H, W], not {masks.shape}.")
-    if not np.issubdtype(maps.dtype, np.floating):
-        maps = maps.astype(np.float64)
-    if not np.isfinite(maps).all():
-        raise GenlabError(f"{int((~np.isfinite(maps)).sum())} anomaly map pixels are not finite.")
-    return masks.astype(bool), maps
+    return masks.astype(bool), _finite(maps, "anomaly map pixels")
 
 
 def pixel_auroc(masks, maps) -> float:

@@ -36,16 +36,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
     model, train_cfg, _ = load_model(cfg.ckpt, device, ema=cfg.ema)
     stored = stored_threshold(runs.of_checkpoint(cfg.ckpt)) or {}
     score = score_for(model, cfg.score if cfg.score is not None else stored.get("score"))
-    calibrate(score, model, train_cfg, [0] if is_inspection(train_cfg) else train_cfg.dataset.get("classes") or [0],
-              device, cfg.dataset_root)
+    calibrate(score, model, train_cfg, train_cfg.dataset.get("classes"), device, cfg.dataset_root)  # its training images
     threshold, how = choose_threshold(cfg, stored, score, model, train_cfg, device)
     log.info("scoring %d images of %s with score %s; defective where the score is at least %.5g (%s)",
              len(files), folder, name_of(score), threshold, how)
-    sigma = stored.get("map_sigma") if cfg.maps and score.has_map(model) else None
-    if cfg.maps and sigma is None:
-        sigma = 4.0 if score.has_map(model) else None
-        if sigma is None:
-            log.warning("score=%s has no anomaly map: no maps are written", name_of(score))
+    sigma = None  # the maps' blur: evaluate's, else its default
+    if cfg.maps and score.has_map(model):
+        sigma = stored["map_sigma"] if stored.get("map_sigma") is not None else 4.0
+    elif cfg.maps:
+        log.warning("score=%s has no anomaly map: no maps are written", name_of(score))
     data = train_cfg.dataset
     size, channels, fit = int(data.image_size), int(data.get("channels", 1)), str(data.get("fit", "resize"))
     rows, skipped = [], []
