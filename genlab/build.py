@@ -125,11 +125,16 @@ def trackers_of(state: dict, run_dir) -> list:
 
 
 def build_evaluation(cfg: DictConfig, model: GenerativeModel, data: ImageData, device) -> list:
-    """The in-loop measurements on the test split that ``cfg.evaluation.metrics`` asks for, and a search's objective
-    (``cfg.trial.objective``) when genlab measures it: a genlab.measures.Evaluation, or nothing."""
+    """The in-loop measurements on the test split that ``cfg.evaluation.metrics`` asks for, a search's objective
+    (``cfg.trial.objective``) and the metric of best.pt (``cfg.trainer.best``) when genlab measures them: a
+    genlab.measures.Evaluation, or nothing."""
     node = cfg.get("evaluation") or {}
     objective = (cfg.get("trial") or {}).get("objective")
-    wanted = list(dict.fromkeys([*(node.get("metrics") or []), *([objective] if objective in METRICS else [])]))
+    best = cfg.trainer.get("best")  # checkpoints/best.pt by this metric: measured for it
+    if best is not None and best not in METRICS and not str(best).startswith("train/"):
+        raise GenlabError(f"trainer.best={best} is not a metric of the run's rows: one of {', '.join(METRICS)}, or a "
+                          "training loss train/NAME (train/loss, train/loss_g, ...).")
+    wanted = list(dict.fromkeys([*(node.get("metrics") or []), *(m for m in (objective, best) if m in METRICS)]))
     for name in wanted:
         if name not in METRICS:
             raise GenlabError(f"evaluation.metrics: {name} is not a metric genlab measures; they are: "

@@ -9,6 +9,7 @@ and nothing in the loop changes. Under several processes only rank 0 gets the wr
 
 import csv
 import logging
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from genlab.config import seconds
 from genlab.errors import GenlabError, first_line
 from genlab.images import grid_of, save_gif, save_image
 from genlab.models.base import grid_labels
+from genlab.search import direction
 
 log = logging.getLogger(__name__)
 
@@ -250,24 +252,52 @@ class Checkpoints(Callback):
     time since the last write (checked after each step, so that a hard kill loses at most that much), at the end
     and on an interrupt; a kept copy ``epoch_NNNN.pt`` every ``keep_every`` whole epochs (0: none), of which the
     newest ``keep_last`` stay (0: all). A checkpoint holds the trainer's state, the run's resolved ``config`` and
-    the ``choices`` of config groups it was composed from ({"model": "vae_gan", ...}, when known)."""
+    the ``choices`` of config groups it was composed from ({"model": "vae_gan", ...}, when known).
+
+    ``best`` (a metric of the rows: eval/fid, val/loss, train/loss, ...): ``best.pt`` at each row where it is better
+    than before, in its own direction (genlab.search.direction), holding ``best`` = {metric, value, step}. It is
+    never resumed from: a resume continues from last.pt."""
 
     def __init__(self, run_dir, config: dict, every: int | str | None = 1, keep_every: int = 0, keep_last: int = 0,
-                 choices: dict | None = None, clock: WriteClock | None = None):
+                 choices: dict | None = None, clock: WriteClock | None = None, best: str | None = None):
         self.dir, self.config, self.choices, self.clock = Path(run_dir) / "checkpoints", config, choices, clock or WriteClock()
         by_time = isinstance(every, str)
         self.every = None if by_time else every
         self.every_s = seconds(every, "trainer.checkpoint_every") if by_time else None
         self.keep_every, self.keep_last = keep_every, keep_last
         self.written = time.monotonic()  # when last.pt was last written
+        self.best, self.best_so_far = best, None  # the metric, and {metric, value, step} of best.pt
 
-    def save(self, trainer, name: str) -> None:
+    def save(self, trainer, name: str, **extra) -> None:
         path = self.dir / name
         with self.clock.timing("checkpoint"):
-            checkpoint.save({"config": self.config, "choices": self.choices, **trainer.state_dict()}, path)
+            checkpoint.save({"config": self.config, "choices": self.choices, **trainer.state_dict(), **extra}, path)
+        if name == "best.pt":  # not what a resume or a divergence's message points at
+            return
         trainer.saved = (path, trainer.step)
         if name == "last.pt":
             self.written = time.monotonic()
+
+    def on_log(self, trainer, row):
+        value = row.get(self.best)
+        if self.best is None or value is None or not math.isfinite(value):
+            return
+        kept = self.best_so_far
+        if kept is None or (value < kept["value"] if direction(self.best) == "minimize" else value > kept["value"]):
+            self.best_so_far = {"metric": self.best, "value": value, "step": trainer.step}
+            self.save(trainer, "best.pt", best=self.best_so_far)
+
+    def on_fit_end(self, trainer):
+        if self.best is not None and self.best_so_far is None and trainer.status == "finished":
+            log.warning("trainer.best=%s: no metrics row of this run had it, so no best.pt was kept (measured metrics: "
+                        "%s)", self.best, ", ".join(k for k in trainer.history[-1] if "/" in k) if trainer.history else "none")
+
+    def state_dict(self):
+        return {"best": self.best_so_far} if self.best_so_far is not None else None
+
+    def load_state_dict(self, state):
+        kept = state.get("best")
+        self.best_so_far = kept if kept and kept.get("metric") == self.best else None  # another metric: start again
 
     def on_fit_start(self, trainer):
         self.clock.begin()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from genlab import checkpoint, plots, runs, summary
+from genlab import checkpoint, environment, plots, runs, summary
 from genlab.anomaly import anomaly_report
 from genlab.build import trackers_of
-from genlab.device import resolve_device
+from genlab.device import resolve_device, resolve_precision
 from genlab.errors import GenlabError
 from genlab.inception import load_inception
 from genlab.quality import folder_report, quality_report
@@ -26,6 +26,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     if cfg.task not in ("anomaly", "quality"):
         raise GenlabError(f"task={cfg.task} is not a genlab evaluate task: use task=anomaly or task=quality.")
     device = resolve_device(cfg.device)
+    environment.record(run_dir, device, resolve_precision(cfg.precision, device, fp16=False))
     if cfg.task == "quality":
         inception = load_inception(cfg.inception_weights, device) if cfg.inception_weights else None
         report_of = functools.partial(quality_report, inception=inception)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from genlab import detection, plots, runs, schema
+from genlab import detection, environment, plots, runs, schema
 from genlab.data.mvtec import read_image
 from genlab.device import resolve_device
 from genlab.errors import GenlabError
@@ -33,6 +33,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
     folder = Path(cfg.images).expanduser()
     files = image_files(folder)
     device = resolve_device(cfg.device)
+    environment.record(run_dir, device, "fp32")  # predict scores in fp32
     model, train_cfg, _ = load_model(cfg.ckpt, device, ema=cfg.ema)
     stored = stored_threshold(runs.of_checkpoint(cfg.ckpt)) or {}
     score = score_for(model, cfg.score if cfg.score is not None else stored.get("score"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from genlab import __version__, runs, summary
+from genlab import __version__, environment, runs, summary
 from genlab.errors import GenlabError
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ def run_of(name: str, d: Path) -> dict:
         "grids": [image(g, f"epoch {int(g.stem.split('_')[1])}") for g in shown],
         "thumb": image(grids[-1], f"{name}: last grid", THUMB) if grids else None,
         "evaluations": evaluations,
+        "environment": environment.summary(env) if (env := environment.read(d)) else "",
     }
 
 

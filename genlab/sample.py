@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from genlab import plots
+from genlab import environment, plots
 from genlab.device import autocast, resolve_device, resolve_precision
 from genlab.errors import GenlabError
 from genlab.images import as_float, save_grid, write_pngs
@@ -41,6 +41,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> None:
     if cfg.format not in ("pt", "png"):
         raise GenlabError(f"format={cfg.format} is not one of pt, png.")
     device = resolve_device(cfg.device)
+    environment.record(run_dir, device, resolve_precision(cfg.precision, device, fp16=False))
     model, train_cfg, state, settings = from_checkpoint(cfg.ckpt, cfg, "sample", device)
     log.info("%s from %s (step %d, %s weights)%s", type(model).__name__, cfg.ckpt, state["step"], state["weights"],
              "".join(f", {k}={v}" for k, v in settings.items()))

@@ -27,6 +27,7 @@ class TrainerSchema:
     max_steps: Optional[int] = MISSING
     max_time: Optional[str] = MISSING
     batch_size: int = MISSING
+    accumulate: int = MISSING
     precision: str = MISSING
     on_nan: str = MISSING
     log_every: int = MISSING
@@ -35,6 +36,7 @@ class TrainerSchema:
     checkpoint_every: Any = MISSING  # epochs (an int), or a duration with its unit (10m)
     keep_every: int = MISSING
     keep_last: int = MISSING
+    best: Optional[str] = MISSING
     progress: bool = MISSING
     compile: bool = MISSING
     detect_anomaly: bool = MISSING

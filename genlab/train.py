@@ -10,7 +10,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from genlab import checkpoint, dist
+from genlab import checkpoint, dist, environment
 from genlab.build import build_trainer
 from genlab.config import seconds
 from genlab.errors import GenlabError
@@ -45,6 +45,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
     check_trainer(cfg.trainer)
     torch.manual_seed(cfg.seed)
     trainer = build_trainer(cfg, run_dir, device, choices)
+    if dist.is_main():
+        environment.record(run_dir, device, trainer.ctx.precision, dist.world())
     if state is not None:
         trainer.load_state_dict(state)
         trainer.saved = (path, state["step"])  # the last good checkpoint until this run writes one

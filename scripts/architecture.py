@@ -31,7 +31,7 @@ LAYERS = [
       "schedules", "ema"]),
     ("leaves", "config, files, devices, processes, pictures, tables",
      ["config", "schema", "checkpoint", "runs", "device", "dist", "images", "plots", "metrics", "detection", "summary",
-      "search", "sweep", "inception", "errors", "__init__"]),
+      "search", "sweep", "inception", "errors", "environment", "__init__"]),
 ]
 # units that may import genlab inside functions: the command-line entry and the sweeper Hydra loads with it, for a
 # fast --help (the sweeper draws its trials.png with genlab.plots, which costs matplotlib's import)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from genlab import checkpoint
+from genlab import checkpoint, environment
 from genlab.data import Loader
 from genlab.parts import build_model
 
@@ -81,8 +81,10 @@ def test_torchrun_writes_one_run_and_resumes_bit_exactly(tmp_path):
     assert r.stdout.count("genlab train: run directory") == 1  # rank 0 speaks for the run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "resumed", "whole"]  # no stray directory of rank 1
     whole = tmp_path / "whole"
-    assert sorted(p.name for p in whole.iterdir()) == [".hydra", "checkpoints", "loss_curves.png", "metrics.csv",
-                                                         "samples", "train.log"]
+    assert sorted(p.name for p in whole.iterdir()) == [".hydra", "checkpoints", "env.json", "loss_curves.png",
+                                                         "metrics.csv", "samples", "train.log"]
+    env = environment.read(whole)  # written once, by rank 0, for the run of two processes
+    assert env["processes"] == 2 and env["precision"] == "fp32" and "earlier" not in env
     assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["last.pt"]  # no temporary file of rank 1
     rows = (whole / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 8  # a row a step, once: not once per rank

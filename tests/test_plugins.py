@@ -171,7 +171,7 @@ def test_writers_are_a_config_group(tmp_path):
     none = tmp_path / "none"
     r = genlab_here("train", "callbacks=none", *SMALL, f"hydra.run.dir={none}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in none.iterdir()) == [".hydra", "train.log"]
+    assert sorted(p.name for p in none.iterdir()) == [".hydra", "env.json", "train.log"]  # what it ran on, still
 
 
 def test_debug_presets(tmp_path):

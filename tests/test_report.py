@@ -162,3 +162,33 @@ def test_run_page_in_a_browser(evaluated_sweep, browser, tmp_path):
     assert "loss curves" in alts and "progress animation" in alts and "ROC curve" in alts
     assert any(a.startswith("epoch ") for a in alts)
     assert "AUROC" in browser.find_element("tag name", "body").text
+
+
+def test_each_run_records_what_it_ran_on(evaluated_sweep):
+    """env.json in every run directory, train's and evaluate's, read back into the report's page."""
+    import torch
+
+    from genlab import environment
+
+    env = environment.read(evaluated_sweep / "sweep" / "0")
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["precision"] == "fp32"
+    assert env["processes"] == 1 and env["cpu_count"] >= 1 and env["genlab"]
+    if (environment.SOURCE / ".git").exists():  # run from a checkout: its commit
+        assert len(env["commit"]) == 40 and isinstance(env["dirty"], bool)
+    assert environment.read(evaluated_sweep / "eval")["device"] == "cpu"
+    page = report.gather([evaluated_sweep / "sweep" / "0"])
+    assert f"torch {torch.__version__}" in page["runs"][0]["environment"]
+
+
+def test_a_run_resumed_elsewhere_keeps_its_earlier_environment(tmp_path, monkeypatch):
+    from genlab import environment
+
+    first = environment.record(tmp_path, "cpu", "fp32")
+    environment.record(tmp_path, "cpu", "fp32")  # the same machine again: nothing to keep
+    assert "earlier" not in environment.read(tmp_path)
+    monkeypatch.setattr(environment, "cpu_model", lambda: "another CPU")
+    environment.record(tmp_path, "cpu", "bf16")
+    env = environment.read(tmp_path)
+    assert env["cpu"] == "another CPU" and env["precision"] == "bf16"
+    assert [e["cpu"] for e in env["earlier"]] == [first["cpu"]]
+    assert environment.read(tmp_path / "nowhere") is None
