@@ -19,7 +19,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from genlab import schema
+from genlab import runs, schema
 from genlab.cli import execute
 from genlab.config import CONFIG_DIR
 from genlab.device import resolve_device
@@ -86,5 +86,6 @@ def _run(verb: str, overrides, run_dir, config_dir) -> Path:
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)  # as the command writes it: evaluate reads the overrides
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    runs.mark_latest(run_dir, verb)  # outputs/VERB/latest, when the run lies there
     execute(verb, cfg, run_dir, list(overrides))
     return run_dir

@@ -46,10 +46,11 @@ def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None)
     check_sampling(model, sampling_settings(cfg), where="trainer.sampling.")
     data = build_dataset(cfg.dataset, train=True)
     check_labels(model, data)
-    loader = Loader(data.images, data.labels, t.batch_size, device, cfg.seed, dist.rank(), dist.world())
+    accumulate = t.get("accumulate", 1)  # a step's batch: that many micro-batches of batch_size
+    loader = Loader(data.images, data.labels, t.batch_size * accumulate, device, cfg.seed, dist.rank(), dist.world())
     max_steps = t.max_steps or t.epochs * loader.steps_per_epoch
     ctx = StepContext(optimizers, t.precision, device, build_schedulers(cfg.get("scheduler"), optimizers, max_steps),
-                      t.on_nan)
+                      t.on_nan, accumulate)
     main = dist.is_main()  # only rank 0 writes, and keeps the moving average it samples from
     ema = EMA(model, t.ema.decay, t.ema.warmup) if t.ema.decay is not None and main else None  # before compiling
     if teacher is not None:
@@ -60,10 +61,11 @@ def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None)
     trainer = Trainer(model, loader, ctx, max_steps, callbacks=callbacks if main else [], ema=ema,
                       log_every=t.log_every, max_time=seconds(t.max_time), seed=cfg.seed)
     ranks = f" x {dist.world()} processes ({dist.backend()})" if dist.world() > 1 else ""
-    log.info("%s (%.2fM parameters): %d images %s of %s, device %s%s, precision %s, %d steps (%d epochs of %d, batch %d)",
+    batch = f"{t.batch_size} x {accumulate} micro-batches" if accumulate > 1 else str(loader.batch_size)
+    log.info("%s (%.2fM parameters): %d images %s of %s, device %s%s, precision %s, %d steps (%d epochs of %d, batch %s)",
              type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(data),
              "x".join(map(str, data.image_shape)), data.name, device, ranks, ctx.precision, max_steps, trainer.epochs,
-             loader.steps_per_epoch, loader.batch_size)
+             loader.steps_per_epoch, batch)
     return trainer
 
 

@@ -244,7 +244,7 @@ def _hydra_app(verb: str):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        from genlab import dist, sweep
+        from genlab import dist, runs, sweep
 
         errors.composed()  # Hydra composed the command line: genlab speaks for itself now
         hc = HydraConfig.get()
@@ -253,6 +253,8 @@ def _hydra_app(verb: str):
         rank = launched[0] if launched else 0
         if rank:  # rank 0 logs for the run (a SLURM job's tasks share one train.log)
             logging.getLogger().setLevel(logging.WARNING)
+        else:
+            runs.mark_latest(run_dir, verb)  # outputs/<verb>/latest
         job = None
         if hc.mode == RunMode.MULTIRUN and not rank:  # a job of a sweep: it records how it ends, and a failure lets
             job = sweep.Job(run_dir, hc.job.num, hc.overrides.task)  # the sweep go on

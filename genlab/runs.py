@@ -21,6 +21,26 @@ log = logging.getLogger(__name__)
 EVALUATIONS = "evaluations.json"
 
 
+def mark_latest(run_dir: Path, verb: str, outputs: Path = Path("outputs")) -> Path | None:
+    """``outputs/<verb>/latest``: a link to ``run_dir``, the newest run (or sweep job) of ``verb``, when it lies in
+    genlab's layout under ``outputs/<verb>/`` (a run put elsewhere with hydra.run.dir leaves it alone). The link is
+    relative, and replaced whole (a temporary link renamed over it), so that jobs that start together leave one
+    working link, the last one's. Returns the link, or None."""
+    base = (Path.cwd() / outputs / verb).resolve()
+    target = Path(run_dir).resolve()
+    if not target.is_relative_to(base) or target == base:
+        return None
+    link, tmp = base / "latest", base / f".latest.tmp{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(target, base), tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError as e:  # a file system without links: the run itself is whole
+        log.debug("could not link %s: %s", link, e)
+        return None
+    return link
+
+
 def is_run(path: Path) -> bool:
     return (path / "checkpoints" / "last.pt").is_file() or (path / "metrics.csv").is_file()
 

@@ -36,6 +36,11 @@ class StepContext:
       skipped it for overflowing gradients, or on_nan=skip dropped the step). Under fp16 it reads the
       scaler's verdict from the device, a sync, so it is computed only when asked.
     - ``step_index``: the optimisation steps done before this one.
+    - ``chunks(*tensors)``: the step's micro-batches (``accumulate``, trainer.accumulate): the tensors (a batch and
+      what was drawn for it; None passes through) split along their first dimension. While one is out, ``backward``
+      scales each loss by its ``share`` of the batch, so that the gradients sum to those of the whole batch's mean
+      loss, and ``tally(out, name=loss)`` adds its share of a loss to the step's logged mean. Draw a step's noise for
+      the whole batch before splitting it: the step then computes what one batch of that size computes.
 
     A training step is all or nothing: ``on_nan=skip`` reads each loss, and without a scaler each
     gradient, on the host before it is used, and a non-finite one drops the whole step; under fp16, an
@@ -56,8 +61,10 @@ class StepContext:
     """
 
     def __init__(self, optimizers: dict, precision: str = "fp32", device="cpu", schedulers: dict | None = None,
-                 on_nan: str = "stop"):
+                 on_nan: str = "stop", accumulate: int = 1):
         check_on_nan(on_nan)
+        self.accumulate, self.share = accumulate, 1.0  # micro-batches a step; the share of the one in progress
+        self.chunked = False  # whether the step in progress split its batch (chunks)
         self.optimizers, self.schedulers, self.on_nan = optimizers, schedulers or {}, on_nan
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -78,6 +85,29 @@ class StepContext:
     def autocast(self):
         return autocast(self.device, self.precision)
 
+    def chunks(self, *tensors):
+        """The micro-batches of ``tensors`` (one: the tensors as they are), each a tuple; ``share`` meanwhile."""
+        self.chunked = True
+        n = len(next(t for t in tensors if t is not None))
+        parts = min(self.accumulate, n)
+        if parts == 1:
+            yield tensors
+            return
+        pieces = [t.tensor_split(parts) if t is not None else (None,) * parts for t in tensors]
+        try:
+            for piece in zip(*pieces):
+                self.share = len(next(t for t in piece if t is not None)) / n
+                yield piece
+        finally:
+            self.share = 1.0
+
+    def tally(self, out: dict, **losses: Tensor) -> dict:
+        """``out`` with each loss's share of the step's mean added (detached)."""
+        for k, v in losses.items():
+            v = v.detach() * self.share if self.share != 1 else v.detach()
+            out[k] = out[k] + v if k in out else v
+        return out
+
     def backward(self, loss: Tensor, name: str | None = None, retain_graph: bool = False) -> None:
         if self.on_nan == "skip" and not self.dropped and not self._bad and not torch.isfinite(loss):
             self._bad = True
@@ -88,6 +118,8 @@ class StepContext:
             if self._unsettled and (name is None or name in self._unsettled):
                 self._settle()  # new gradients for an optimizer already stepped (an inner loop): at the next scale
             loss = self.scaler.scale(loss)
+        if self.share != 1:
+            loss = loss * self.share
         inputs = None
         if name is not None:  # a frozen parameter (requires_grad=False) in an optimizer's group gets no gradient
             inputs = [p for p in self.params[name] if p.requires_grad]
@@ -184,7 +216,7 @@ class StepContext:
 
     def begin(self, step_index: int) -> None:
         self.step_index, self.dropped, self._applied, self._unsettled = step_index, False, {}, set()
-        self._bad, self._reduced, self._saved, self._kept = False, set(), [], set()
+        self._bad, self._reduced, self._saved, self._kept, self.chunked = False, set(), [], set(), False
 
     def end(self) -> Tensor | bool:
         """Close a training step: the scaler's update, each schedule's step. Returns whether every update

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # everything else (model, loss, data, optimizer, schedule, seed, batch size) must be the run's own
 CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download", "dataset.in_memory",
               "dataset.workers", "evaluation.", "callbacks.")
-FIXED = ("trainer.batch_size",)
+FIXED = ("trainer.batch_size", "trainer.accumulate")
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
@@ -96,7 +96,7 @@ def result(rows: list[dict]) -> dict:
 
 def check_trainer(t: DictConfig) -> None:
     """Whole numbers where the loop counts things: a typo gives one clear line, not a traceback."""
-    for key in ("epochs", "max_steps", "batch_size", "log_every", "n_samples", "keep_every", "keep_last"):
+    for key in ("epochs", "max_steps", "batch_size", "accumulate", "log_every", "n_samples", "keep_every", "keep_last"):
         value = t.get(key)
         if key == "max_steps" and value is None:
             continue
@@ -176,7 +176,7 @@ def refusal(changes: list[str]) -> GenlabError:
         f"resume= continues a run as it was configured, and this command would change {', '.join(changes[:4])}"
         f"{' and more' if len(changes) > 4 else ''}. Start a new run for that, or drop the override. On resume "
         "you may change device, dataset.root, dataset.in_memory, logger, callbacks and trainer settings other than "
-        "trainer.batch_size."
+        "trainer.batch_size and trainer.accumulate."
     )
 
 

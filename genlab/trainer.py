@@ -55,6 +55,7 @@ class Trainer:
         self._requested = None  # a callback's request_stop on this process, not yet agreed
         self._dropped_in_a_row = 0  # on_nan=skip
         self._failure = None  # a callback's error on this rank, not yet shared with the others (_call)
+        self._warned = False  # trainer.accumulate with a model that does not split its batch: said once
 
     @property
     def epochs(self) -> int:
@@ -145,6 +146,11 @@ class Trainer:
         self.ctx.begin(self.step)
         out = self.model.training_step(batch, self.ctx)
         applied = self.ctx.end()  # a dropped step's updates are undone there
+        if self.ctx.accumulate > 1 and not self.ctx.chunked and not self._warned:
+            self._warned = True
+            log.warning("trainer.accumulate=%d: %s's training_step does not split its batch (ctx.chunks), so each step "
+                        "computes its %d images at once: the same updates, without the memory saved",
+                        self.ctx.accumulate, type(self.model).__name__, len(batch.x))
         if before is not None and applied is not True:  # and its batch-norm statistics here
             self._restore_buffers(before, applied)
         if applied is False:

@@ -16,6 +16,7 @@ scripts/bench/; this file reads the command line and runs them.
     python scripts/bench.py --json out.json --data-root ../shared/data
     python scripts/bench.py --data-parallel  # 2 processes x 1 thread against 1 process x 2 threads (torchrun)
     python scripts/bench.py --on-nan         # trainer.on_nan=skip against stop, same model and batch
+    python scripts/bench.py --accumulate     # a step of 64 images whole and in 2 or 4 micro-batches (trainer.accumulate)
     python scripts/bench.py --sampling-steps  # img/s of each diffusion and flow sampler at 1, 4 and 20 steps
     python scripts/bench.py --writers --data-root ../shared/data  # the writers' share of default runs
     python scripts/bench.py --stylegan       # StyleGAN's training step against the DCGAN's, fp32 and bf16
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench.accumulate import bench_accumulate
 from bench.data_parallel import bench_data_parallel, data_parallel_worker
 from bench.decode import bench_decode
 from bench.memory import bench_memory, memory_worker
@@ -46,7 +48,7 @@ from genlab.device import resolve_device, resolve_precision
 
 ONLY = {"data_parallel": bench_data_parallel, "on_nan": bench_on_nan, "writers": bench_writers,  # a flag that runs
         "memory": bench_memory, "decode": bench_decode, "sampling_steps": bench_sampling_steps,  # one table alone
-        "stylegan": bench_stylegan, "predict": bench_predict}
+        "stylegan": bench_stylegan, "predict": bench_predict, "accumulate": bench_accumulate}
 
 
 def arguments(argv=None) -> argparse.Namespace:
@@ -61,6 +63,7 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--no-scaling", action="store_true", help="leave out the DCGAN batch/image-size table")
     p.add_argument("--data-parallel", action="store_true", help="only the torchrun table: processes x threads")
     p.add_argument("--on-nan", action="store_true", help="only the on_nan=skip against on_nan=stop table")
+    p.add_argument("--accumulate", action="store_true", help="only the table of a step in 1, 2 or 4 micro-batches")
     p.add_argument("--sampling-steps", action="store_true", help="only the table of sampling img/s at 1, 4 and 20 steps")
     p.add_argument("--stylegan", action="store_true", help="only StyleGAN's step against the DCGAN's, fp32 and bf16")
     p.add_argument("--predict", default=None, metavar="RUN", help="only genlab predict's img/s: a trained run...")

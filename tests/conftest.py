@@ -131,3 +131,31 @@ def genlab(*args, cwd, env=None, timeout=600):
     full_env.update(env or {})
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None: removed
     return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+class StepRecorder:
+    """A stand-in for the step context (genlab.step.StepContext) of a model's ``training_step``, for a loss computed
+    by hand: the batch in one piece, no optimizer; every loss given to ``backward`` is kept in ``losses``."""
+
+    share, step_index = 1.0, 0
+
+    def __init__(self):
+        self.losses = []
+
+    autocast = staticmethod(contextlib.nullcontext)
+
+    def chunks(self, *tensors):
+        yield tensors
+
+    def tally(self, out, **losses):
+        out.update({k: v.detach() for k, v in losses.items()})
+        return out
+
+    def backward(self, loss, name=None, retain_graph=False):
+        self.losses.append(loss)
+
+    def clip(self, name, max_norm):
+        pass
+
+    def step(self, name):
+        pass

@@ -1,7 +1,7 @@
 """Training runs inside one process of a (torchrun) process group, for tests/test_dist.py.
 
     python tests/dist_worker.py OUT [--arranged]                   (one process)
-    torchrun --nproc_per_node=2 tests/dist_worker.py OUT [--arranged]
+    torchrun --nproc_per_node=2 tests/dist_worker.py OUT [--arranged] [--accumulate]
     torchrun --nproc_per_node=2 tests/dist_worker.py OUT --decisions
 
 Each family trains a few steps with genlab's own builder and loop; every rank then saves its weights as
@@ -82,8 +82,15 @@ class TwoUpdates(GenerativeModel):
         return torch.sigmoid(z @ self.body.weight).view(-1, *self.shape)
 
 
-def family_config(family: str):
-    cfg = compose_train([*COMMON, *FAMILIES[family], "trainer.progress=false", "callbacks=none"])  # weights alone
+# what gradient accumulation keeps exact: no batch norm (cgan), no statistic over the batch (StyleGAN's minibatch
+# standard deviation and path-length mean), no draw inside a micro-batch (the gradient penalty's mixing weights: the
+# same distribution, other values)
+PER_SAMPLE = [f for f in FAMILIES if f not in ("cgan", "stylegan", "wgan_gp")]
+ACCUMULATE = ["trainer.batch_size=8", "trainer.accumulate=2"]  # a step's batch of 16, as COMMON's, in two
+
+
+def family_config(family: str, extra=()):
+    cfg = compose_train([*COMMON, *FAMILIES[family], "trainer.progress=false", "callbacks=none", *extra])  # weights alone
     if family == "two_updates":
         cfg.model, cfg.loss = {"_target_": "dist_worker.TwoUpdates", "image_size": 8}, None
     return cfg
@@ -248,19 +255,19 @@ def stranded(out: Path) -> None:
     dist.finish()
 
 
-def main(out: Path, arranged: bool) -> None:
+def main(out: Path, arranged: bool, accumulate: bool = False) -> None:
     device = dist.setup("cpu")
     if arranged:
         arrange_noise()
-    for family in FAMILIES:
-        cfg = family_config(family)
+    for family in PER_SAMPLE if accumulate else FAMILIES:
+        cfg = family_config(family, ACCUMULATE if accumulate else ())
         torch.manual_seed(cfg.seed)
-        run_dir = out / f"{family}-world{dist.world()}"
+        run_dir = out / f"{family}-world{dist.world()}{'-acc' if accumulate else ''}"
         trainer = build_trainer(cfg, run_dir, device)
         if arranged:
             global_batch_norm(trainer.model)
         trainer.fit()
-        torch.save(trainer.model.state_dict(), out / f"{family}-world{dist.world()}-rank{dist.rank()}.pt")
+        torch.save(trainer.model.state_dict(), out / f"{run_dir.name}-rank{dist.rank()}.pt")
 
 
 if __name__ == "__main__":
@@ -278,4 +285,4 @@ if __name__ == "__main__":
             print(f"rank {dist.rank()}: {type(e).__name__}: {e}", file=sys.stderr)
             sys.exit(1)
     else:
-        main(Path(sys.argv[1]), "--arranged" in sys.argv[2:])
+        main(Path(sys.argv[1]), "--arranged" in sys.argv[2:], "--accumulate" in sys.argv[2:])

@@ -37,9 +37,10 @@ def test_shell_completion(tmp_path, line, expected):
 def test_train_writes_the_run_directory(tmp_path):
     r = genlab("train", "model=gan", "trainer.epochs=2", *FAST, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    runs = list((tmp_path / "outputs" / "train").glob("*/*"))
+    runs = [p for p in (tmp_path / "outputs" / "train").glob("*/*") if p.parent.name != "latest"]
     assert len(runs) == 1
     run = runs[0]
+    assert (tmp_path / "outputs" / "train" / "latest").resolve() == run.resolve()  # the newest run of train
     assert r.stdout.strip().splitlines()[-1].endswith(str(run.relative_to(tmp_path)))
     for f in ("checkpoints/last.pt", "samples/epoch_0001.png", "samples/epoch_0002.png", "metrics.csv",
               "loss_curves.png", ".hydra/config.yaml", ".hydra/overrides.yaml", "train.log"):
@@ -57,7 +58,7 @@ def test_train_writes_the_run_directory(tmp_path):
 def test_sweep_with_multirun(tmp_path):
     r = genlab("train", "-m", "model=gan", "optimizer.lr=1e-4,1e-3", "trainer.max_steps=2", *FAST, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    runs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/checkpoints/last.pt"))
+    runs = sorted((tmp_path / "outputs" / "train" / "multirun").glob("*/*/*/checkpoints/last.pt"))
     assert len(runs) == 2
     assert "sweep of 2 jobs: 2 completed;" in r.stdout and (runs[0].parents[2] / "jobs.csv").is_file()
     lrs = [checkpoint.load(p)["config"]["optimizer"]["lr"] for p in runs]

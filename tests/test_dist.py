@@ -15,7 +15,7 @@ from genlab.data import Loader
 from genlab.parts import build_model
 
 from conftest import genlab
-from dist_worker import FAMILIES, family_config
+from dist_worker import FAMILIES, PER_SAMPLE, family_config
 from test_reliability import tensors
 
 WORKER = Path(__file__).parent / "dist_worker.py"
@@ -35,6 +35,7 @@ def trained(tmp_path_factory):
     arranged so that both compute the same global batch (dist_worker.py)."""
     out = tmp_path_factory.mktemp("dist")
     run([*TORCHRUN, str(WORKER), str(out), "--arranged"], out)
+    run([*TORCHRUN, str(WORKER), str(out), "--arranged", "--accumulate"], out)
     run([sys.executable, str(WORKER), str(out), "--arranged"], out)
     return out
 
@@ -43,17 +44,31 @@ def trained(tmp_path_factory):
 def test_two_processes_train_as_one(family, trained):
     """Both ranks end with identical weights (their gradients were averaged before every update), and those
     equal the one-process run of the same global batch up to the order of floating-point sums (SGD, 6 steps)."""
-    rank0, rank1 = (torch.load(trained / f"{family}-world2-rank{r}.pt") for r in (0, 1))
-    alone = torch.load(trained / f"{family}-world1-rank0.pt")
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the ranks' weights differ"
-    for k, v in alone.items():
-        if v.is_floating_point():
-            torch.testing.assert_close(rank0[k], v, atol=1e-5, rtol=1e-4, msg=f"{family}: {k}")
+    alone = ranks_match_alone(trained, family, f"{family}-world2")
     # the comparison can fail: the weights moved far more than the tolerance from where they started
     cfg = family_config(family)
     torch.manual_seed(cfg.seed)
     start = build_model(cfg).state_dict()
     assert max((alone[k] - start[k]).abs().max().item() for k in start if start[k].is_floating_point()) > 1e-3
+
+
+@pytest.mark.parametrize("family", PER_SAMPLE)
+def test_two_processes_accumulating_micro_batches_train_as_one(family, trained):
+    """trainer.accumulate=2 of batch 8 on two processes (micro-batches of 4 a rank, the gradients averaged over the
+    ranks once a step) updates the weights as one process with batch 16 does."""
+    ranks_match_alone(trained, family, f"{family}-world2-acc")
+
+
+def ranks_match_alone(trained: Path, family: str, run: str) -> dict:
+    """The two ranks of ``run`` hold identical weights, equal to the one-process run's up to the order of sums;
+    returns the latter's."""
+    rank0, rank1 = (torch.load(trained / f"{run}-rank{r}.pt") for r in (0, 1))
+    alone = torch.load(trained / f"{family}-world1-rank0.pt")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the ranks' weights differ"
+    for k, v in alone.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(rank0[k], v, atol=1e-5, rtol=1e-4, msg=f"{family}: {k}")
+    return alone
 
 
 def test_the_ranks_shard_each_batch():

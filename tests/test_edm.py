@@ -1,8 +1,6 @@
 """EDM: its preconditioning's variances, its loss at a known network, and every sampler on its path against an exact
 denoiser."""
 
-import contextlib
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +9,8 @@ from torch import nn
 from genlab.data import Batch
 from genlab.models import EDM
 from genlab.samplers import make_sampler
+
+from conftest import StepRecorder
 
 from test_diffusion import X0, Gaussian
 
@@ -83,8 +83,7 @@ def test_the_loss_is_the_hand_computed_value_and_one_for_a_silent_network():
     before the noise. A network that outputs 0 scores the targets' mean square: about 1 for data of standard
     deviation sigma_data, whatever noise levels are drawn (EDM's weighting makes every level count the same)."""
     model = EDM(Affine())
-    model.step_unet = lambda loss, ctx: None
-    ctx = SimpleNamespace(autocast=contextlib.nullcontext)
+    ctx = StepRecorder()
     x = torch.linspace(0, 1, 16).view(4, 1, 2, 2)
     torch.manual_seed(0)
     loss = model.training_step(Batch(x, torch.zeros(4, dtype=torch.long)), ctx)["loss"]

@@ -1,8 +1,6 @@
 """MeanFlow (flow matching that learns mean velocities through its own derivative): the objective against a hand
 computation, the derivative against finite differences, sampling with jumps, and what is refused."""
 
-import contextlib
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +9,8 @@ from genlab.data import Batch
 from genlab.errors import GenlabError
 from genlab.models import FlowMatching
 from genlab.nets import UNet
+
+from conftest import StepRecorder
 
 from test_shortcut import Affine as Thousandths
 
@@ -29,11 +29,10 @@ def test_the_mean_flow_loss_is_the_hand_computed_value():
     net = Affine()
     model = FlowMatching(net, time_sampling="uniform", mean_flow=0.5)
     x = torch.linspace(0, 1, 16).view(4, 1, 2, 2)
-    stepped = []
-    model.step_unet = lambda loss, ctx: stepped.append(loss)
+    ctx = StepRecorder()
     torch.manual_seed(0)
     reported = model.training_step(Batch(x, torch.zeros(4, dtype=torch.long)),
-                                   SimpleNamespace(autocast=contextlib.nullcontext))["loss"]
+                                   ctx)["loss"]
     torch.manual_seed(0)  # the draws training_step makes, in its order
     noise, t_flow, pair = torch.randn(4, 1, 2, 2), torch.rand(2), torch.sigmoid(torch.randn(2, 2) - 0.4)
     A, B, C = Affine.A, Affine.B, Affine.C
@@ -47,7 +46,7 @@ def test_the_mean_flow_loss_is_the_hand_computed_value():
     flow = (A * xf + B * tf - (noise[2:] - x0[2:])).pow(2).mean((1, 2, 3))
     errors = torch.cat([mean, flow])
     assert reported.item() == pytest.approx(errors.mean().item(), rel=1e-6)
-    assert stepped[0].item() == pytest.approx((errors / (errors + 1e-3)).mean().item(), rel=1e-6)
+    assert ctx.losses[0].item() == pytest.approx((errors / (errors + 1e-3)).mean().item(), rel=1e-6)
     # the first half told its step t - r, the rest 0: flow matching's input
     seen = torch.tensor(net.steps_seen[-1]) / 1000
     torch.testing.assert_close(seen, torch.cat([(t - r).flatten(), torch.zeros(2)]))

@@ -1,8 +1,6 @@
 """Reflow (teacher.run=RUN): flow matching trained on a teacher's pairs of noise and image. The objective against a
 hand computation, the student's start from the teacher, and the teachers refused."""
 
-import contextlib
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from genlab.data import Batch
 from genlab.errors import GenlabError
 from genlab.models import FlowMatching
 
-from conftest import make_trainer
+from conftest import StepRecorder, make_trainer
 
 SMALL = ["model=flow", "model.unet.width=8", "dataset=synthetic", "dataset.n=64", "dataset.image_size=8",
          "trainer.batch_size=32", "trainer.n_samples=4", "trainer.ema.decay=0.9"]
@@ -37,18 +35,17 @@ def test_the_reflow_loss_pairs_the_noise_with_the_teachers_image_of_it():
     student learns the velocity z - that image at x_t = (1 - t) image + t z, whatever the data was."""
     student, teacher = FlowMatching(Scaled(0.5, -0.3), time_sampling="uniform"), FlowMatching(Scaled(0.2, 0.4))
     student.reflow_from(teacher, steps=1, sampler="euler")
-    losses = []
-    student.step_unet = lambda loss, ctx: losses.append(loss)
+    ctx = StepRecorder()
     x = torch.rand(3, 1, 2, 2)
     torch.manual_seed(0)
-    student.training_step(Batch(x, torch.zeros(3, dtype=torch.long)), SimpleNamespace(autocast=contextlib.nullcontext))
+    student.training_step(Batch(x, torch.zeros(3, dtype=torch.long)), ctx)
     torch.manual_seed(0)
     z = torch.randn(3, 1, 2, 2)
     image = (z - (0.2 * z + 0.4)).clamp(-1, 1)
     t = torch.rand(3).view(-1, 1, 1, 1)
     xt = (1 - t) * image + t * z
     expected = ((0.5 * xt - 0.3 * t) - (z - image)).pow(2).mean()
-    assert losses[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ctx.losses[0].item() == pytest.approx(expected.item(), rel=1e-6)
     assert "teacher" not in str(student.state_dict().keys())  # not part of the student's weights
     assert not any(p.requires_grad for p in teacher.parameters())
 

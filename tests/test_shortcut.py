@@ -1,8 +1,6 @@
 """Shortcut models (flow matching that learns jumps): the objective against a hand computation, the network's step
 input, the sampler's default, and what is refused."""
 
-import contextlib
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from genlab.models import FlowMatching
 from genlab.nets import UNet
 from genlab.parts import build_model
 
-from conftest import compose_train
+from conftest import StepRecorder, compose_train
 
 
 class Affine(nn.Module):
@@ -41,10 +39,9 @@ def test_the_shortcut_loss_is_the_hand_computed_value():
     net = Affine()
     model = FlowMatching(net, time_sampling="uniform", shortcut=0.5, shortcut_steps=2)
     x = torch.tensor([0.1, 0.9, 0.4, 0.6, 0.0, 1.0, 0.3, 0.2, 0.5, 0.5, 0.7, 0.8, 0.25, 0.75, 0.6, 0.1]).view(4, 1, 2, 2)
-    losses = []
-    model.step_unet = lambda loss, ctx: losses.append(loss)
+    ctx = StepRecorder()
     torch.manual_seed(0)
-    model.training_step(Batch(x, torch.zeros(4, dtype=torch.long)), SimpleNamespace(autocast=contextlib.nullcontext))
+    model.training_step(Batch(x, torch.zeros(4, dtype=torch.long)), ctx)
     torch.manual_seed(0)  # the draws training_step makes, in its order
     noise, t = torch.randn(4, 1, 2, 2), torch.rand(2).view(-1, 1, 1, 1)
     x0 = x * 2 - 1
@@ -57,7 +54,7 @@ def test_the_shortcut_loss_is_the_hand_computed_value():
     xt = (1 - t) * x0[2:] + t * noise[2:]
     flow = ((A * xt + B * t) - (noise[2:] - x0[2:])).pow(2)
     expected = torch.cat([shortcut, flow]).mean()
-    assert losses[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ctx.losses[0].item() == pytest.approx(expected.item(), rel=1e-6)
     # the targets' two calls at step 0 (flow matching's input), then one call with steps [1000, 1000, 0, 0]
     assert net.steps_seen == [[0.0, 0.0], [0.0, 0.0], [1000.0, 1000.0, 0.0, 0.0]]
 

@@ -62,8 +62,8 @@ class Denoiser(GenerativeModel):
         cond, uncond = self.unet(*doubled).float().chunk(2)
         return uncond + guidance * (cond - uncond)
 
-    def step_unet(self, loss: Tensor, ctx) -> None:
-        ctx.backward(loss, "unet")
+    def step_unet(self, ctx) -> None:
+        """The UNet's update, once its gradients are in (from each micro-batch: ctx.chunks)."""
         if self.clip:
             ctx.clip("unet", self.clip)
         ctx.step("unet")
@@ -129,14 +129,18 @@ class DDPM(Denoiser):
         x0 = batch.x * 2 - 1
         noise = torch.randn_like(x0)
         xt, t, target = self.noised(x0, noise, torch.rand(len(x0), device=x0.device))
-        with ctx.autocast():
-            out = self.unet(xt, t, self.train_labels(batch.y)).float()
-        if self.min_snr is None:
-            loss = F.mse_loss(out, target)
-        else:
-            loss = ((out - target).pow(2).flatten(1).mean(1) * self.snr_weights(t.long())).mean()
-        self.step_unet(loss, ctx)
-        return {"loss": loss.detach()}
+        out = {}
+        for xt, t, target, labels in ctx.chunks(xt, t, target, self.train_labels(batch.y)):
+            with ctx.autocast():
+                pred = self.unet(xt, t, labels).float()
+            if self.min_snr is None:
+                loss = F.mse_loss(pred, target)
+            else:
+                loss = ((pred - target).pow(2).flatten(1).mean(1) * self.snr_weights(t.long())).mean()
+            ctx.backward(loss, "unet")
+            ctx.tally(out, loss=loss)
+        self.step_unet(ctx)
+        return out
 
     def snr_weights(self, t: Tensor) -> Tensor:
         """Min-SNR-gamma's weight of each image's error at steps ``t``: min(SNR, gamma) / SNR for an eps
@@ -259,12 +263,15 @@ class FlowMatching(Denoiser):
                 xs, ts, steps, targets = jumps(x0[:k], noise[:k], None if labels is None else labels[:k])
             xt, t_in, target = torch.cat([xs, xt]), torch.cat([ts, t_in]), torch.cat([targets, target])
             step = torch.cat([steps, torch.zeros(len(x0) - k, device=x0.device)])
-        with ctx.autocast():
-            out = self.unet(xt, t_in, labels, *(() if step is None else (step,))).float()
-        errors = (out - target).pow(2).flatten(1).mean(1)
-        loss = errors.mean()
-        self.step_unet((errors / (errors.detach() + 1e-3)).mean() if self.mean_flow else loss, ctx)
-        return {"loss": loss.detach()}
+        out = {}
+        for xt, t_in, target, labels, step in ctx.chunks(xt, t_in, target, labels, step):
+            with ctx.autocast():
+                pred = self.unet(xt, t_in, labels, *(() if step is None else (step,))).float()
+            errors = (pred - target).pow(2).flatten(1).mean(1)
+            ctx.backward((errors / (errors.detach() + 1e-3)).mean() if self.mean_flow else errors.mean(), "unet")
+            ctx.tally(out, loss=errors.mean())
+        self.step_unet(ctx)
+        return out
 
     @torch.no_grad()
     def shortcut_targets(self, x0: Tensor, noise: Tensor, labels: Tensor | None):

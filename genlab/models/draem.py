@@ -169,17 +169,20 @@ class DRAEM(GenerativeModel):
 
     def training_step(self, batch, ctx) -> dict[str, Tensor]:
         x = batch.x.float()
-        x_aug, m = synthetic_anomalies(x, self.p_anomaly, self.max_log2)
-        with ctx.autocast():
-            rec = torch.sigmoid(self.reconstructive(x_aug).float())
-            logits = self.discriminative(torch.cat([x_aug, rec], 1))
-        recon = F.mse_loss(rec, x)
-        ssim_loss = 1 - ssim(rec, x).mean()
-        focal = focal_loss(logits, m[:, 0], self.gamma)
-        loss = recon + ssim_loss + focal
-        ctx.backward(loss, "draem")
+        x_aug, m = synthetic_anomalies(x, self.p_anomaly, self.max_log2)  # drawn for the whole batch
+        out = {}
+        for x, x_aug, m in ctx.chunks(x, x_aug, m):
+            with ctx.autocast():
+                rec = torch.sigmoid(self.reconstructive(x_aug).float())
+                logits = self.discriminative(torch.cat([x_aug, rec], 1))
+            recon = F.mse_loss(rec, x)
+            ssim_loss = 1 - ssim(rec, x).mean()
+            focal = focal_loss(logits, m[:, 0], self.gamma)
+            loss = recon + ssim_loss + focal
+            ctx.backward(loss, "draem")
+            ctx.tally(out, loss=loss, recon=recon, ssim=ssim_loss, focal=focal)
         ctx.step("draem")
-        return {"loss": loss.detach(), "recon": recon.detach(), "ssim": ssim_loss.detach(), "focal": focal.detach()}
+        return out
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """The reconstructive network's image of ``x``, in [0, 1]."""

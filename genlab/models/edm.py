@@ -53,11 +53,14 @@ class EDM(Denoiser):
         x0 = batch.x * 2 - 1
         sigma = (self.p_mean + self.p_std * torch.randn(len(x0), device=x0.device)).exp()
         xt, t_in, target = self.noised(x0, torch.randn_like(x0), sigma)
-        with ctx.autocast():
-            out = self.unet(xt, t_in, self.train_labels(batch.y)).float()
-        loss = F.mse_loss(out, target)
-        self.step_unet(loss, ctx)
-        return {"loss": loss.detach()}
+        out = {}
+        for xt, t_in, target, labels in ctx.chunks(xt, t_in, target, self.train_labels(batch.y)):
+            with ctx.autocast():
+                loss = F.mse_loss(self.unet(xt, t_in, labels).float(), target)
+            ctx.backward(loss, "unet")
+            ctx.tally(out, loss=loss)
+        self.step_unet(ctx)
+        return out
 
     def denoise_errors(self, x: Tensor, times, seed: int = 0, per_pixel: bool = False) -> Tensor:
         """As every denoiser's, with each fraction of the path read as a point on the sampling schedule."""

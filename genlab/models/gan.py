@@ -95,31 +95,36 @@ class GAN(GenerativeModel):
         x = batch.x * 2 - 1  # the generator's Tanh range
         y = batch.y if self.num_classes else None
         z = torch.randn(x.shape[0], self.z_dim, device=x.device)
-        with ctx.autocast():
-            fake = self.fakes(z, y)
-            real_logits, fake_logits = self.critic(x, fake.detach(), y)
-            if hasattr(self.augment, "observe"):  # an adaptive augmentation learns how much the discriminator overfits
-                self.augment.observe(real_logits.detach(), ctx.step_index)
-            loss_d = self.loss.d(real_logits, fake_logits)
-            for regularizer in self.regularizers.values():
-                term = regularizer(lambda v: self.logits(self.seen(v), y), x, fake.detach(), ctx.step_index)
-                if term is not None:  # a lazy one adds its term every few steps only
-                    loss_d = loss_d + term
-        ctx.backward(loss_d, "d")
+        out = {}
+        for xc, zc, yc in ctx.chunks(x, z, y):
+            with ctx.autocast():
+                fake = self.fakes(zc, yc)
+                real_logits, fake_logits = self.critic(xc, fake.detach(), yc)
+                if hasattr(self.augment, "observe"):  # an adaptive augmentation learns how much the discriminator overfits
+                    self.augment.observe(real_logits.detach(), ctx.step_index)
+                loss_d = self.loss.d(real_logits, fake_logits)
+                for regularizer in self.regularizers.values():
+                    term = regularizer(lambda v: self.logits(self.seen(v), yc), xc, fake.detach(), ctx.step_index)
+                    if term is not None:  # a lazy one adds its term every few steps only
+                        loss_d = loss_d + term
+            ctx.backward(loss_d, "d")
+            ctx.tally(out, loss_d=loss_d)
         ctx.step("d")
-        out = {"loss_d": loss_d.detach()}
         if getattr(self.augment, "target", None) is not None:  # an adaptive augmentation's strength, for metrics.csv
             out["aug_p"] = self.augment.p.clone()
         if ctx.step_index % self.n_critic == 0:
-            with ctx.autocast(), frozen_statistics(self.d):
-                if self.loss.needs_real:
-                    real_logits, fake_logits = self.critic(x, fake, y)
-                else:
-                    real_logits, fake_logits = None, self.logits(self.seen(fake), y)
-                loss_g = self.loss.g(fake_logits, real_logits)
-            ctx.backward(loss_g, "g")  # into the generator's weights only
+            for xc, zc, yc in ctx.chunks(x, z, y):
+                with ctx.autocast(), frozen_statistics(self.d):
+                    if ctx.share != 1:  # micro-batches: each one's fakes again (the generator has not changed)
+                        fake = self.fakes(zc, yc)
+                    if self.loss.needs_real:
+                        real_logits, fake_logits = self.critic(xc, fake, yc)
+                    else:
+                        real_logits, fake_logits = None, self.logits(self.seen(fake), yc)
+                    loss_g = self.loss.g(fake_logits, real_logits)
+                ctx.backward(loss_g, "g")  # into the generator's weights only
+                ctx.tally(out, loss_g=loss_g)
             ctx.step("g")
-            out["loss_g"] = loss_g.detach()
         return out
 
     def latent(self, n, generator=None):

@@ -38,12 +38,13 @@ class StyleGAN(GAN):
         out = super().training_step(batch, ctx)
         if self.path_length and "loss_g" in out and ctx.step_index % self.path_length_every == 0:
             n = max(1, len(batch.x) // 2)
-            with ctx.autocast():
-                penalty = self.path_length_penalty(torch.randn(n, self.z_dim, device=batch.x.device),
-                                                   batch.y[:n] if self.num_classes else None)
-            ctx.backward(self.path_length * self.path_length_every * penalty, "g")
+            z = torch.randn(n, self.z_dim, device=batch.x.device)
+            for zc, yc in ctx.chunks(z, batch.y[:n] if self.num_classes else None):  # micro-batches: the running
+                with ctx.autocast():                                                 # mean moves with each
+                    penalty = self.path_length_penalty(zc, yc)
+                ctx.backward(self.path_length * self.path_length_every * penalty, "g")
+                ctx.tally(out, loss_pl=penalty)
             ctx.step("g")
-            out["loss_pl"] = penalty.detach()
         return out
 
     def path_length_penalty(self, z: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -44,16 +44,18 @@ class VAE(Autoencoder):
         return {"vae": self.parameters()}
 
     def training_step(self, batch, ctx) -> dict[str, Tensor]:
-        x = batch.x
-        with ctx.autocast():
-            mu, logvar = self.encode(x)
-            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
-            logits = self.decoder(z)
-        recon, kl = (t.mean() for t in self.loss.terms(x, logits, mu, logvar))
-        loss = recon + self.loss.beta * kl
-        ctx.backward(loss, "vae")
+        eps = torch.randn(len(batch.x), self.decoder.latent_dim, device=batch.x.device)  # for the whole batch
+        out = {}
+        for x, e in ctx.chunks(batch.x, eps):
+            with ctx.autocast():
+                mu, logvar = self.encode(x)
+                logits = self.decoder(mu + e * (0.5 * logvar).exp())  # reparameterisation
+            recon, kl = (t.mean() for t in self.loss.terms(x, logits, mu, logvar))
+            loss = recon + self.loss.beta * kl
+            ctx.backward(loss, "vae")
+            ctx.tally(out, loss=loss, recon=recon, kl=kl)
         ctx.step("vae")
-        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+        return out
 
     def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per image of ``x``, decoded at the posterior mean: the reconstruction error under the likelihood it

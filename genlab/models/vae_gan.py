@@ -43,30 +43,32 @@ class VAEGAN(Autoencoder):
         return {"encoder": self.encoder.parameters(), "decoder": self.decoder.parameters(), "d": self.d.parameters()}
 
     def training_step(self, batch, ctx) -> dict[str, Tensor]:
-        x = batch.x
-        with ctx.autocast():
-            mu, logvar = self.encode(x)
-            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-            recon = torch.sigmoid(self.decoder(z).float())
-            prior = torch.sigmoid(self.decoder(torch.randn_like(mu)).float())
-            # the discriminator sees each batch apart, so a backward pass runs only over the batches it needs
-            h_real, h_recon, h_prior = (self.d.features(v * 2 - 1) for v in (x, recon, prior))
-            real_logits, fake_logits = self.judged(x, recon, prior, h_real, torch.cat([h_recon, h_prior]))
-            if hasattr(self.augment, "observe"):  # an adaptive augmentation learns how much the discriminator overfits
-                self.augment.observe(real_logits.detach(), ctx.step_index)
-        feature = feature_error(h_real.float(), h_recon.float()).mean()
-        kl = kl_normal(mu, logvar).mean()
-        loss_d = self.loss.d(real_logits, fake_logits)
-        if self.loss.gp_weight:
+        eps, prior_z = (torch.randn(len(batch.x), self.decoder.latent_dim, device=batch.x.device) for _ in range(2))
+        out = {}
+        for x, e, zp in ctx.chunks(batch.x, eps, prior_z):
             with ctx.autocast():
-                loss_d = loss_d + self.loss.gp_weight * gradient_penalty(self.d, x * 2 - 1, prior.detach() * 2 - 1)
-        loss_g = self.gamma * feature + self.loss.g(fake_logits, real_logits if self.loss.needs_real else None)
-        ctx.backward(self.beta * kl + feature, "encoder", retain_graph=True)  # each into its own network's weights...
-        ctx.backward(loss_g, "decoder", retain_graph=True)
-        ctx.backward(loss_d, "d")
+                mu, logvar = self.encode(x)
+                recon = torch.sigmoid(self.decoder(mu + e * (0.5 * logvar).exp()).float())
+                prior = torch.sigmoid(self.decoder(zp).float())
+                # the discriminator sees each batch apart, so a backward pass runs only over the batches it needs
+                h_real, h_recon, h_prior = (self.d.features(v * 2 - 1) for v in (x, recon, prior))
+                real_logits, fake_logits = self.judged(x, recon, prior, h_real, torch.cat([h_recon, h_prior]))
+                if hasattr(self.augment, "observe"):  # an adaptive augmentation learns how much the discriminator overfits
+                    self.augment.observe(real_logits.detach(), ctx.step_index)
+            feature = feature_error(h_real.float(), h_recon.float()).mean()
+            kl = kl_normal(mu, logvar).mean()
+            loss_d = self.loss.d(real_logits, fake_logits)
+            if self.loss.gp_weight:
+                with ctx.autocast():
+                    loss_d = loss_d + self.loss.gp_weight * gradient_penalty(self.d, x * 2 - 1, prior.detach() * 2 - 1)
+            loss_g = self.gamma * feature + self.loss.g(fake_logits, real_logits if self.loss.needs_real else None)
+            ctx.backward(self.beta * kl + feature, "encoder", retain_graph=True)  # each into its own network's weights...
+            ctx.backward(loss_g, "decoder", retain_graph=True)
+            ctx.backward(loss_d, "d")
+            ctx.tally(out, loss_d=loss_d, loss_g=loss_g, feature=feature, kl=kl)
         for name in ("encoder", "decoder", "d"):  # ...and only then any update
             ctx.step(name)
-        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "feature": feature.detach(), "kl": kl.detach()}
+        return out
 
     def judged(self, x, recon, prior, h_real, h_fake) -> tuple[Tensor, Tensor]:
         """The discriminator's logits (fp32) on the real images and on the reconstructions and prior samples: from

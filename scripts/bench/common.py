@@ -69,13 +69,15 @@ def peak_memory_mb(device) -> float | None:
 
 
 def genlab_steps(model, opts, data, steps: int, batch: int, device, precision, on_nan: str = "stop",
-                 callbacks=()) -> float:
+                 callbacks=(), accumulate: int = 1) -> float:
     """genlab's loop; returns images per second over ``steps`` steps after one warm-up window. The
     loop writes a metrics row (one host sync) every quarter of the steps, not every step, so that on
-    a GPU the host can queue work ahead, as it does in `genlab train`."""
+    a GPU the host can queue work ahead, as it does in `genlab train`. ``accumulate``: each step's ``batch`` in that
+    many micro-batches."""
     every = max(1, steps // 4)
     trainer = Trainer(model, Loader(data.images, data.labels, batch, device),
-                      StepContext(opts, precision, device, on_nan=on_nan), steps + every, log_every=every,
+                      StepContext(opts, precision, device, on_nan=on_nan, accumulate=accumulate), steps + every,
+                      log_every=every,
                       callbacks=list(callbacks))
     trainer.fit()
     rows = trainer.history
@@ -88,3 +90,14 @@ def rss_anon_mb() -> float:
     """This process's own memory (RssAnon: not the pages of mapped files, which the kernel can drop)."""
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon:")) / 1024
+
+
+def model_to_time(name: str, args, device, batch: int):
+    """A model of the tutorial's shape, its optimizers, its data and the steps a timed run of it takes."""
+    from genlab.parts import build_dataset, build_model, build_optimizers
+
+    cfg = compose_cfg(name, args.data_root)
+    data = build_dataset(cfg.dataset)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    return model, build_optimizers(cfg.optimizer, model), data, max(8, WORK.get(name, 1500) // batch)

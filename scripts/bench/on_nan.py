@@ -2,11 +2,8 @@
 
 import statistics
 
-import torch
-
-from bench.common import WORK, compose_cfg, genlab_steps
+from bench.common import genlab_steps, model_to_time
 from genlab.device import resolve_device, resolve_precision
-from genlab.parts import build_dataset, build_model, build_optimizers
 
 
 def bench_on_nan(args) -> list[dict]:
@@ -19,12 +16,7 @@ def bench_on_nan(args) -> list[dict]:
     rows = []
     print(f"\non_nan: skip against stop, batch {batch}, {precision} on {device}; medians of {reps}")
     for name in args.models.split(","):
-        cfg = compose_cfg(name, args.data_root)
-        data = build_dataset(cfg.dataset)
-        steps = max(8, WORK.get(name, 1500) // batch)
-        torch.manual_seed(0)
-        model = build_model(cfg).to(device)
-        opts = build_optimizers(cfg.optimizer, model)
+        model, opts, data, steps = model_to_time(name, args, device, batch)
         results = {"stop": [], "skip": []}
         for on_nan in results:
             genlab_steps(model, opts, data, 2, batch, device, precision, on_nan)  # warm-up
