@@ -160,10 +160,18 @@ def sweep(values: dict[str, list[float]], metric: str, path: Path, title: str = 
 
 
 def trials(rows: list[tuple[int, str, float | None]], objective: str, direction: str, path: Path,
-           title: str = "") -> None:
+           title: str = "") -> str:
     """A hyperparameter search: the objective of each trial, ``rows`` of (number, state, value), with pruned
-    trials at the last value they reported, and the best of the completed trials so far."""
+    trials at the last value they reported, and the best of the completed trials so far. The axis is logarithmic
+    where the values span more than two orders of magnitude (one diverged trial would flatten the others into a
+    line); returns the axis's scale."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    scale = value_scale([v for _, _, v in rows])
+    if scale == "symlog":
+        finite = np.abs([v for _, _, v in rows if v is not None and np.isfinite(v)])
+        ax.set_yscale("symlog", linthresh=float(np.median(finite)) or 1.0)
+    else:
+        ax.set_yscale(scale)
     for state, marker, label in (("COMPLETE", "o", "complete"), ("PRUNED", "x", "pruned: its last value")):
         pts = [(n, v) for n, s, v in rows if s == state and v is not None]
         if pts:
@@ -177,14 +185,28 @@ def trials(rows: list[tuple[int, str, float | None]], objective: str, direction:
         ax.step(*zip(*steps), where="post", color="tab:red", label="best so far")
     ax.set_xlabel("trial")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel(f"{objective} ({direction})")
+    ax.set_ylabel(f"{objective} ({direction}{', log scale' if scale != 'linear' else ''})")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if steps or any(s == "PRUNED" and v is not None for _, s, v in rows):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+    scale = ax.get_yscale()
     plt.close(fig)
+    return scale
+
+
+def value_scale(values) -> str:
+    """linear, or log where positive values span more than 100x, or symlog where values of both signs span more than
+    100x their typical size."""
+    finite = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if len(finite) < 2:
+        return "linear"
+    if finite.min() > 0:
+        return "log" if finite.max() / finite.min() > 100 else "linear"
+    typical = np.median(np.abs(finite))
+    return "symlog" if typical > 0 and np.abs(finite).max() / typical > 100 else "linear"
 
 
 def overlays(images, maps, masks, titles: list[str], span: list[float], path: Path, title: str = "") -> None:

@@ -12,6 +12,7 @@ import argparse
 import base64
 import io
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html"
 GRIDS_OVER_TIME = 5  # the sample grids shown for a run: evenly spaced epochs, the last included
 THUMB = 160  # pixels, the longer side of a thumbnail in the table of runs
+PLUMBING = ("trial.",)  # overrides a search's sweeper sets on each trial: not what the user chose
+SEARCH = "optimization_results.yaml"  # a search's results (genlab's Optuna sweeper)
 
 
 def main(argv=None) -> int:
@@ -83,11 +86,14 @@ def gather(paths: list[Path]) -> dict:
         sweeps.append(p)
     items = [run_of(name, d) for name, d in found]
     page = {"title": title(paths, items), "paths": [str(p.resolve()) for p in paths], "runs": items,
-            "made": time.strftime("%Y-%m-%d %H:%M"), "version": __version__}
+            "made": time.strftime("%Y-%m-%d %H:%M"), "version": __version__, "search": None}
     if len(items) > 1:
-        page.update(compare(items))
-        page["sweep_plots"] = [image(e[0] / "summary.png") for s in sweeps for e in runs.evaluations(s).values()
-                               if (e[0] / "summary.png").is_file()]
+        search = read_yaml(sweeps[0] / SEARCH) if len(sweeps) == 1 else None  # one search's own page
+        page.update(compare(items, search if isinstance(search, dict) and search.get("objective") else None))
+        page["sweep_plots"] = [image(s / "trials.png", "the objective of each trial") for s in sweeps
+                               if (s / "trials.png").is_file()]
+        page["sweep_plots"] += [image(e[0] / "summary.png") for s in sweeps for e in runs.evaluations(s).values()
+                                if (e[0] / "summary.png").is_file()]
     return page
 
 
@@ -116,7 +122,7 @@ def run_of(name: str, d: Path) -> dict:
     model = cfg.get("model", {}) if isinstance(cfg.get("model"), dict) else {}
     dataset = cfg.get("dataset", {}) if isinstance(cfg.get("dataset"), dict) else {}
     return {
-        "name": name, "path": str(d.resolve()), "overrides": runs.overrides(d),
+        "name": name, "path": str(d.resolve()), "overrides": [o for o in runs.overrides(d) if not o.startswith(PLUMBING)],
         "model": str(model.get("_target_", "?")).rsplit(".", 1)[-1], "dataset": str(dataset.get("_target_", "?")).rsplit(".", 1)[-1],
         "classes": " ".join(map(str, dataset.get("classes") or [])),
         "config": config.read_text() if config.is_file() else "", "final": rows[-1] if rows else {},
@@ -133,35 +139,76 @@ def run_of(name: str, d: Path) -> dict:
     }
 
 
-def compare(items: list[dict]) -> dict:
+def compare(items: list[dict], search: dict | None = None) -> dict:
     """The table of runs (overrides that vary as columns, evaluate's metrics, the last losses) and evaluate's
-    summary tables over them."""
-    varying = varying_keys([r["overrides"] for r in items])
-    common = [o for o in items[0]["overrides"] if all(o in r["overrides"] for r in items)]
+    summary tables over them. A search's (``search``: its optimization_results.yaml) leads with its objective
+    and marks its best trial."""
+    shown = [r["overrides"] for r in items]
+    varying = varying_keys(shown)
+    common = [o for o in shown[0] if all(o in s for s in shown)]
     tasks = [t for t in ("anomaly", "quality") if all(any(e["task"] == t for e in r["evaluations"]) for r in items)]
     reports = {t: [next(e["report"] for e in r["evaluations"] if e["task"] == t) for r in items] for t in tasks}
     metric_cols = [(t, key, head, spec) for t in tasks for key, head, spec, _ in summary.COLUMNS[t]
                    if all(key in rep for rep in reports[t])]
-    losses = list(dict.fromkeys(k for r in items for k in r["final"] if k.startswith(("train/", "val/", "eval/"))))
-    heads = ["run", *varying, *(head for _, _, head, _ in metric_cols), *losses, "epoch", "wall time (s)", "status"]
-    specs = ["", *[""] * len(varying), *(spec for *_, spec in metric_cols), *[".4g"] * len(losses), ".0f", ".1f", ""]
+    objective = [search["objective"]] if search else []
+    losses = [k for k in dict.fromkeys(k for r in items for k in r["final"] if k.startswith(("train/", "val/", "eval/")))
+              if k not in objective]
+    heads = ["run", *objective, *varying, *(head for _, _, head, _ in metric_cols), *losses, "epoch", "wall time (s)",
+             "status"]
+    specs = ["", *[".4g"] * len(objective), *[""] * len(varying), *(spec for *_, spec in metric_cols),
+             *[".4g"] * len(losses), ".0f", ".1f", ""]
     rows = []
     for i, r in enumerate(items):
-        values = dict(o.split("=", 1) for o in r["overrides"] if "=" in o)
-        cells = [r["name"], *(values.get(k, "") for k in varying),
+        values = dict(o.split("=", 1) for o in shown[i] if "=" in o)
+        cells = [r["name"], *(r["final"].get(k) for k in objective), *(number(values.get(k, "")) for k in varying),
                  *(reports[t][i][key] for t, key, _, _ in metric_cols),
                  *(r["final"].get(k) for k in losses), r["final"].get("epoch"), r["final"].get("wall_time"), r["status"]]
         rows.append([{"text": summary.text(v, s), "sort": summary.sort_key(v)} for v, s in zip(cells, specs)])
-    best, tables = None, []
-    if tasks:
+    best, best_by, tables = None, None, []
+    if search:
+        best = best_trial(items, search)
+        best_by = f"{search['objective']} ({'lower' if search.get('direction') == 'minimize' else 'higher'} is better)"
+    elif tasks:
         s = summary.sweep(reports[tasks[0]])
         best = s.best
+        best_by = f"{metric_cols[0][2]} ({'higher' if summary.COLUMNS[tasks[0]][0][3] else 'lower'} is better)"
+    if tasks:
+        s = summary.sweep(reports[tasks[0]])
         tables = [table(t) for t in summary.sweep_tables(s)[1:]]  # the runs are in the table above
         tables.insert(0, table(summary.Table("Over all runs:", ["runs", *(h for _, h, _, _ in s.columns)],
                                              [[len(items), *s.stats[0][2]]], ["", *(c[2] for c in s.columns)])))
-    return {"columns": heads, "rows": rows, "best": best, "common": common, "varying": varying,
-            "best_by": f"{metric_cols[0][2]} ({'higher' if summary.COLUMNS[tasks[0]][0][3] else 'lower'} is better)"
-            if tasks else None, "summary_tables": tables}
+    lead = None
+    if search:  # the search in one line, above its table
+        lead = {"objective": search["objective"], "direction": search.get("direction", ""), "trials": len(items),
+                "best": items[best]["name"] if best is not None else None,
+                "value": summary.text(items[best]["final"].get(search["objective"])) if best is not None else "",
+                "overrides": " ".join(f"{k}={summary.text(number(v))}" for k, v in (o.split("=", 1) for o in shown[best]
+                                      if "=" in o) if k in varying) if best is not None else ""}
+    return {"columns": heads, "rows": rows, "best": best, "common": common, "varying": varying, "best_by": best_by,
+            "summary_tables": tables, "search": lead}
+
+
+def best_trial(items: list[dict], search: dict) -> int | None:
+    """The row of a search's best trial: the run its optimization_results.yaml names, else the best objective of
+    the completed runs."""
+    where = search.get("best_run_dir")
+    for i, r in enumerate(items):
+        if where and Path(where).resolve() == Path(r["path"]):
+            return i
+    key, sign = search["objective"], 1 if search.get("direction") == "minimize" else -1
+    done = [(sign * r["final"][key], i) for i, r in enumerate(items)
+            if r["status"] == "completed" and isinstance(r["final"].get(key), float) and math.isfinite(r["final"][key])]
+    return min(done)[1] if done else None
+
+
+def number(value: str):
+    """An override's value as a number where it is one (a learning rate prints with 4 significant digits)."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def varying_keys(overrides: list[list[str]]) -> list[str]:

@@ -192,3 +192,78 @@ def test_a_run_resumed_elsewhere_keeps_its_earlier_environment(tmp_path, monkeyp
     assert env["cpu"] == "another CPU" and env["precision"] == "bf16"
     assert [e["cpu"] for e in env["earlier"]] == [first["cpu"]]
     assert environment.read(tmp_path / "nowhere") is None
+
+
+# ---- a hyperparameter search's page ------------------------------------------------------------------------
+
+LRS = [0.0012345678901234, 0.00031622776601683794, 0.009876543210987654, 0.0005011872336272725]
+LOSSES = [31.5, 27.25, 5.0e5, 29.0]  # trial 2 diverged
+
+
+@pytest.fixture(scope="module")
+def search_sweep(tmp_path_factory):
+    """A search of four trials as genlab's Optuna sweeper leaves it, one diverged: each trial's run directory (its
+    overrides, the sweeper's trial.* among them, metrics.csv, status.json), and the study's results written by the
+    sweeper's own code."""
+    optuna = pytest.importorskip("optuna")
+    from hydra_plugins.genlab_optuna_sweeper.optuna_sweeper import write_results
+
+    from genlab import plots
+
+    sweep = tmp_path_factory.mktemp("search")
+    study = optuna.create_study(study_name="vae_digits", direction="minimize")
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    for i, (rate, loss) in enumerate(zip(LRS, LOSSES)):
+        run = sweep / str(i)
+        (run / ".hydra").mkdir(parents=True)
+        overrides = ["hparams_search=vae_digits", f"optimizer.lr={rate!r}", "model.encoder.width=32",
+                     f"trial.storage=sqlite:///{sweep}/study.db", "trial.study=vae_digits", f"trial.number={i}",
+                     "trial.objective=val/loss"]
+        (run / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+        (run / ".hydra" / "config.yaml").write_text("model: {_target_: genlab.models.VAE}\ndataset: {_target_: digits}\n")
+        (run / "metrics.csv").write_text(f"step,epoch,train/loss,val/loss,img_per_s,wall_time\n"
+                                         f"230,10,{loss * 1.1},{loss},900.0,12.5\n")
+        (run / "status.json").write_text(json.dumps({"status": "completed"}))
+        study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": rate}, distributions={"optimizer.lr": lr},
+                                                  value=loss, user_attrs={"run_dir": str(run)}))
+    scales = []
+    trials = plots.trials
+    plots.trials = lambda *a, **k: scales.append(trials(*a, **k))  # the axis scale the plot was drawn with
+    try:
+        write_results(study, sweep, "val/loss", "sqlite:///study.db")
+    finally:
+        plots.trials = trials
+    return sweep, scales
+
+
+def test_a_search_page_leads_with_its_objective_and_marks_the_best_trial(search_sweep):
+    sweep, scales = search_sweep
+    assert scales == ["log"]  # one diverged trial (5e5) does not flatten the other three into a line
+    page = report.gather([sweep])
+    assert page["columns"][:3] == ["run", "val/loss", "optimizer.lr"]  # the objective first, then what was searched
+    assert page["best"] == 1 and page["search"]["best"] == "1" and page["search"]["value"] == "27.25"
+    assert page["common"] == ["hparams_search=vae_digits", "model.encoder.width=32"]  # no trial.* plumbing
+    assert "trial.number" not in page["varying"]
+    assert [row[2]["text"] for row in page["rows"]] == ["0.001235", "0.0003162", "0.009877", "0.0005012"]
+    assert [row[2]["sort"] for row in page["rows"]] == LRS  # sorted by value, not as text
+    assert any(p["name"] == "trials.png" for p in page["sweep_plots"])
+    assert plots_scale([1.0, 2.0, 3.0]) == "linear" and plots_scale([-1.0, 2.0, -1.5, 3e4]) == "symlog"
+
+
+def plots_scale(values):
+    from genlab import plots
+
+    return plots.value_scale(values)
+
+
+def test_a_search_page_reads_at_1280_pixels(search_sweep, browser, tmp_path):
+    sweep, _ = search_sweep
+    out = report.write([sweep], tmp_path / "search.html")
+    open_page(browser, out)
+    browser.set_window_size(1280, 1000)
+    lead = browser.find_element("css selector", "p.lead").text
+    assert lead.startswith("A search of 4 trials for the lowest val/loss: the best is trial 1, val/loss 27.25, with optimizer.lr=0.0003162")
+    assert browser.find_element("css selector", "#runs tr.best").get_attribute("data-run") == "1"
+    heading = next(th for th in browser.find_elements("css selector", "#runs th") if th.text.startswith("val/loss"))
+    assert heading.rect["x"] + heading.rect["width"] <= 1280  # on screen, not off to the right
+    assert column(browser, "optimizer.lr") == ["0.001235", "0.0003162", "0.009877", "0.0005012"]
