@@ -6,6 +6,7 @@
     images, labels = gl.sample(model, n=16, steps=20)
     report = gl.evaluate(run, ["task=quality", "n_samples=2000"])
     rows = gl.predict(run, "new_parts/")       # an inspection run (dataset=mvtec): a score and decision a file
+    folder = gl.export(run, ["format=onnx"])  # safetensors, a model card, ONNX graphs; gl.load(folder) reads it
 """
 
 import itertools
@@ -59,9 +60,16 @@ def predict(ckpt, images, overrides=(), run_dir=None) -> list[dict]:
     return read_predictions(run_dir / "predictions.csv")
 
 
+def export(ckpt, overrides=(), run_dir=None) -> Path:
+    """`genlab export ckpt=CKPT OVERRIDES...` (format=onnx, out=DIR, ...); returns the export folder."""
+    run_dir = _run("export", [f"ckpt={ckpt}", *overrides], run_dir, None)
+    out = next((o.split("=", 1)[1] for o in overrides if o.startswith("out=")), None)
+    return Path(out).expanduser() if out else run_dir
+
+
 def load(ckpt, device: str = "auto", ema: bool = True) -> GenerativeModel:
-    """The model of a run directory or checkpoint file, in eval mode: the moving average of its weights when
-    the run kept one and ``ema``."""
+    """The model of a run directory, checkpoint file or export folder, in eval mode: the moving average of its weights
+    when the run kept one and ``ema``."""
     return load_model(ckpt, resolve_device(device), ema=ema)[0]
 
 

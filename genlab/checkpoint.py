@@ -27,16 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genlab.errors import GenlabError, first_line
+from genlab import bundle
+from genlab.errors import Damaged, GenlabError, first_line
 
 log = logging.getLogger(__name__)
 
 FORMAT = "genlab-checkpoint"
 VERSION = 3  # 3: no random state (the steps' draws are seeded by step), a checksum
 
-
-class Damaged(GenlabError):
-    """A file genlab wrote cannot be read whole: truncated, changed on disk, or not genlab's."""
 
 # version 1 named a loss by its config name; version 2 by the _target_ its config names
 LOSS_TARGETS = {"bce": "BCE", "minimax": "Minimax", "wasserstein": "Wasserstein", "hinge": "Hinge", "lsgan": "LSGAN",
@@ -186,10 +184,10 @@ def save(state: dict, path: Path) -> None:
 
 
 def resolve(path) -> Path:
-    """A checkpoint file, or a run directory (its checkpoints/last.pt)."""
+    """A checkpoint file, or a run directory (its checkpoints/last.pt), or an export folder (its weights)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        for candidate in (p / "checkpoints" / "last.pt", p / "last.pt"):
+        for candidate in (p / "checkpoints" / "last.pt", p / "last.pt", *([p / bundle.WEIGHTS] if bundle.is_export(p) else [])):
             if candidate.is_file():
                 return candidate
         raise GenlabError(f"no checkpoint in {p}: expected {p / 'checkpoints' / 'last.pt'}.")
@@ -253,8 +251,11 @@ def load_intact(run_dir: Path, map_location="cpu") -> tuple[Path, dict]:
 
 
 def load(path, map_location="cpu") -> dict:
-    """Read a genlab checkpoint safely (no code runs, the checksum checked), or raise a GenlabError that says why not."""
+    """Read a genlab checkpoint safely (no code runs, the checksum checked), or raise a GenlabError that says why not.
+    An export folder (genlab export) reads as a checkpoint of its weights alone."""
     p = resolve(path)
+    if bundle.is_export(p.parent) and p.name == bundle.WEIGHTS:
+        return bundle.read_state(p.parent)
     state = read(p, map_location, required=False)  # checkpoints of genlab before version 3 have no checksum
     if state.get("format") != FORMAT:
         raise GenlabError(f"{p} is not a genlab checkpoint (no '{FORMAT}' marker).")

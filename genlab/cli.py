@@ -19,6 +19,7 @@ VERBS = {
     "sample": ("genlab.sample", "pictures from a checkpoint: sample grid, interpolations, reconstructions, latent map"),
     "evaluate": ("genlab.evaluate", "reports on a checkpoint: anomaly-detection ROC/AUC (one run or a whole sweep)"),
     "predict": ("genlab.predict", "score a folder of new images: predictions.csv and anomaly maps, at the run's threshold"),
+    "export": ("genlab.export", "a run as a folder to share: safetensors, a model card, TorchScript or ONNX graphs"),
 }
 # verbs that are not Hydra apps: verb -> (module with main(argv) -> exit status, one-line description)
 PLAIN = {"report": ("genlab.report", "an HTML page of runs and sweeps: PATH... [-o report.html]")}

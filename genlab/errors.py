@@ -14,6 +14,10 @@ class GenlabError(Exception):
     shared = False  # every process of a multi-process run meets it together: only rank 0 need say so
 
 
+class Damaged(GenlabError):
+    """A file genlab wrote cannot be read whole: truncated, changed on disk, or not genlab's."""
+
+
 class Interrupted(GenlabError):
     """Training stopped by a signal after saving a checkpoint; exits 128 + the signal number."""
 

@@ -146,7 +146,7 @@ def load_model(ckpt, device="cpu", ema: bool = True) -> tuple[GenerativeModel, D
     state = checkpoint.load(ckpt)
     cfg = OmegaConf.create(state["config"])
     model = build_model(cfg)
-    state["weights"] = "ema" if ema and state.get("ema") else "raw"
+    state["weights"] = state.get("exported") or ("ema" if ema and state.get("ema") else "raw")  # an export: as exported
     try:
         model.load_state_dict(state["ema"]["model"] if state["weights"] == "ema" else state["model"])
     except RuntimeError as e:

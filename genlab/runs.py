@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from genlab import checkpoint
+from genlab import bundle, checkpoint
 from genlab.errors import GenlabError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def is_run(path: Path) -> bool:
 
 def sweep_runs(path: Path) -> list[Path] | None:
     """The runs (with a checkpoint) of a multirun directory, in job order, or None when ``path`` is one run or a file."""
-    if not path.is_dir() or (path / "checkpoints" / "last.pt").is_file():
+    if not path.is_dir() or (path / "checkpoints" / "last.pt").is_file() or bundle.is_export(path):
         return None
     found = [p for p in path.iterdir() if (p / "checkpoints" / "last.pt").is_file()]
     if not found:
@@ -56,15 +56,16 @@ def sweep_runs(path: Path) -> list[Path] | None:
 
 
 def of_checkpoint(ckpt) -> Path:
-    """The run directory a checkpoint (or a run directory) belongs to."""
-    return checkpoint.resolve(ckpt).parent.parent
+    """The run directory a checkpoint (or a run directory) belongs to; an export folder is its own."""
+    path = checkpoint.resolve(ckpt)
+    return path.parent if bundle.is_export(path.parent) else path.parent.parent
 
 
 def overrides(run_dir: Path) -> list[str]:
     """The command-line overrides the run was started with (its .hydra/overrides.yaml), Hydra's own left out."""
     path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
+    if not path.is_file():  # an export folder keeps its run's
+        return list(_read_json(run_dir / bundle.MANIFEST, {}).get("overrides", [])) if bundle.is_export(run_dir) else []
     return [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith("hydra.")]
 
 

@@ -141,7 +141,19 @@ class PredictSchema:
     dataset_root: Optional[str] = MISSING
 
 
-SCHEMAS = {"train": TrainSchema, "sample": SampleSchema, "evaluate": EvaluateSchema, "predict": PredictSchema}
+@dataclass
+class ExportSchema:
+    ckpt: str = MISSING
+    format: str = MISSING
+    out: Optional[str] = MISSING
+    ema: bool = MISSING
+    score: Any = None  # the anomaly score of the scorer graph (configs/score/), or null: the model's default
+    dataset_root: Optional[str] = MISSING
+    sampler: Any = None  # the generator graph's sampler (configs/sampler/)
+
+
+SCHEMAS = {"train": TrainSchema, "sample": SampleSchema, "evaluate": EvaluateSchema, "predict": PredictSchema,
+           "export": ExportSchema}
 
 
 def register() -> None:

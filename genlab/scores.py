@@ -22,6 +22,7 @@ class Score:
 
     name = ""  # its name in configs/score/
     needs: tuple[str, ...] = ()
+    untraceable: str | None = None  # why `genlab export` cannot make a graph of it, where it cannot
 
     def fits(self, model) -> bool:
         return all(callable(getattr(model, n, None)) for n in self.needs)
@@ -193,6 +194,7 @@ class Denoise(Score):
     measures how much ink an image has instead (docs/results.md)."""
 
     name, needs = "denoise", ("denoise_errors",)
+    untraceable = "draws seeded noise on every call, which a traced graph cannot repeat"  # genlab export
 
     def __init__(self, times: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9, 0.95)):
         if not times or not all(0 < t <= 1 for t in times):
@@ -213,7 +215,7 @@ class Feature(Score):
 
     def __call__(self, model, x):
         h = model.features(torch.cat([x.float(), model.reconstruct(x)]))
-        return feature_error(h[:len(x)], h[len(x):])
+        return feature_error(h[:x.shape[0]], h[x.shape[0]:])
 
 
 class OwnScore(Score):

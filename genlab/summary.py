@@ -278,3 +278,24 @@ def run_name(r: dict) -> str:
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def headline(r: dict) -> str:
+    """One evaluate report's numbers in one line."""
+    if r.get("kind") == "inspection":
+        pixel = f"  pixel AUROC {r['pixel_auroc']:.4f}  AUPRO {r['aupro']:.4f}" if "pixel_auroc" in r else ""
+        return (f"image AUROC {r['auroc']:.4f}  AUPRC {r['auprc']:.4f}  F1-max {r['f1_max']:.4f}{pixel}  (score "
+                f"{r['score']}; threshold {r['threshold']['value']:.5g} by {r['threshold']['rule']}: precision "
+                f"{r['threshold']['precision']:.3f}, recall {r['threshold']['recall']:.3f})")
+    if r["task"] == "anomaly":
+        return (f"AUROC {r['auroc']:.4f}  AUPRC {r['auprc']:.4f}  (score {r['score']}, "
+                f"normal classes {r['normal_classes']})")
+    parts = []
+    if "fid" in r:
+        parts.append(f"FID {r['fid']:.3f}  KID {r['kid']:.5f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
+                     f"IS {r['inception_score']:.2f}  classes covered {r['classes_covered']}/{len(r['class_histogram'])}")
+    if "class_accuracy" in r:
+        parts.append(f"class asked for {r['class_accuracy']:.3f}")
+    if "fid_inception" in r:
+        parts.append(f"FID (standard Inception) {r['fid_inception']:.3f}")
+    return "  ".join(parts)

@@ -21,17 +21,18 @@ SOURCES = [ROOT / "genlab", ROOT / "hydra_plugins" / "genlab_optuna_sweeper"]  #
 # (layer, what it holds, its units: a module of genlab or a sub-package), from the top down
 LAYERS = [
     ("entry", "the command line, its Optuna sweeper and the Python API", ["cli", "optuna_sweeper", "api", "__main__"]),
-    ("commands", "one task each", ["train", "sample", "evaluate", "anomaly", "inspection", "predict", "quality", "report"]),
+    ("commands", "one task each", ["train", "sample", "evaluate", "anomaly", "inspection", "predict", "quality", "report",
+                                   "export", "card"]),
     ("assembly", "a training run from its config", ["build"]),
     ("writers and measures", "what a run writes and measures", ["callbacks", "trackers", "measures"]),
-    ("services", "build a part, draw samples, score images, the yardstick", ["parts", "sampling", "scoring",
+    ("services", "build a part, draw samples, score images, the yardstick", ["parts", "sampling", "scoring", "graphs",
                                                                               "classifier"]),
     ("parts", "the loop, the step API, the models and what they are made of",
      ["trainer", "step", "models", "samplers", "scores", "augment", "regularizers", "losses", "nets", "data",
       "schedules", "ema"]),
     ("leaves", "config, files, devices, processes, pictures, tables",
      ["config", "schema", "checkpoint", "runs", "device", "dist", "images", "plots", "metrics", "detection", "summary",
-      "search", "sweep", "inception", "errors", "environment", "__init__"]),
+      "search", "sweep", "inception", "errors", "environment", "bundle", "__init__"]),
 ]
 # units that may import genlab inside functions: the command-line entry and the sweeper Hydra loads with it, for a
 # fast --help (the sweeper draws its trials.png with genlab.plots, which costs matplotlib's import)

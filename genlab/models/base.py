@@ -29,6 +29,7 @@ class GenerativeModel(nn.Module):
     generates: bool = True  # False: a model that only scores images (an anomaly detector): no sample grids, no FID
     default_score: str | None = None  # a name in configs/score/, or one of ``scores``
     scores: tuple[str, ...] = ()  # the scores this model's own ``anomaly_score`` computes (a model of your own)
+    untraceable: str | None = None  # why `genlab export` cannot make graphs of its networks, where it cannot
 
     def optimizer_groups(self) -> dict[str, Iterable[nn.Parameter]]:
         """The parameters each named optimizer steps, e.g. {"g": ..., "d": ...}."""

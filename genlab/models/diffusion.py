@@ -7,6 +7,7 @@ the model for its path's times and coefficients, its predictions of the image an
 velocity. Images cross the network in [-1, 1].
 """
 
+import functools
 import math
 
 import torch
@@ -91,7 +92,7 @@ class Denoiser(GenerativeModel):
         errors = []
         for frac in times:
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
-            xt, t, target = self.noised(x0, noise, torch.full((len(x0),), float(frac), device=x0.device))
+            xt, t, target = self.noised(x0, noise, x0.new_full(x0.shape[:1], float(frac), dtype=torch.float32))
             error = (self.unet(xt, t).float() - target).pow(2)
             errors.append(error.mean(1, keepdim=True) if per_pixel else error.flatten(1).mean(1))
         return torch.stack(errors)
@@ -155,7 +156,7 @@ class DDPM(Denoiser):
 
     def times(self, steps: int) -> list[int]:
         """The sampling path: ``steps`` of the T steps (trailing), then -1, the clean image."""
-        return trailing_steps(self.timesteps, steps).tolist() + [-1]
+        return [*trailing_steps(self.timesteps, steps), -1]
 
     def coefficients(self, t: int):
         ab = self.alpha_bar[t] if t >= 0 else torch.ones((), device=self.alpha_bar.device)
@@ -164,7 +165,7 @@ class DDPM(Denoiser):
     def denoise(self, x: Tensor, t: int, labels, guidance: float) -> tuple[Tensor, Tensor]:
         """The predicted image, clamped to [-1, 1], and the noise that goes with it at step ``t``."""
         ab = self.alpha_bar[t]
-        out = self.predict(x, torch.full((len(x),), float(t), device=x.device), labels, guidance)
+        out = self.predict(x, x.new_full(x.shape[:1], float(t), dtype=torch.float32), labels, guidance)
         if self.prediction == "eps":
             x0 = (x - (1 - ab).sqrt() * out) / ab.sqrt()
         else:
@@ -325,12 +326,12 @@ class FlowMatching(Denoiser):
         return 1 - t, t
 
     def velocity(self, x: Tensor, t: float, labels, guidance: float) -> Tensor:
-        return self.predict(x, torch.full((len(x),), t * self.time_scale, device=x.device), labels, guidance)
+        return self.predict(x, x.new_full(x.shape[:1], t * self.time_scale, dtype=torch.float32), labels, guidance)
 
     def jump(self, x: Tensor, t: float, t_next: float, labels, guidance: float) -> Tensor:
         """The mean velocity from t to t_next: a shortcut model's learnt jump (its velocity if it has none)."""
-        full = torch.full((len(x),), t * self.time_scale, device=x.device)
-        step = self.step_input(torch.full((len(x),), t - t_next, device=x.device)) if self.learns_jumps else None
+        full = x.new_full(x.shape[:1], t * self.time_scale, dtype=torch.float32)
+        step = self.step_input(x.new_full(x.shape[:1], t - t_next, dtype=torch.float32)) if self.learns_jumps else None
         return self.predict(x, full, labels, guidance, step)
 
     def denoise(self, x: Tensor, t: float, labels, guidance: float) -> tuple[Tensor, Tensor]:
@@ -351,8 +352,10 @@ def noise_schedule(kind: str, timesteps: int) -> Tensor:
     raise GenlabError(f"model.schedule must be linear or cosine; got {kind}.")
 
 
-def trailing_steps(timesteps: int, steps: int) -> Tensor:
-    """``steps`` of the T steps, evenly spaced and starting from the last (pure noise): Lin et al. 2024."""
+@functools.lru_cache(maxsize=64)
+def trailing_steps(timesteps: int, steps: int) -> tuple[int, ...]:
+    """``steps`` of the T steps, evenly spaced and starting from the last (pure noise): Lin et al. 2024. Plain ints,
+    kept once computed: a graph traced from a sampler (genlab export) takes them as constants."""
     if steps > timesteps:
         raise GenlabError(f"steps={steps} is more than the model's {timesteps} diffusion steps.")
-    return torch.linspace(timesteps, timesteps / steps, steps).round().long() - 1
+    return tuple((torch.linspace(timesteps, timesteps / steps, steps).round().long() - 1).tolist())

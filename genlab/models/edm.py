@@ -88,7 +88,7 @@ class EDM(Denoiser):
 
     def denoise(self, x: Tensor, t: float, labels, guidance: float) -> tuple[Tensor, Tensor]:
         """The predicted image, clamped to [-1, 1], and the noise that goes with it at noise level ``t``."""
-        sigma = torch.full((len(x),), t, device=x.device)
+        sigma = x.new_full(x.shape[:1], t, dtype=torch.float32)
         c_skip, c_out, c_in, t_in = self.scalings(sigma)
         x0 = (c_skip * x + c_out * self.predict(c_in * x, t_in, labels, guidance)).clamp(-1, 1)
         return x0, (x - x0) / t

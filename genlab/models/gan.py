@@ -140,4 +140,4 @@ class GAN(GenerativeModel):
         if not self.num_classes:
             return self.logits(x, None)
         y = torch.arange(self.num_classes, device=x.device)
-        return torch.stack([self.logits(x, c.expand(len(x))) for c in y]).amax(0)
+        return torch.stack([self.logits(x, c.expand(x.shape[0])) for c in y]).amax(0)

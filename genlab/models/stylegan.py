@@ -24,6 +24,9 @@ class StyleGAN(GAN):
     running mean, so that equal steps in W make equal changes to the image. Off by default (StyleGAN2 turns it off
     for CIFAR-10)."""
 
+    untraceable = ("groups its modulated convolutions and its minibatch standard deviation by the batch, whose size a "
+                   "traced graph fixes")
+
     mean_of = 4096
 
     def __init__(self, *args, path_length: float = 0.0, path_length_every: int = 4, **kwargs):
@@ -85,7 +88,7 @@ class StyleGAN(GAN):
         z = torch.randn(self.mean_of, self.z_dim, generator=torch.Generator().manual_seed(0)).to(device)
         if labels is None:
             return self.g.mapping(z).mean(0, keepdim=True)
-        means = torch.stack([self.g.mapping(z, c.expand(len(z))).mean(0) for c in labels.unique()])
+        means = torch.stack([self.g.mapping(z, c.expand(z.shape[0])).mean(0) for c in labels.unique()])
         return means[torch.searchsorted(labels.unique(), labels)]
 
     def interpolate(self, z0: Tensor, z1: Tensor, t: Tensor, labels: Tensor | None = None, *,

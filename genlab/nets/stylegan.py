@@ -193,7 +193,7 @@ class StyleGANGenerator(nn.Module):
         return self.synthesis(ws)
 
     def synthesis(self, ws: Tensor) -> Tensor:
-        x = self.layers[0](self.const.expand(len(ws), -1, -1, -1).to(ws.dtype), ws[:, 0])
+        x = self.layers[0](self.const.expand(ws.shape[0], -1, -1, -1).to(ws.dtype), ws[:, 0])
         rgb = self.to_rgb[0](x, ws[:, 0])
         for i in range(1, len(self.to_rgb)):
             x = self.layers[2 * i - 1](x, ws[:, 2 * i - 1])
