@@ -136,6 +136,7 @@ def run_of(name: str, d: Path) -> dict:
         "thumb": image(grids[-1], f"{name}: last grid", THUMB) if grids else None,
         "evaluations": evaluations,
         "environment": environment.summary(env) if (env := environment.read(d)) else "",
+        "tags": [str(t) for t in cfg.get("tags") or []],
     }
 
 
@@ -153,14 +154,15 @@ def compare(items: list[dict], search: dict | None = None) -> dict:
     objective = [search["objective"]] if search else []
     losses = [k for k in dict.fromkeys(k for r in items for k in r["final"] if k.startswith(("train/", "val/", "eval/")))
               if k not in objective]
-    heads = ["run", *objective, *varying, *(head for _, _, head, _ in metric_cols), *losses, "epoch", "wall time (s)",
+    tagged = ["tags"] if any(r["tags"] for r in items) else []  # the run's tags=[...], where any run has some
+    heads = ["run", *tagged, *objective, *varying, *(head for _, _, head, _ in metric_cols), *losses, "epoch", "wall time (s)",
              "status"]
-    specs = ["", *[".4g"] * len(objective), *[""] * len(varying), *(spec for *_, spec in metric_cols),
+    specs = ["", *[""] * len(tagged), *[".4g"] * len(objective), *[""] * len(varying), *(spec for *_, spec in metric_cols),
              *[".4g"] * len(losses), ".0f", ".1f", ""]
     rows = []
     for i, r in enumerate(items):
         values = dict(o.split("=", 1) for o in shown[i] if "=" in o)
-        cells = [r["name"], *(r["final"].get(k) for k in objective), *(number(values.get(k, "")) for k in varying),
+        cells = [r["name"], *([" ".join(r["tags"])] if tagged else []), *(r["final"].get(k) for k in objective), *(number(values.get(k, "")) for k in varying),
                  *(reports[t][i][key] for t, key, _, _ in metric_cols),
                  *(r["final"].get(k) for k in losses), r["final"].get("epoch"), r["final"].get("wall_time"), r["status"]]
         rows.append([{"text": summary.text(v, s), "sort": summary.sort_key(v)} for v, s in zip(cells, specs)])

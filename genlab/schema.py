@@ -73,6 +73,7 @@ class TrainSchema:
     seed: int = MISSING
     device: str = MISSING
     resume: Optional[str] = MISSING
+    tags: list[str] = field(default_factory=list)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     model: Any = MISSING  # checked against their constructors (genlab.build)
     dataset: Any = MISSING

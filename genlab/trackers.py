@@ -170,6 +170,7 @@ class TensorBoard(Tracker):
         self.writer = SummaryWriter(self.log_dir, purge_step=trainer.step + 1 if resumed else None)
         if not resumed:
             self.writer.add_text("config", "```\n" + yaml.safe_dump(self.config, sort_keys=False) + "```", 0)
+            self.writer.add_text("tags", ", ".join(self.config.get("tags") or []) or "none", 0)
             for summary in hparams(flat(self.config), {}):  # the HPARAMS tab, in this run's own folder
                 self.writer.file_writer.add_summary(summary)
 
@@ -253,7 +254,8 @@ class MLflow(Tracker):
         from mlflow.entities import Param
 
         run = self.client.create_run(self.experiment_id(), run_name=name,
-                                     tags={"genlab.run_dir": str(self.run_dir.resolve()), **(tags or {})})
+                                     tags={"genlab.run_dir": str(self.run_dir.resolve()), **(tags or {}),
+                                           **{t: "true" for t in self.config.get("tags") or []}})
         params = [Param(k, str(v)[:6000]) for k, v in flat(self.config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])
@@ -358,7 +360,8 @@ class WandB(Tracker):
         import wandb
 
         return wandb.init(project=self.project, entity=self.entity, dir=str(self.dir), mode=self.chosen_mode(),
-                          config=self.config, settings=wandb.Settings(silent=True, console="off"), **how)
+                          config=self.config, settings=wandb.Settings(silent=True, console="off"),
+                          tags=self.config.get("tags") or None, **how)
 
     def open(self, trainer):
         step = trainer.step

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # what an override may change when a run is resumed: how long and where it trains, and how it reports;
 # everything else (model, loss, data, optimizer, schedule, seed, batch size) must be the run's own
-CHANGEABLE = ("resume", "device", "trainer.", "dataset.root", "dataset.download", "dataset.in_memory",
+CHANGEABLE = ("resume", "device", "tags", "trainer.", "dataset.root", "dataset.download", "dataset.in_memory",
               "dataset.workers", "evaluation.", "callbacks.")
 FIXED = ("trainer.batch_size", "trainer.accumulate")
 

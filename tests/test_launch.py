@@ -159,3 +159,16 @@ def test_a_preempted_job_is_requeued_and_resumes_by_itself(tmp_path):
     a, b = checkpoint.load(sweep / "0"), checkpoint.load(sweep / "1")
     assert a["step"] == b["step"] == 200
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_joblib_sweep_lands_with_its_verb_and_latest_links_one_of_its_jobs(tmp_path):
+    """In genlab's own layout, a sweep of `genlab train` goes to outputs/train/multirun/DATE/TIME/N, and jobs
+    running at once (joblib) leave outputs/train/latest a whole link to one of them, with no temporary link behind."""
+    r = genlab("train", "-m", *SMALL, "model=gan", "seed=0,1,2,3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    base = tmp_path / "outputs" / "train"
+    jobs = sorted(base.glob("multirun/*/*/[0-9]"))
+    assert len(jobs) == 4 and all((j / "env.json").is_file() for j in jobs)
+    assert (base / "latest").resolve() in jobs and not list(base.glob(".latest.tmp*"))
+    assert not (tmp_path / "outputs" / "multirun").exists()

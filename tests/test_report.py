@@ -267,3 +267,15 @@ def test_a_search_page_reads_at_1280_pixels(search_sweep, browser, tmp_path):
     heading = next(th for th in browser.find_elements("css selector", "#runs th") if th.text.startswith("val/loss"))
     assert heading.rect["x"] + heading.rect["width"] <= 1280  # on screen, not off to the right
     assert column(browser, "optimizer.lr") == ["0.001235", "0.0003162", "0.009877", "0.0005012"]
+
+
+def test_tags_reach_the_page_and_a_resume_may_add_some(tmp_path):
+    r = genlab("train", "model=gan", "dataset=synthetic", "dataset.n=64", "trainer.batch_size=32",
+               "trainer.max_steps=2", "tags=[baseline,small]", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = genlab("train", f"resume={tmp_path / 'a'}", "trainer.max_steps=3", "tags=[baseline,small,resumed]",
+               f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # where and how a run is found may change on resume
+    page = report.gather([tmp_path / "a", tmp_path / "b"])
+    assert [r["tags"] for r in page["runs"]] == [["baseline", "small"], ["baseline", "small", "resumed"]]
+    assert page["columns"][1] == "tags" and page["rows"][1][1]["text"] == "baseline small resumed"

@@ -95,7 +95,8 @@ def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
            "HOME": str(tmp_path)}  # no ~/.netrc: W&B offline
     first, second = tmp_path / "first", tmp_path / "second"
     r = genlab("train", "--config-dir", str(PLUGINS / "configs"), *RUN, "trainer.epochs=4",
-               "logger=[tensorboard,mlflow,wandb]", "callbacks=[default,jsonl]", f"hydra.run.dir={first}", cwd=tmp_path, env=env)
+               "logger=[tensorboard,mlflow,wandb]", "callbacks=[default,jsonl]", "tags=[baseline]", f"hydra.run.dir={first}",
+               cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     rows = rows_of(first)
     steps = [int(row["step"]) for row in rows]
@@ -105,7 +106,7 @@ def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
     got = [(e.step, e.value) for e in events.Scalars("train/loss_d")]
     assert got == [(s, pytest.approx(float(row["train/loss_d"]), rel=1e-5)) for s, row in zip(steps, rows)]
     assert len(events.Images("samples")) == 4 and events.Images("samples")[0].width > 16
-    assert "config/text_summary" in events.Tags()["tensors"]
+    assert "config/text_summary" in events.Tags()["tensors"] and "tags/text_summary" in events.Tags()["tensors"]
 
     # MLflow: the metric history, the params, the images, how it ended
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -114,10 +115,12 @@ def test_every_tracker_holds_the_run_and_a_resumed_run_goes_on_in_it(tmp_path):
     assert [m.step for m in history] == steps
     assert run.data.params["model._target_"] == "genlab.models.GAN" and run.data.params["optimizer.lr"] == "0.0002"
     assert run.info.status == "FINISHED" and run.data.tags["genlab.status"] == "finished"
-    assert run.data.tags["genlab.checkpoint"].endswith("last.pt")
+    assert run.data.tags["genlab.checkpoint"].endswith("last.pt") and run.data.tags["baseline"] == "true"
     assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
 
     # W&B offline: the rows, read back with wandb's own reader
+    runs = [r for p in first.glob("wandb/offline-run-*/run-*.wandb") for r in wandb_records(p)]
+    assert any(r.WhichOneof("record_type") == "run" and list(r.run.tags) == ["baseline"] for r in runs)
     logged = [h for h in wandb_history(first) if "train/loss_d" in h]
     assert [h["_step"] for h in logged] == steps
     assert logged[-1]["train/loss_d"] == pytest.approx(float(rows[-1]["train/loss_d"]), rel=1e-5)
