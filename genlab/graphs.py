@@ -100,7 +100,7 @@ def save_onnx(module, example: tuple, names, path: Path) -> None:
             q.setLevel(logging.ERROR)
         with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
             torch.onnx.export(module, example, str(path), input_names=names, output_names=["output"],
-                              dynamic_shapes=shapes, dynamo=True, verbose=False)
+                              dynamic_shapes=shapes, dynamo=True, verbose=False, external_data=False)  # one file
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)

@@ -65,6 +65,7 @@ def test_an_export_computes_what_its_checkpoint_computes(family, form, trained, 
     export(run, form, out, *(["steps=1"] if family in ("ddpm", "flow", "edm") else []))
     manifest = bundle.verify(out)
     assert set(manifest["not_exported"]) == FAMILIES[family][1]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], bundle.MANIFEST])  # each file checked
     model, cfg, _ = load_model(run)
     again = api.load(out, device="cpu")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
