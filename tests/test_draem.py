@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from genlab.data import Batch
 from genlab.errors import GenlabError
 from genlab.models import DRAEM
-from genlab.models.draem import (focal_loss, perlin_masks, perlin_noise, pool_size, pooled_max, ssim,
+from genlab.models.draem import (crack_masks, focal_loss, hole_masks, perlin_masks, perlin_noise, pool_size, pooled_max, ssim,
                                  synthetic_anomalies)
 from genlab.nets.draem import DRAEMDiscriminative, DRAEMReconstructive
 from genlab.parts import load_model
@@ -64,6 +64,22 @@ def test_synthetic_anomaly_changes_the_mask_and_nothing_else():
     a = synthetic_anomalies(x, 0.5, 2)
     torch.manual_seed(2)
     assert all(torch.equal(u, v) for u, v in zip(a, synthetic_anomalies(x, 0.5, 2)))
+
+
+def test_defect_shaped_masks_are_thin_cracks_and_small_holes():
+    """model.masks=defects: cracks one or two pixels wide (a 3x3 erosion leaves almost nothing of them, where it
+    leaves most of a Perlin blob), holes no wider than side/12 in radius, and both inside the image."""
+    torch.manual_seed(0)
+    cracks, holes, blobs = crack_masks(64, 64, 64), hole_masks(64, 64, 64), perlin_masks(64, 64, 64, 3)
+
+    def kept_by_erosion(m):
+        return (-F.max_pool2d(-m, 3, 1, 1)).sum() / m.sum()
+
+    assert cracks.sum((1, 2, 3)).min() >= 10 and kept_by_erosion(cracks) < 0.1 < 0.5 < kept_by_erosion(blobs)
+    assert holes.sum((1, 2, 3)).min() >= 4 and holes.sum((1, 2, 3)).max() <= 3 * math.pi * (64 / 12 + 1) ** 2
+    assert set(cracks.unique().tolist()) == set(holes.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(GenlabError, match="model.masks=stars is not one of perlin, defects"):
+        DRAEM(DRAEMReconstructive(1, 16, 8), DRAEMDiscriminative(1, 16, 8), masks="stars")
 
 
 def test_ssim_of_identical_images_is_one_and_drops_for_noise():

@@ -55,6 +55,37 @@ def perlin_masks(n: int, height: int, width: int, max_log2: int = 5, threshold: 
     return (perlin_noise(n, height, width, max_log2, device) > threshold).float()[:, None]
 
 
+def crack_masks(n: int, height: int, width: int, device=None) -> Tensor:
+    """Thin, winding lines, as cracks and frays are: [n, 1, H, W] of 0.0 and 1.0. Each a walk of steps of one pixel
+    from a random point of the middle half, turning by a little at each step, as long as a third to the whole of the image's side,
+    one or two pixels wide."""
+    side = min(height, width)
+    steps = 2 * side
+    start = (torch.rand(n, 1, 2, device=device) * 0.5 + 0.25) * torch.tensor([height, width], device=device)
+    turn = torch.randn(n, steps, device=device).mul(0.25).cumsum(1) + torch.rand(n, 1, device=device) * (2 * math.pi)
+    path = start + torch.stack([turn.sin(), turn.cos()], -1).cumsum(1)  # [n, steps, 2]
+    length = (torch.rand(n, 1, device=device) * (2 / 3) + 1 / 3) * side
+    inside = (torch.arange(steps, device=device)[None] < length) & (path[..., 0] >= 0) & (path[..., 0] < height) \
+        & (path[..., 1] >= 0) & (path[..., 1] < width)
+    flat = path[..., 0].long().clamp(0, height - 1) * width + path[..., 1].long().clamp(0, width - 1)
+    m = torch.zeros(n, height * width, device=device).scatter_add_(1, flat, inside.float()).clamp(max=1)
+    m = m.view(n, 1, height, width)
+    wide = torch.rand(n, 1, 1, 1, device=device) < 0.5  # two pixels wide: grown by one to the right and down
+    return torch.where(wide, F.max_pool2d(F.pad(m, (0, 1, 0, 1)), 2, 1), m)
+
+
+def hole_masks(n: int, height: int, width: int, device=None) -> Tensor:
+    """Small round holes, as blowholes are: one to three discs of radius 1.5 to side/12 pixels, [n, 1, H, W]."""
+    k = 3
+    centre = torch.rand(n, k, 2, device=device) * torch.tensor([height, width], device=device)
+    radius = 1.5 + torch.rand(n, k, device=device) * max(0.0, min(height, width) / 12 - 1.5)
+    used = torch.arange(k, device=device)[None] < torch.randint(1, k + 1, (n, 1), device=device)
+    yy = torch.arange(height, device=device).view(1, 1, -1, 1) + 0.5
+    xx = torch.arange(width, device=device).view(1, 1, 1, -1) + 0.5
+    d2 = (yy - centre[..., 0, None, None]) ** 2 + (xx - centre[..., 1, None, None]) ** 2  # [n, k, H, W]
+    return ((d2 < radius[..., None, None] ** 2) & used[..., None, None]).any(1, keepdim=True).float()
+
+
 def textures(x: Tensor, max_log2: int) -> Tensor:
     """An anomaly texture [B, C, H, W] in [0, 1] for each image of ``x``: another image of the batch, jittered,
     or a smooth two-colour Perlin texture (cells up to 2^``max_log2`` a side), each with chance 1/2."""
@@ -78,14 +109,22 @@ def textures(x: Tensor, max_log2: int) -> Tensor:
     return torch.where(torch.rand(b, 1, 1, 1, device=dev) < 0.5, t, noise)
 
 
+MASKS = ("perlin", "defects")
+
+
 def synthetic_anomalies(x: Tensor, p_anomaly: float = 0.5, max_log2: int = 5,
-                        texture_log2: int | None = None) -> tuple[Tensor, Tensor]:
+                        texture_log2: int | None = None, masks: str = "perlin") -> tuple[Tensor, Tensor]:
     """DRAEM's training images: (x with an anomaly pasted in a Perlin mask, the mask [B, 1, H, W] of 0 and 1).
     With chance ``p_anomaly`` an image gets one: inside the mask, the texture (genlab.models.draem.textures) at
     opacity 1 - beta over the image, beta ~ U(0, 0.8) as in DRAEM; outside it, and in an image without one, x is
-    untouched. All drawn on x's device from torch's generator, vectorised over the batch."""
+    untouched. ``masks="defects"``: half the masks Perlin's, a quarter thin winding lines (cracks), a quarter small
+    discs (holes). All drawn on x's device from torch's generator, vectorised over the batch."""
     b, _, h, w = x.shape
     m = perlin_masks(b, h, w, max_log2, device=x.device)
+    if masks == "defects":
+        kind = torch.rand(b, 1, 1, 1, device=x.device)
+        m = torch.where(kind < 0.5, m, torch.where(kind < 0.75, crack_masks(b, h, w, x.device),
+                                                   hole_masks(b, h, w, x.device)))
     m = m * (torch.rand(b, 1, 1, 1, device=x.device) < p_anomaly)
     beta = torch.rand(b, 1, 1, 1, device=x.device) * 0.8
     t = textures(x, max_log2 + 1 if texture_log2 is None else texture_log2)
@@ -135,6 +174,8 @@ class DRAEM(GenerativeModel):
     coarsest-to-finest lattice, 2^0 .. 2^max_scale cells a side (DRAEM's 5 at 256 pixels), capped so that a cell
     is at least 8 pixels. ``pool``: the image score's window (None: DRAEM's 21 at 256, scaled with the side).
     ``smooth``: the standard deviation, in pixels, of a Gaussian blur of the anomaly map (0: none, as DRAEM).
+    ``masks``: the anomalies' shapes, ``perlin`` (DRAEM's blobs) or ``defects`` (blobs, cracks and holes: the
+    shapes surface defects take).
 
     Scores: its own ``segmentation`` (default), and genlab's reconstruction scores (mse, mse_blur) on
     ``reconstruct``. It draws no images: ``genlab sample`` refuses it.
@@ -145,7 +186,8 @@ class DRAEM(GenerativeModel):
     generates = False  # an anomaly detector: no sample grids, and genlab sample refuses it
 
     def __init__(self, reconstructive: nn.Module, discriminative: nn.Module, p_anomaly: float = 0.5,
-                 max_scale: int = 5, pool: int | None = None, smooth: float = 0.0, gamma: float = 2.0):
+                 max_scale: int = 5, pool: int | None = None, smooth: float = 0.0, gamma: float = 2.0,
+                 masks: str = "perlin"):
         super().__init__()
         shapes = getattr(reconstructive, "image_shape", None), getattr(discriminative, "image_shape", None)
         if shapes[0] is None or shapes[0] != shapes[1]:
@@ -157,6 +199,9 @@ class DRAEM(GenerativeModel):
             raise GenlabError(f"model.pool must be an odd number of pixels; got {pool}.")
         if smooth < 0:
             raise GenlabError(f"model.smooth is a standard deviation in pixels, 0 or more; got {smooth}.")
+        if masks not in MASKS:
+            raise GenlabError(f"model.masks={masks} is not one of {', '.join(MASKS)}.")
+        self.masks = masks
         self.reconstructive, self.discriminative = reconstructive, discriminative
         self.image_shape = shapes[0]
         side = min(self.image_shape[1:])
@@ -169,7 +214,7 @@ class DRAEM(GenerativeModel):
 
     def training_step(self, batch, ctx) -> dict[str, Tensor]:
         x = batch.x.float()
-        x_aug, m = synthetic_anomalies(x, self.p_anomaly, self.max_log2)  # drawn for the whole batch
+        x_aug, m = synthetic_anomalies(x, self.p_anomaly, self.max_log2, masks=self.masks)  # for the whole batch
         out = {}
         for x, x_aug, m in ctx.chunks(x, x_aug, m):
             with ctx.autocast():
