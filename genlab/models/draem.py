@@ -57,8 +57,8 @@ def perlin_masks(n: int, height: int, width: int, max_log2: int = 5, threshold: 
 
 def crack_masks(n: int, height: int, width: int, device=None) -> Tensor:
     """Thin, winding lines, as cracks and frays are: [n, 1, H, W] of 0.0 and 1.0. Each a walk of steps of one pixel
-    from a random point of the middle half, turning by a little at each step, as long as a third to the whole of the image's side,
-    one or two pixels wide."""
+    from a random point of the middle half, turning by a little at each step, as long as a third to the whole of the
+    image's side, one or two pixels wide."""
     side = min(height, width)
     steps = 2 * side
     start = (torch.rand(n, 1, 2, device=device) * 0.5 + 0.25) * torch.tensor([height, width], device=device)
