@@ -13,7 +13,7 @@ import torch
 import yaml
 from omegaconf import DictConfig
 
-from genlab import bundle, card, runs, schema
+from genlab import bundle, card, environment, runs, schema
 from genlab.errors import GenlabError, first_line
 from genlab.graphs import (Generator, Scorer, check_onnx_installed, export_graph, generator_inputs, scorer_inputs,
                            SUFFIX)
@@ -38,6 +38,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
     out = Path(cfg.out).expanduser() if cfg.out else run_dir
     if bundle.is_export(out):
         raise GenlabError(f"{out} already holds an export: choose another out=, or remove it first.")
+    environment.record(run_dir, "cpu", "fp32")
     model, train_cfg, state = load_model(cfg.ckpt, "cpu", ema=cfg.ema)  # exported in fp32 on the CPU
     source = runs.of_checkpoint(cfg.ckpt)
     settings = schema.sampling_overrides(cfg, "export")
