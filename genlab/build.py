@@ -61,7 +61,7 @@ def build_trainer(cfg: DictConfig, run_dir, device, choices: dict | None = None)
     trainer = Trainer(model, loader, ctx, max_steps, callbacks=callbacks if main else [], ema=ema,
                       log_every=t.log_every, max_time=seconds(t.max_time), seed=cfg.seed)
     ranks = f" x {dist.world()} processes ({dist.backend()})" if dist.world() > 1 else ""
-    batch = f"{t.batch_size} x {accumulate} micro-batches" if accumulate > 1 else str(loader.batch_size)
+    batch = f"{loader.batch_size // accumulate} x {accumulate} micro-batches" if accumulate > 1 else str(loader.batch_size)
     log.info("%s (%.2fM parameters): %d images %s of %s, device %s%s, precision %s, %d steps (%d epochs of %d, batch %s)",
              type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, len(data),
              "x".join(map(str, data.image_shape)), data.name, device, ranks, ctx.precision, max_steps, trainer.epochs,

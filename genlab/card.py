@@ -41,7 +41,7 @@ def render(model, state: dict, source: Path, graphs: list[dict], skipped: dict, 
              f"with the {'moving average of the weights' if state['weights'] == 'ema' else 'trained weights'}.", ""]
     lines += usage(model, graphs, settings)
     lines += training(state, source, data, about, env)
-    lines += measured(source)
+    lines += measured(source, state["step"])
     if grid:
         lines += ["## Samples", "", f"![64 samples from fixed noise (seed 0)]({grid})", ""]
     lines += ["## Environment", "", environment.summary(env) + "." if env else "Not recorded (a run from before "
@@ -82,17 +82,18 @@ def training(state: dict, source: Path, data: dict, about: str, env: dict | None
             f"training, precision {(env or {}).get('precision') or t.get('precision', '?')}, seed {state['config'].get('seed', '?')}.", ""]
 
 
-def measured(source: Path) -> list[str]:
-    """The run's last measurements in training and each of genlab evaluate's reports on it."""
-    rows = runs.metrics(source)
+def measured(source: Path, step: int) -> list[str]:
+    """What was measured on the exported weights (those of step ``step``): genlab evaluate's reports on them, and
+    the metrics row of that step in training."""
+    rows = [r for r in runs.metrics(source) if r.get("step") == step]
     last = {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith(("train/", "val/", "eval/"))}
     lines = ["## Metrics", ""]
     for task, (where, report) in sorted(runs.evaluations(source).items()):
-        if not report.get("summary"):
+        if not report.get("summary") and report.get("step") == step:  # not a report on another checkpoint
             lines.append(f"- genlab evaluate, {summary.report_title(report)}: {summary.headline(report)} "
                          f"(report: `{where}`)")
     if last:
-        lines.append("- The last metrics row of training: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+        lines.append(f"- The metrics row of step {step} in training: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     if len(lines) == 2:
         lines.append("Not evaluated: `genlab evaluate ckpt=RUN` measures it, and a new export carries the numbers.")
     return lines + [""]

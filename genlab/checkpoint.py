@@ -186,8 +186,10 @@ def save(state: dict, path: Path) -> None:
 def resolve(path) -> Path:
     """A checkpoint file, or a run directory (its checkpoints/last.pt), or an export folder (its weights)."""
     p = Path(path).expanduser()
+    if p.is_dir() and bundle.is_export(p):
+        return p / bundle.WEIGHTS  # read through bundle.verify, which names a missing or changed file
     if p.is_dir():
-        for candidate in (p / "checkpoints" / "last.pt", p / "last.pt", *([p / bundle.WEIGHTS] if bundle.is_export(p) else [])):
+        for candidate in (p / "checkpoints" / "last.pt", p / "last.pt"):
             if candidate.is_file():
                 return candidate
         raise GenlabError(f"no checkpoint in {p}: expected {p / 'checkpoints' / 'last.pt'}.")

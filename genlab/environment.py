@@ -29,7 +29,8 @@ def describe(device: str | torch.device = "cpu", precision: str = "fp32", proces
         "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
         "device": str(device),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda and device.type == "cuda" else [],  # a CPU command starts no CUDA context for it
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "platform": platform.platform(), "processes": processes, "precision": precision,
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -38,6 +38,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides=()) -> dict:
     out = Path(cfg.out).expanduser() if cfg.out else run_dir
     if bundle.is_export(out):
         raise GenlabError(f"{out} already holds an export: choose another out=, or remove it first.")
+    if cfg.out and out.is_dir() and any(out.iterdir()):
+        raise GenlabError(f"out={out} is a folder with files in it: give a new or empty folder for the export.")
     environment.record(run_dir, "cpu", "fp32")
     model, train_cfg, state = load_model(cfg.ckpt, "cpu", ema=cfg.ema)  # exported in fp32 on the CPU
     source = runs.of_checkpoint(cfg.ckpt)
@@ -107,6 +109,8 @@ def scorer_of(model, train_cfg, cfg: DictConfig, skipped: dict) -> Scorer | None
     try:
         score = score_for(model, cfg.score)
     except GenlabError:
+        if cfg.score is not None:  # asked for, and it does not fit
+            raise
         return None  # a model with no anomaly score at all: nothing to say
     if score.untraceable:
         skipped[f"anomaly scorer ({name_of(score)})"] = score.untraceable

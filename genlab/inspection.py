@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 from sklearn.metrics import roc_curve
 
-from genlab import checkpoint, detection, plots, runs, summary
+from genlab import bundle, checkpoint, detection, plots, runs, summary
 from genlab.errors import GenlabError
 from genlab.parts import test_split
 from genlab.scores import name_of, score_for
@@ -89,6 +89,9 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, known: np.ndarray, limit:
 
 def store_threshold(run_dir: Path, report: dict) -> None:
     """The threshold and the score it is for, in the run directory, for `genlab predict`."""
+    if bundle.is_export(run_dir):  # its checksummed threshold.json stays as exported
+        log.info("the threshold stays in this report: %s is an export, which genlab leaves as it was written", run_dir)
+        return
     entry = {"score": report["score"], "rule": report["threshold"]["rule"], "value": report["threshold"]["value"],
              "map_range": report.get("map_range"), "map_sigma": report["map_sigma"], "checkpoint": report["checkpoint"], "step": report["step"]}
     try:

@@ -148,7 +148,8 @@ def load_model(ckpt, device="cpu", ema: bool = True) -> tuple[GenerativeModel, D
     model = build_model(cfg)
     state["weights"] = state.get("exported") or ("ema" if ema and state.get("ema") else "raw")  # an export: as exported
     try:
-        model.load_state_dict(state["ema"]["model"] if state["weights"] == "ema" else state["model"])
+        model.load_state_dict(state["ema"]["model"] if state["weights"] == "ema" and not state.get("exported")
+                              else state["model"])
     except RuntimeError as e:
         raise GenlabError(f"the weights in {ckpt} do not fit the model its config describes: {first_line(e)}") from e
     return model.to(device).eval(), cfg, state

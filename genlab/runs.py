@@ -63,9 +63,11 @@ def of_checkpoint(ckpt) -> Path:
 
 def overrides(run_dir: Path) -> list[str]:
     """The command-line overrides the run was started with (its .hydra/overrides.yaml), Hydra's own left out."""
+    if bundle.is_export(run_dir):  # its run's, kept in its manifest (not those of the export command)
+        return list(_read_json(run_dir / bundle.MANIFEST, {}).get("overrides", []))
     path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():  # an export folder keeps its run's
-        return list(_read_json(run_dir / bundle.MANIFEST, {}).get("overrides", [])) if bundle.is_export(run_dir) else []
+    if not path.is_file():
+        return []
     return [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith("hydra.")]
 
 
@@ -81,6 +83,8 @@ def metrics(run_dir: Path) -> list[dict]:
 def record_evaluation(run_dir: Path, task: str, report_dir: Path) -> None:
     """Note in ``run_dir`` (a run, or the multirun directory of a sweep) where a report on it was written, so that
     `genlab report RUN` finds it. A run directory that cannot be written to costs a warning, not the report."""
+    if bundle.is_export(run_dir):  # an export stays as it was written
+        return
     path = run_dir / EVALUATIONS
     entry = {"task": task, "dir": str(Path(report_dir).resolve()), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:

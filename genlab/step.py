@@ -88,8 +88,11 @@ class StepContext:
     def chunks(self, *tensors):
         """The micro-batches of ``tensors`` (one: the tensors as they are), each a tuple; ``share`` meanwhile."""
         self.chunked = True
-        n = len(next(t for t in tensors if t is not None))
-        parts = min(self.accumulate, n)
+        sizes = {len(t) for t in tensors if t is not None}
+        if len(sizes) != 1:
+            raise GenlabError(f"ctx.chunks takes tensors of one batch, of the same first size; got sizes {sorted(sizes)}.")
+        n = sizes.pop()
+        parts = max(1, min(self.accumulate, n))
         if parts == 1:
             yield tensors
             return

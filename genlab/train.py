@@ -10,7 +10,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from genlab import checkpoint, dist, environment
+from genlab import bundle, checkpoint, dist, environment
 from genlab.build import build_trainer
 from genlab.config import seconds
 from genlab.errors import GenlabError
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 CHANGEABLE = ("resume", "device", "tags", "trainer.", "dataset.root", "dataset.download", "dataset.in_memory",
               "dataset.workers", "evaluation.", "callbacks.")
 FIXED = ("trainer.batch_size", "trainer.accumulate")
+SINCE = {"accumulate": 1}  # fixed settings added since: the value a run from before them trained with
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
@@ -38,6 +39,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
             path, state = checkpoint.load_intact(run_dir)
     elif resume:
         path = checkpoint.resolve(resume)
+        if bundle.is_export(path.parent):
+            raise GenlabError(f"resume={resume} is an export, which holds weights only (no optimizer state): resume "
+                              "from the run it was exported from, or train a new run from it.")
         state = checkpoint.load(path)
     if resume:
         choices = state.get("choices")  # the run's own
@@ -129,7 +133,7 @@ def resumed_config(stored: dict, cfg: DictConfig, overrides, choices: dict | Non
     checkpoint); the run keeps its values, whatever genlab's defaults for that option have become since. A
     checkpoint without ``choices`` (written before genlab kept them) has the group's values compared instead."""
     # today's trainer defaults under the stored values: a setting added since the run started has a value
-    merged = OmegaConf.merge({"trainer": OmegaConf.to_container(cfg.trainer)}, stored)
+    merged = OmegaConf.merge({"trainer": OmegaConf.to_container(cfg.trainer)}, {"trainer": SINCE}, stored)
     composed = OmegaConf.to_container(cfg, resolve=True)
     changed = {}
     for o in overrides:

@@ -19,6 +19,7 @@ TINY = ["dataset=synthetic", "dataset.n=64", "trainer.batch_size=32", "trainer.m
 # each family, small; what its graphs cannot hold (None: a generator and a scorer, both exported)
 FAMILIES = {
     "gan": (["model=gan"], set()),
+    "gan_ema": (["model=gan", "trainer.ema.decay=0.9"], set()),  # the moving average is what is exported
     "cgan": (["model=cgan", "model.generator.width=8", "model.discriminator.width=8"], set()),
     "vae": (["model=vae", "model.encoder.width=8"], set()),
     "vae_gan": (["model=vae_gan", "model.encoder.width=8", "model.discriminator.width=8"], set()),
@@ -66,7 +67,8 @@ def test_an_export_computes_what_its_checkpoint_computes(family, form, trained, 
     manifest = bundle.verify(out)
     assert set(manifest["not_exported"]) == FAMILIES[family][1]
     assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], bundle.MANIFEST])  # each file checked
-    model, cfg, _ = load_model(run)
+    model, cfg, state = load_model(run)
+    assert manifest["weights"] == state["weights"] == ("ema" if family == "gan_ema" else "raw")
     again = api.load(out, device="cpu")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
     settings = manifest["sampling"]
@@ -150,4 +152,9 @@ def test_the_model_card_names_the_runs_metrics_and_command(tmp_path):
     assert set(manifest["files"]) == {"model.safetensors", "config.yaml", "samples.png", "README.md"}
     r = genlab("evaluate", f"ckpt={tmp_path / 'card'}", f"hydra.run.dir={tmp_path / 'eval2'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr  # the export evaluates as its run does, to the same AUROC
-    assert json.loads((tmp_path / "eval2" / "report.json").read_text())["auroc"] == pytest.approx(auroc, abs=1e-6)
+    report = json.loads((tmp_path / "eval2" / "report.json").read_text())
+    assert report["auroc"] == pytest.approx(auroc, abs=1e-6) and report["overrides"] == command  # the run's command
+    bundle.verify(tmp_path / "card")  # and is left as it was exported
+    assert not (tmp_path / "card" / "evaluations.json").exists()
+    r = genlab("train", f"resume={tmp_path / 'card'}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert r.returncode == 1 and "is an export, which holds weights only" in r.stderr and "Traceback" not in r.stderr

@@ -178,3 +178,19 @@ def test_a_run_and_a_sweep_in_the_default_layout(tmp_path):
     assert r.returncode == 0, r.stderr
     jobs = sorted((tmp_path / "outputs" / "train" / "multirun").glob("*/*/[01]"))
     assert len(jobs) == 2 and latest.resolve() in jobs  # a sweep of train lies with train's runs
+
+
+def test_a_run_from_before_accumulate_keeps_its_batch_on_resume():
+    """A checkpoint whose config has no trainer.accumulate trained with 1: a resume may not change it (the step's
+    batch, and so where each step falls in its epoch), and a resume that leaves it alone goes on with 1."""
+    from omegaconf import OmegaConf
+
+    from genlab.train import resumed_config
+
+    from conftest import compose_train
+
+    stored = OmegaConf.to_container(compose_train(["model=gan"]), resolve=True)
+    del stored["trainer"]["accumulate"]
+    with pytest.raises(GenlabError, match="trainer.accumulate"):
+        resumed_config(stored, compose_train(["model=gan", "trainer.accumulate=4"]), ["trainer.accumulate=4"])
+    assert resumed_config(stored, compose_train(["model=gan"]), []).trainer.accumulate == 1

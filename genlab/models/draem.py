@@ -70,7 +70,7 @@ def crack_masks(n: int, height: int, width: int, device=None) -> Tensor:
     flat = path[..., 0].long().clamp(0, height - 1) * width + path[..., 1].long().clamp(0, width - 1)
     m = torch.zeros(n, height * width, device=device).scatter_add_(1, flat, inside.float()).clamp(max=1)
     m = m.view(n, 1, height, width)
-    wide = torch.rand(n, 1, 1, 1, device=device) < 0.5  # two pixels wide: grown by one to the right and down
+    wide = torch.rand(n, 1, 1, 1, device=device) < 0.5  # two pixels wide: grown by one pixel up and to the left
     return torch.where(wide, F.max_pool2d(F.pad(m, (0, 1, 0, 1)), 2, 1), m)
 
 
