@@ -33,7 +33,7 @@ FAMILIES = {
                   "model.discriminator.width=8", "model.discriminator.max_width=8"],
                  {"generator and the anomaly scorer"}),
 }
-SLOW_ONNX = {"edm"}  # Heun's two evaluations a step: the largest unrolled graph
+SLOW_ONNX = {"edm", "cgan", "vae_gan", "gan_ema", "draem"}  # CI time: their TorchScript runs, and ONNX for the rest
 
 
 def export(run, form, out, *extra):

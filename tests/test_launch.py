@@ -161,6 +161,7 @@ def test_a_preempted_job_is_requeued_and_resumes_by_itself(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow  # CI time: tests/test_travel.py races the link from 4 processes
 def test_a_joblib_sweep_lands_with_its_verb_and_latest_links_one_of_its_jobs(tmp_path):
     """In genlab's own layout, a sweep of `genlab train` goes to outputs/train/multirun/DATE/TIME/N, and jobs
     running at once (joblib) leave outputs/train/latest a whole link to one of them, with no temporary link behind."""
