@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from genlab.data import Batch
 from genlab.errors import GenlabError
 from genlab.models import DRAEM
-from genlab.models.draem import (crack_masks, focal_loss, hole_masks, perlin_masks, perlin_noise, pool_size, pooled_max, ssim,
+from genlab.models.draem import (band_masks, crack_masks, focal_loss, hole_masks, perlin_masks, perlin_noise, pool_size, pooled_max, ssim,
                                  synthetic_anomalies)
 from genlab.nets.draem import DRAEMDiscriminative, DRAEMReconstructive
 from genlab.parts import load_model
@@ -78,8 +78,25 @@ def test_defect_shaped_masks_are_thin_cracks_and_small_holes():
     assert cracks.sum((1, 2, 3)).min() >= 10 and kept_by_erosion(cracks) < 0.1 < 0.5 < kept_by_erosion(blobs)
     assert holes.sum((1, 2, 3)).min() >= 4 and holes.sum((1, 2, 3)).max() <= 3 * math.pi * (64 / 12 + 1) ** 2
     assert set(cracks.unique().tolist()) == set(holes.unique().tolist()) == {0.0, 1.0}
-    with pytest.raises(GenlabError, match="model.masks=stars is not one of perlin, defects"):
+    with pytest.raises(GenlabError, match="model.masks=stars is not one of perlin, defects, surface"):
         DRAEM(DRAEMReconstructive(1, 16, 8), DRAEMDiscriminative(1, 16, 8), masks="stars")
+
+
+def test_band_masks_run_from_one_edge_and_the_surface_set_draws_every_kind():
+    """model.masks=surface adds bands: each covers one whole edge of the image and a tenth to half of it, its
+    boundary within a twentieth of the side of straight; a fifth of the masks are bands."""
+    torch.manual_seed(0)
+    bands = band_masks(200, 64, 64)
+    edges = torch.stack([bands[:, 0, 0, :], bands[:, 0, -1, :], bands[:, 0, :, 0], bands[:, 0, :, -1]], 1).all(-1)
+    assert edges.sum(1).eq(1).all() and edges.float().mean(0).min() > 0.15  # one edge each, all four used
+    share = bands.mean((1, 2, 3))
+    assert share.min() >= 0.1 - 0.05 and share.max() <= 0.5 + 0.05 and share.std() > 0.08
+    tall = band_masks(50, 32, 48)  # not square: from the top or the bottom
+    assert (tall[:, 0, 0, :].all(-1) | tall[:, 0, -1, :].all(-1)).all()
+    x = torch.rand(400, 1, 32, 32)
+    _, m = synthetic_anomalies(x, p_anomaly=1.0, max_log2=2, masks="surface")
+    full_edge = torch.stack([m[:, 0, 0, :], m[:, 0, -1, :], m[:, 0, :, 0], m[:, 0, :, -1]], 1).all(-1).any(1)
+    assert 0.15 < full_edge.float().mean() < 0.3  # the bands' fifth (a Perlin blob rarely covers an edge)
 
 
 def test_ssim_of_identical_images_is_one_and_drops_for_noise():

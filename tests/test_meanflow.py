@@ -106,3 +106,22 @@ def test_mean_flow_is_refused_without_a_step_input_or_beside_shortcuts():
         FlowMatching(Affine(), shortcut=0.25, mean_flow=0.25)
     with pytest.raises(GenlabError, match=r"model.mean_flow is the share of each batch .* in \[0, 1\); got 1.5"):
         FlowMatching(Affine(), mean_flow=1.5)
+
+
+def test_the_derivative_is_taken_in_float32_under_bf16_autocast():
+    """precision=bf16 (the default on a CPU with bf16): autocast does not cast the tangents of forward mode, so the
+    derivative runs in float32, and its targets are those of a float32 step."""
+    torch.manual_seed(0)
+    net = UNet(1, 8, width=8, mults=(1, 2), step_input=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    model = FlowMatching(net, mean_flow=0.25)
+    x0, noise = torch.rand(3, 1, 8, 8) * 2 - 1, torch.randn(3, 1, 8, 8)
+    torch.manual_seed(1)
+    plain = model.mean_flow_targets(x0, noise, None)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.mean_flow_targets(x0, noise, None)
+    for a, b in zip(plain, mixed):
+        torch.testing.assert_close(a, b)

@@ -11,6 +11,7 @@ import functools
 import math
 
 import torch
+from torch.autograd import forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -300,11 +301,12 @@ class FlowMatching(Denoiser):
         xt, t_in, v = self.noised(x0, noise, t)
         size = (t - r) * self.time_scale
 
-        def u(x, time, step):
-            return self.unet(x, time, labels, step).float()
-
         per_t = torch.full_like(t_in, self.time_scale)  # the network's time and step inputs per unit of t
-        _, du_dt = torch.func.jvp(u, (xt, t_in, size), (v, per_t, per_t))
+        # in float32: autocast does not cast a dual tensor's tangent, so a bf16 convolution would meet a float32
+        # input; dual tensors, not torch.func.jvp: 20 % faster on a CPU, and the same values
+        with torch.autocast(x0.device.type, enabled=False), forward_ad.dual_level():
+            dual = [forward_ad.make_dual(p, d) for p, d in ((xt, v), (t_in, per_t), (size, per_t))]
+            du_dt = forward_ad.unpack_dual(self.unet(dual[0], dual[1], labels, dual[2])).tangent.float()
         return xt, t_in, size, v - (t - r).view(-1, 1, 1, 1) * du_dt
 
     def step_input(self, size: Tensor) -> Tensor:

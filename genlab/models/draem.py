@@ -86,6 +86,20 @@ def hole_masks(n: int, height: int, width: int, device=None) -> Tensor:
     return ((d2 < radius[..., None, None] ** 2) & used[..., None, None]).any(1, keepdim=True).float()
 
 
+def band_masks(n: int, height: int, width: int, device=None) -> Tensor:
+    """Bands along an edge, as an unevenly ground or coated surface is: [n, 1, H, W] of 0.0 and 1.0. Each covers
+    the image from one edge (drawn from the four; top or bottom for an image that is not square) to a wavy line
+    a tenth to half of the image away, waving by up to a twentieth of the side."""
+    depth = (torch.rand(n, 1, 1, device=device) * 0.4 + 0.1) * height
+    wave = perlin_noise(n, 1, width, 2, device) * (0.05 * height)  # [n, 1, W]
+    rows = torch.arange(height, device=device).view(1, -1, 1) + 0.5
+    m = (rows < depth + wave).float()[:, None]  # from the top edge
+    if height != width:
+        return torch.where(torch.rand(n, 1, 1, 1, device=device) < 0.5, m, m.flip(-2))
+    turns = torch.randint(0, 4, (n,), device=device)
+    return torch.stack([m.rot90(k, (-2, -1)) for k in range(4)])[turns, torch.arange(n, device=device)]
+
+
 def textures(x: Tensor, max_log2: int) -> Tensor:
     """An anomaly texture [B, C, H, W] in [0, 1] for each image of ``x``: another image of the batch, jittered,
     or a smooth two-colour Perlin texture (cells up to 2^``max_log2`` a side), each with chance 1/2."""
@@ -109,22 +123,29 @@ def textures(x: Tensor, max_log2: int) -> Tensor:
     return torch.where(torch.rand(b, 1, 1, 1, device=dev) < 0.5, t, noise)
 
 
-MASKS = ("perlin", "defects")
+# the anomalies' shapes: each set's shares of each kind of mask, Perlin's blobs first
+MASKS = {"perlin": {"perlin": 1.0},
+         "defects": {"perlin": 0.5, "crack": 0.25, "hole": 0.25},
+         "surface": {"perlin": 0.4, "crack": 0.2, "hole": 0.2, "band": 0.2}}
+MASK_KINDS = {"crack": crack_masks, "hole": hole_masks, "band": band_masks}
 
 
 def synthetic_anomalies(x: Tensor, p_anomaly: float = 0.5, max_log2: int = 5,
                         texture_log2: int | None = None, masks: str = "perlin") -> tuple[Tensor, Tensor]:
-    """DRAEM's training images: (x with an anomaly pasted in a Perlin mask, the mask [B, 1, H, W] of 0 and 1).
+    """DRAEM's training images: (x with an anomaly pasted in a mask, the mask [B, 1, H, W] of 0 and 1).
     With chance ``p_anomaly`` an image gets one: inside the mask, the texture (genlab.models.draem.textures) at
     opacity 1 - beta over the image, beta ~ U(0, 0.8) as in DRAEM; outside it, and in an image without one, x is
-    untouched. ``masks="defects"``: half the masks Perlin's, a quarter thin winding lines (cracks), a quarter small
-    discs (holes). All drawn on x's device from torch's generator, vectorised over the batch."""
+    untouched. The masks' shapes are drawn with ``MASKS[masks]``'s shares: ``perlin`` DRAEM's Perlin blobs alone;
+    ``defects`` half blobs, a quarter thin winding lines (cracks), a quarter small discs (holes); ``surface``
+    those and bands along an edge (uneven finish). All drawn on x's device from torch's generator, vectorised
+    over the batch."""
     b, _, h, w = x.shape
-    m = perlin_masks(b, h, w, max_log2, device=x.device)
-    if masks == "defects":
+    m = perlin_masks(b, h, w, max_log2, device=x.device)  # every set's first kind
+    shares = list(MASKS[masks].values())
+    if len(shares) > 1:
         kind = torch.rand(b, 1, 1, 1, device=x.device)
-        m = torch.where(kind < 0.5, m, torch.where(kind < 0.75, crack_masks(b, h, w, x.device),
-                                                   hole_masks(b, h, w, x.device)))
+        for name, edge in zip(list(MASKS[masks])[1:], torch.tensor(shares).cumsum(0).tolist()):
+            m = torch.where(kind < edge, m, MASK_KINDS[name](b, h, w, x.device))
     m = m * (torch.rand(b, 1, 1, 1, device=x.device) < p_anomaly)
     beta = torch.rand(b, 1, 1, 1, device=x.device) * 0.8
     t = textures(x, max_log2 + 1 if texture_log2 is None else texture_log2)
@@ -174,8 +195,8 @@ class DRAEM(GenerativeModel):
     coarsest-to-finest lattice, 2^0 .. 2^max_scale cells a side (DRAEM's 5 at 256 pixels), capped so that a cell
     is at least 8 pixels. ``pool``: the image score's window (None: DRAEM's 21 at 256, scaled with the side).
     ``smooth``: the standard deviation, in pixels, of a Gaussian blur of the anomaly map (0: none, as DRAEM).
-    ``masks``: the anomalies' shapes, ``perlin`` (DRAEM's blobs) or ``defects`` (blobs, cracks and holes: the
-    shapes surface defects take).
+    ``masks``: the anomalies' shapes, ``perlin`` (DRAEM's blobs), ``defects`` (blobs, cracks and holes: the
+    shapes surface defects take) or ``surface`` (those and bands along an edge: uneven finish).
 
     Scores: its own ``segmentation`` (default), and genlab's reconstruction scores (mse, mse_blur) on
     ``reconstruct``. It draws no images: ``genlab sample`` refuses it.
