@@ -11,9 +11,9 @@ import functools
 import math
 
 import torch
-from torch.autograd import forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel

@@ -9,6 +9,7 @@ with gamma, contrast and brightness jitter, inverted with chance 0.3), or a smoo
 a finer scale than the masks.
 """
 
+import itertools
 import math
 
 import torch
@@ -96,8 +97,12 @@ def band_masks(n: int, height: int, width: int, device=None) -> Tensor:
     m = (rows < depth + wave).float()[:, None]  # from the top edge
     if height != width:
         return torch.where(torch.rand(n, 1, 1, 1, device=device) < 0.5, m, m.flip(-2))
-    turns = torch.randint(0, 4, (n,), device=device)
-    return torch.stack([m.rot90(k, (-2, -1)) for k in range(4)])[turns, torch.arange(n, device=device)]
+    return quarter_turns(m, torch.randint(0, 4, (n,), device=device))
+
+
+def quarter_turns(x: Tensor, turns: Tensor) -> Tensor:
+    """Each square image of ``x`` [B, C, H, H] turned by its own multiple of 90 degrees, ``turns`` [B] in 0..3."""
+    return torch.stack([x.rot90(k, (-2, -1)) for k in range(4)])[turns, torch.arange(len(x), device=x.device)]
 
 
 def textures(x: Tensor, max_log2: int) -> Tensor:
@@ -108,8 +113,7 @@ def textures(x: Tensor, max_log2: int) -> Tensor:
     t = x[torch.randperm(b, device=dev)].float()
     t = torch.where(torch.rand(b, 1, 1, 1, device=dev) < 0.5, t.flip(-1), t)
     if h == w:  # a quarter turn keeps the shape of a square image only
-        turns = torch.randint(0, 4, (b,), device=dev)
-        t = torch.stack([t.rot90(k, (-2, -1)) for k in range(4)])[turns, torch.arange(b, device=dev)]
+        t = quarter_turns(t, torch.randint(0, 4, (b,), device=dev))
     gamma = torch.empty(b, 1, 1, 1, device=dev).uniform_(math.log(0.5), math.log(2.0)).exp()
     contrast = torch.empty(b, 1, 1, 1, device=dev).uniform_(0.5, 1.5)
     brightness = torch.empty(b, 1, 1, 1, device=dev).uniform_(-0.2, 0.2)
@@ -141,11 +145,12 @@ def synthetic_anomalies(x: Tensor, p_anomaly: float = 0.5, max_log2: int = 5,
     over the batch."""
     b, _, h, w = x.shape
     m = perlin_masks(b, h, w, max_log2, device=x.device)  # every set's first kind
-    shares = list(MASKS[masks].values())
-    if len(shares) > 1:
+    kinds = list(MASKS[masks].items())
+    if len(kinds) > 1:
         kind = torch.rand(b, 1, 1, 1, device=x.device)
-        for name, edge in zip(list(MASKS[masks])[1:], torch.tensor(shares).cumsum(0).tolist()):
-            m = torch.where(kind < edge, m, MASK_KINDS[name](b, h, w, x.device))
+        # each later kind takes the images whose draw lies past the shares before it
+        for (name, _), before in zip(kinds[1:], itertools.accumulate(share for _, share in kinds)):
+            m = torch.where(kind < before, m, MASK_KINDS[name](b, h, w, x.device))
     m = m * (torch.rand(b, 1, 1, 1, device=x.device) < p_anomaly)
     beta = torch.rand(b, 1, 1, 1, device=x.device) * 0.8
     t = textures(x, max_log2 + 1 if texture_log2 is None else texture_log2)
