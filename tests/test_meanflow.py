@@ -2,6 +2,8 @@
 computation, the derivative against finite differences, sampling with jumps, and what is refused."""
 
 
+import warnings
+
 import pytest
 import torch
 
@@ -125,3 +127,13 @@ def test_the_derivative_is_taken_in_float32_under_bf16_autocast():
         mixed = model.mean_flow_targets(x0, noise, None)
     for a, b in zip(plain, mixed):
         torch.testing.assert_close(a, b)
+
+
+def test_the_derivative_prints_no_deprecation_warning_of_torch():
+    """torch scripts its forward-mode decompositions on first use and warns that scripting is deprecated: torch's
+    matter, not the user's, so no such warning reaches a MeanFlow run's log."""
+    net = UNet(1, 8, width=8, mults=(1, 2), step_input=True)
+    x0, noise = torch.rand(2, 1, 8, 8) * 2 - 1, torch.randn(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        FlowMatching(net, mean_flow=0.25).mean_flow_targets(x0, noise, None)

@@ -9,6 +9,7 @@ velocity. Images cross the network in [-1, 1].
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -304,7 +305,10 @@ class FlowMatching(Denoiser):
         per_t = torch.full_like(t_in, self.time_scale)  # the network's time and step inputs per unit of t
         # in float32: autocast does not cast a dual tensor's tangent, so a bf16 convolution would meet a float32
         # input; dual tensors, not torch.func.jvp: 20 % faster on a CPU, and the same values
-        with torch.autocast(x0.device.type, enabled=False), forward_ad.dual_level():
+        # (torch's forward-mode rules script their decompositions on first use, with a deprecation warning that is
+        # torch's business, not the user's: silenced here only)
+        with torch.autocast(x0.device.type, enabled=False), forward_ad.dual_level(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
             dual = [forward_ad.make_dual(p, d) for p, d in ((xt, v), (t_in, per_t), (size, per_t))]
             du_dt = forward_ad.unpack_dual(self.unet(dual[0], dual[1], labels, dual[2])).tangent.float()
         return xt, t_in, size, v - (t - r).view(-1, 1, 1, 1) * du_dt
