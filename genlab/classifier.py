@@ -10,6 +10,7 @@ of photos) a narrow ResNet-9 trained the way that network is, 10 passes of SGD w
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,8 @@ def classifier_for(dataset: DictConfig, device, epochs: int | None = None, width
     for how in ("in_memory", "workers", "fraction"):  # how the images are held or decoded, or a run's share of them:
         # the same classifier, so that a run on a fraction of the data is measured as one on all of it
         node.pop(how, None)
+    if isinstance(node.get("root"), str):  # where the data lies, however it was spelt: ../data and /abs/data are one
+        node["root"] = str(Path(node["root"]).expanduser().resolve())
     colour = node.get("channels") == 3 and node.get("image_size", 0) % 8 == 0  # the ResNet halves 3 times
     kind = kind or ("resnet" if colour else "small")
     epochs = epochs or {"small": 3, "resnet": 10}[kind]

@@ -145,6 +145,19 @@ def test_one_yardstick_everywhere(monkeypatch, caplog, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
 
+def test_the_yardstick_is_keyed_by_where_the_data_lies_not_how_it_was_spelt(monkeypatch, tmp_path):
+    """dataset.root=data and dataset.root=/abs/data (the same folder) find one cached classifier; another folder
+    has its own."""
+    from genlab import classifier
+
+    monkeypatch.chdir(tmp_path)
+    looked_up = []
+    monkeypatch.setattr(classifier, "cached_classifier", lambda path, device: looked_up.append(path) or ("net", {}))
+    for root in ("data", str(tmp_path / "data"), "./data/../data", "other"):
+        classifier_for(compose_train(["dataset=mnist", f"dataset.root={root}"]).dataset, "cpu")
+    assert len(set(looked_up[:3])) == 1 and looked_up[3] != looked_up[0]
+
+
 def test_flip_and_shift_moves_whole_images():
     """Each augmented image is its original, mirrored or not, shifted by at most ``pad`` pixels with the border
     reflected in: one of the 2 x 5 x 5 candidates, and not always the same one."""
